@@ -1,0 +1,139 @@
+//! Command-line option groups shared by every command.
+//!
+//! Every flag also reads an environment variable `RADFLOW_<FLAG>`, and the names are
+//! the ones compose files, Kubernetes manifests and operators use. Groups are
+//! flattened into each command, so `--nats-url` means the same thing everywhere.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, InProcBus, NatsBus, NatsOptions};
+use crate::secret::Secret;
+use crate::store::{Store, StoreError};
+use crate::telemetry::LogFormat;
+
+/// Where the bus is.
+#[derive(Debug, Clone, Args)]
+pub struct BusArgs {
+    /// NATS server URL (e.g. nats://nats:4222). Without it, `run` uses an in-process
+    /// bus; single-component commands require it.
+    #[arg(long, env = "RADFLOW_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// NATS credentials file (.creds).
+    #[arg(long, env = "RADFLOW_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user name.
+    #[arg(long, env = "RADFLOW_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (prefer the environment variable or a creds file).
+    #[arg(long, env = "RADFLOW_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+    /// NATS token (prefer the environment variable).
+    #[arg(long, env = "RADFLOW_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+    /// Replicas of streams and buckets when radflow creates them (3 on a cluster).
+    #[arg(long, env = "RADFLOW_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+}
+
+impl BusArgs {
+    fn options(&self, url: &str, name: &str) -> NatsOptions {
+        NatsOptions {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            creds_file: self.nats_creds.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            replicas: self.nats_replicas,
+        }
+    }
+
+    /// NATS if a URL is set (waiting for it to come up), else the in-process bus.
+    pub async fn connect_or_inproc(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<dyn Bus>, BusError> {
+        match &self.nats_url {
+            Some(url) => Ok(Arc::new(
+                NatsBus::connect_retrying(&self.options(url, name), cancel).await?,
+            )),
+            None => Ok(Arc::new(InProcBus::new())),
+        }
+    }
+
+    /// NATS, required (single-component commands).
+    pub async fn connect_nats(
+        &self,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<NatsBus>, BusError> {
+        let url = self.nats_url.as_deref().ok_or_else(|| {
+            BusError::Refused(
+                "this command needs --nats-url (or RADFLOW_NATS_URL); `radflow run` works without NATS"
+                    .into(),
+            )
+        })?;
+        Ok(Arc::new(
+            NatsBus::connect_retrying(&self.options(url, name), cancel).await?,
+        ))
+    }
+}
+
+/// Where the store is.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Object store URL: file:///path, s3://bucket[/prefix] (AWS_* variables for
+    /// endpoint and credentials), memory://. Default: the data folder.
+    #[arg(long, env = "RADFLOW_STORE_URL")]
+    pub store_url: Option<String>,
+    /// Data folder of the embedded store.
+    #[arg(long, env = "RADFLOW_DATA", default_value = "radflow-data")]
+    pub data: PathBuf,
+    /// Flush every write to disk before acknowledging it (file:// stores).
+    #[arg(long, env = "RADFLOW_STORE_FSYNC", default_value_t = true, action = clap::ArgAction::Set)]
+    pub store_fsync: bool,
+}
+
+impl StoreArgs {
+    pub fn open(&self) -> Result<Store, StoreError> {
+        match &self.store_url {
+            Some(url) => Store::open(url, self.store_fsync),
+            None => Store::local(&self.data, self.store_fsync),
+        }
+    }
+}
+
+/// The HTTP port for health and metrics.
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Port of /healthz, /readyz and /metrics (0 picks a free one).
+    #[arg(long, env = "RADFLOW_HTTP_PORT", default_value_t = 8080)]
+    pub http_port: u16,
+    /// Address the HTTP port binds to.
+    #[arg(long, env = "RADFLOW_HTTP_ADDR", default_value = "0.0.0.0")]
+    pub http_addr: String,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Log format: auto (JSON unless on a terminal), json, text.
+    #[arg(long, env = "RADFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, env = "RADFLOW_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The model registry.
+#[derive(Debug, Clone, Args)]
+pub struct ModelsArgs {
+    /// Model registry file (models.toml). Default: the built-in demo model.
+    #[arg(long, env = "RADFLOW_MODELS")]
+    pub models: Option<PathBuf>,
+}

@@ -1,0 +1,338 @@
+//! The events that connect the stages, defined once.
+//!
+//! Every event is JSON with a `schema_version`, names a past fact, knows its subject
+//! and derives its `Nats-Msg-Id` from its content identity (series UID, revision,
+//! model@version), so a re-published duplicate is dropped by the server and a redone
+//! step produces the same message. Events carry UIDs and technical facts only: no
+//! patient names, IDs, birth dates or accession numbers.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Version of the event schema; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Subject prefix of every radflow subject.
+pub const SUBJECT_PREFIX: &str = "radflow";
+
+/// A typed event: subject, identity and correlation.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync {
+    /// The subject it is published on.
+    fn subject(&self) -> String;
+    /// Content identity, used as `Nats-Msg-Id` (duplicate suppression).
+    fn msg_id(&self) -> String;
+    /// The id that joins the logs of every stage that handled one series revision.
+    fn correlation_id(&self) -> &str;
+}
+
+/// Count hints a sender put in the data, used to decide that a series is complete
+/// before the quiet period ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountHints {
+    /// Images in Acquisition (0020,1002).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images_in_acquisition: Option<u32>,
+    /// Number of Series Related Instances (0020,1209).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series_related_instances: Option<u32>,
+    /// Number of Frames (0028,0008).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number_of_frames: Option<u32>,
+}
+
+/// An instance was written to the store (and is therefore safe to acknowledge).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStored {
+    pub schema_version: u32,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_instance_uid: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax: String,
+    #[serde(default)]
+    pub modality: String,
+    /// Store key of the file.
+    pub key: String,
+    pub size_bytes: u64,
+    pub calling_ae: String,
+    pub called_ae: String,
+    /// Unix milliseconds when the listener received it.
+    pub received_at_ms: u64,
+    #[serde(default)]
+    pub hints: CountHints,
+}
+
+impl Event for InstanceStored {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.instance.stored")
+    }
+    fn msg_id(&self) -> String {
+        format!("instance:{}", self.sop_instance_uid)
+    }
+    fn correlation_id(&self) -> &str {
+        &self.series_uid
+    }
+}
+
+/// Why a series was declared ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyReason {
+    /// No new instance for the quiet period.
+    Quiet,
+    /// The association that sent it was released and a shorter quiet period passed.
+    Released,
+    /// The count hints in the data were reached.
+    Complete,
+    /// Re-queued at start-up because it had no result yet (embedded recovery).
+    Recovered,
+}
+
+/// A series revision has all the instances it is going to get (as far as anyone can
+/// tell: DICOM has no "end of series").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesReady {
+    pub schema_version: u32,
+    pub correlation_id: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    /// Starts at 1; a late instance after `ready` starts the next revision.
+    pub revision: u32,
+    /// Instances received in this series so far (all revisions).
+    pub instances: u32,
+    #[serde(default)]
+    pub modality: String,
+    /// The called AE title that received the series (routing may depend on it).
+    #[serde(default)]
+    pub called_ae: String,
+    #[serde(default)]
+    pub calling_ae: String,
+    pub reason: ReadyReason,
+    /// Unix milliseconds.
+    pub ready_at_ms: u64,
+}
+
+impl Event for SeriesReady {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.series.ready")
+    }
+    fn msg_id(&self) -> String {
+        format!("series:{}:r{}", self.series_uid, self.revision)
+    }
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+/// A model-ready volume was written; one event per routed model: the inference job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeReady {
+    pub schema_version: u32,
+    pub correlation_id: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub revision: u32,
+    pub model: String,
+    pub model_version: String,
+    pub preset: String,
+    /// Store key of `volume.nii.gz`.
+    pub volume_key: String,
+    /// Store key of `meta.json`.
+    pub meta_key: String,
+    /// Problems that did not stop the volume (e.g. "suspect incomplete: gap at …").
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl VolumeReady {
+    pub fn model_ref(&self) -> String {
+        format!("{}@{}", self.model, self.model_version)
+    }
+}
+
+impl Event for VolumeReady {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.job.{}", self.model)
+    }
+    fn msg_id(&self) -> String {
+        format!(
+            "job:{}:r{}:{}@{}",
+            self.series_uid, self.revision, self.model, self.model_version
+        )
+    }
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+/// Volume of one output label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelVolume {
+    pub index: u8,
+    pub name: String,
+    pub voxels: u64,
+    pub volume_ml: f64,
+}
+
+/// A model ran on a series and its outputs are in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceCompleted {
+    pub schema_version: u32,
+    pub correlation_id: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub revision: u32,
+    pub model: String,
+    pub model_version: String,
+    pub model_sha256: String,
+    /// Execution provider that really ran the model (`cpu`, `cuda`).
+    pub provider: String,
+    /// Store prefix holding `summary.json`, `labels.nii.gz`, `preview.png`.
+    pub result_prefix: String,
+    #[serde(default)]
+    pub labels: Vec<LabelVolume>,
+}
+
+impl Event for InferenceCompleted {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.result.{}", self.model)
+    }
+    fn msg_id(&self) -> String {
+        format!(
+            "result:{}:r{}:{}@{}",
+            self.series_uid, self.revision, self.model, self.model_version
+        )
+    }
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+/// A message that cannot succeed, parked with a machine-readable reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLettered {
+    pub schema_version: u32,
+    #[serde(default)]
+    pub correlation_id: String,
+    /// The stage that gave up (`assembler`, `preprocessor`, `inferer`).
+    pub stage: String,
+    /// Machine-readable reason, e.g. `unsupported_transfer_syntax`.
+    pub code: String,
+    /// Human-readable reason.
+    pub reason: String,
+    /// Deliveries made before giving up.
+    pub attempts: u64,
+    /// Subject the message was consumed from.
+    pub original_subject: String,
+    /// The original message, parsed as JSON when it was JSON.
+    pub original: serde_json::Value,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+}
+
+impl Event for DeadLettered {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.dlq.{}", self.stage)
+    }
+    fn msg_id(&self) -> String {
+        let digest = crate::util::sha256_hex(self.original.to_string().as_bytes());
+        format!("dlq:{}:{}:{}", self.stage, self.code, &digest[..16])
+    }
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+/// Decodes an event, refusing a newer schema than this binary understands.
+pub fn decode<E: Event>(payload: &[u8]) -> Result<E, DecodeError> {
+    #[derive(Deserialize)]
+    struct Version {
+        schema_version: Option<u32>,
+    }
+    let v: Version = serde_json::from_slice(payload).map_err(DecodeError::Json)?;
+    match v.schema_version {
+        Some(SCHEMA_VERSION) => serde_json::from_slice(payload).map_err(DecodeError::Json),
+        Some(other) => Err(DecodeError::Version(other)),
+        None => Err(DecodeError::MissingVersion),
+    }
+}
+
+/// An event payload that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event is not valid JSON for its type: {0}")]
+    Json(serde_json::Error),
+    #[error("event has schema_version {0}, this radflow understands {SCHEMA_VERSION}")]
+    Version(u32),
+    #[error("event has no schema_version field")]
+    MissingVersion,
+}
+
+/// Serialises an event (infallible for these types).
+pub fn encode<E: Event>(event: &E) -> bytes::Bytes {
+    serde_json::to_vec(event)
+        .expect("events serialise to JSON")
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> SeriesReady {
+        SeriesReady {
+            schema_version: SCHEMA_VERSION,
+            correlation_id: "c1".into(),
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            revision: 2,
+            instances: 10,
+            modality: "CT".into(),
+            called_ae: "RADFLOW".into(),
+            calling_ae: "CT1".into(),
+            reason: ReadyReason::Quiet,
+            ready_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_identity() {
+        let e = ready();
+        let bytes = encode(&e);
+        let back: SeriesReady = decode(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(e.subject(), "radflow.series.ready");
+        assert_eq!(e.msg_id(), "series:1.2.3:r2");
+    }
+
+    #[test]
+    fn refuses_other_schema_versions() {
+        let mut v = serde_json::to_value(ready()).unwrap();
+        v["schema_version"] = 99.into();
+        let err = decode::<SeriesReady>(v.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, DecodeError::Version(99)));
+        v.as_object_mut().unwrap().remove("schema_version");
+        assert!(matches!(
+            decode::<SeriesReady>(v.to_string().as_bytes()),
+            Err(DecodeError::MissingVersion)
+        ));
+    }
+
+    #[test]
+    fn job_subject_names_the_model() {
+        let job = VolumeReady {
+            schema_version: SCHEMA_VERSION,
+            correlation_id: "c".into(),
+            study_uid: "1".into(),
+            series_uid: "1.2".into(),
+            revision: 1,
+            model: "demo-tissue".into(),
+            model_version: "1.0.0".into(),
+            preset: "p".into(),
+            volume_key: "k".into(),
+            meta_key: "m".into(),
+            warnings: vec![],
+        };
+        assert_eq!(job.subject(), "radflow.job.demo-tissue");
+        assert_eq!(job.msg_id(), "job:1.2:r1:demo-tissue@1.0.0");
+    }
+}

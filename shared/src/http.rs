@@ -1,0 +1,196 @@
+//! The HTTP port every process opens: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! `/healthz` answers while the process runs (a liveness probe restarts a wedged
+//! process, nothing more). `/readyz` is true only when the bus and the store answer,
+//! every component of the process said it is ready (e.g. models warmed up) and the
+//! process is not draining: it is what compose health checks and Kubernetes readiness
+//! probes use, and it turns false first on SIGTERM.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// What `/readyz` looks at.
+pub struct Health {
+    bus: Option<Arc<dyn Bus>>,
+    store: Option<Store>,
+    draining: AtomicBool,
+    components: std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>,
+}
+
+impl Health {
+    pub fn new(bus: Option<Arc<dyn Bus>>, store: Option<Store>) -> Arc<Self> {
+        Arc::new(Self {
+            bus,
+            store,
+            draining: AtomicBool::new(false),
+            components: Default::default(),
+        })
+    }
+
+    /// A readiness flag for one component, false until it sets it.
+    pub fn component(&self, name: &str) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.components
+            .lock()
+            .unwrap()
+            .push((name.to_owned(), flag.clone()));
+        flag
+    }
+
+    /// Marks the process as draining: `/readyz` turns false.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Evaluates readiness; the JSON says what is missing.
+    pub async fn readiness(&self) -> (bool, serde_json::Value) {
+        let mut ok = true;
+        let mut detail = serde_json::Map::new();
+        if self.draining.load(Ordering::SeqCst) {
+            ok = false;
+            detail.insert("draining".into(), json!(true));
+        }
+        for (name, flag) in self.components.lock().unwrap().iter() {
+            let ready = flag.load(Ordering::SeqCst);
+            ok &= ready;
+            detail.insert(name.clone(), json!(ready));
+        }
+        if let Some(bus) = &self.bus {
+            let r = tokio::time::timeout(Duration::from_secs(2), bus.check()).await;
+            let v = match r {
+                Ok(Ok(())) => json!("ok"),
+                Ok(Err(e)) => {
+                    ok = false;
+                    json!(e.to_string())
+                }
+                Err(_) => {
+                    ok = false;
+                    json!("timeout")
+                }
+            };
+            detail.insert("bus".into(), v);
+        }
+        if let Some(store) = &self.store {
+            let r = tokio::time::timeout(Duration::from_secs(2), store.check()).await;
+            let v = match r {
+                Ok(Ok(())) => json!("ok"),
+                Ok(Err(e)) => {
+                    ok = false;
+                    json!(e.to_string())
+                }
+                Err(_) => {
+                    ok = false;
+                    json!("timeout")
+                }
+            };
+            detail.insert("store".into(), v);
+        }
+        (ok, serde_json::Value::Object(detail))
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+/// The router, for tests that call it directly.
+pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics_handler))
+        .with_state(AppState { health, metrics })
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let (ok, detail) = s.health.readiness().await;
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        detail.to_string(),
+    )
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+/// Serves the health and metrics endpoints until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(health, metrics))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::InProcBus;
+
+    #[tokio::test]
+    async fn ready_only_when_components_ready_and_not_draining() {
+        let health = Health::new(Some(Arc::new(InProcBus::new())), Some(Store::memory()));
+        let flag = health.component("inferer");
+        assert!(!health.readiness().await.0);
+        flag.store(true, Ordering::SeqCst);
+        let (ok, detail) = health.readiness().await;
+        assert!(ok, "{detail}");
+        health.set_draining();
+        assert!(!health.readiness().await.0);
+    }
+
+    #[tokio::test]
+    async fn serves_endpoints() {
+        let health = Health::new(None, None);
+        let metrics = Metrics::new();
+        metrics.message("listener", "received");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, health, metrics, stop.clone()));
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.0 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.0 200"));
+        let m = get("/metrics").await;
+        assert!(m.contains("radflow_messages_total"), "{m}");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

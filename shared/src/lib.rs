@@ -1,0 +1,26 @@
+//! Shared contracts of radflow: events, configuration, the store, the bus, telemetry
+//! and the worker loop. Nothing here knows DICOM or ONNX.
+//!
+//! # Layout
+//! - [`events`]: the typed events that connect the stages (one schema version).
+//! - [`bus`]: the bus trait, NATS JetStream and in-process implementations.
+//! - [`store`]: the object store with the one place keys are spelled.
+//! - [`models`]: the model registry (`models.toml`) both workers read.
+//! - [`worker`]: the consume → handle → ack / retry / dead-letter loop.
+//! - [`http`], [`metrics`], [`telemetry`]: health, Prometheus metrics and logs.
+//! - [`config`]: command-line option groups with their environment variables.
+//! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
+
+pub mod bus;
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod models;
+pub mod secret;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod testing;
+pub mod util;
+pub mod worker;

@@ -1,0 +1,283 @@
+//! Prometheus metrics of every stage, in one registry per process.
+//!
+//! Names follow Prometheus conventions (base units in the name, `_total` counters,
+//! histograms for latency). Labels are stage names, outcomes, status codes, model
+//! names and providers: never a UID or anything about a patient.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 8))
+}
+
+/// Every metric radflow exports. Cheap to share (`Arc`).
+pub struct Metrics {
+    registry: Registry,
+    messages: Family<Labels, Counter>,
+    stage_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    phase_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    associations: Family<Labels, Counter>,
+    pub associations_active: Gauge,
+    pub instances_stored: Counter,
+    pub instance_bytes: Counter,
+    pub cstore_seconds: Histogram,
+    cstore_failures: Family<Labels, Counter>,
+    series_ready: Family<Labels, Counter>,
+    pub series_assembling: Gauge,
+    inference_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    inference_batch: Family<Labels, Histogram, fn() -> Histogram>,
+    execution_provider: Family<Labels, Gauge>,
+    model_load_failures: Family<Labels, Counter>,
+    store_errors: Family<Labels, Counter>,
+    bus_errors: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let messages = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_messages",
+            "Messages handled per stage and outcome (received, processed, retried, dead_lettered, failed)",
+            messages.clone(),
+        );
+        let stage_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "radflow_stage_duration_seconds",
+            "Time to handle one message, per stage",
+            stage_seconds.clone(),
+        );
+        let phase_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "radflow_phase_duration_seconds",
+            "Time spent in each phase of a stage (fetch, decode, resample, infer, write…)",
+            phase_seconds.clone(),
+        );
+        let associations = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_dicom_associations",
+            "DICOM associations by result (accepted, rejected_<reason>, aborted)",
+            associations.clone(),
+        );
+        let associations_active = Gauge::default();
+        registry.register(
+            "radflow_dicom_associations_active",
+            "DICOM associations open now",
+            associations_active.clone(),
+        );
+        let instances_stored = Counter::default();
+        registry.register(
+            "radflow_dicom_instances_stored",
+            "Instances stored and acknowledged with Success",
+            instances_stored.clone(),
+        );
+        let instance_bytes = Counter::default();
+        registry.register(
+            "radflow_dicom_instance_bytes",
+            "Bytes of instances stored",
+            instance_bytes.clone(),
+        );
+        let cstore_seconds = latency_histogram();
+        registry.register(
+            "radflow_dicom_cstore_duration_seconds",
+            "Time from the last fragment of a C-STORE data set to its response",
+            cstore_seconds.clone(),
+        );
+        let cstore_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_dicom_cstore_failures",
+            "C-STORE requests answered with a failure status, by status",
+            cstore_failures.clone(),
+        );
+        let series_ready = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_series_ready",
+            "Series revisions declared ready, by reason",
+            series_ready.clone(),
+        );
+        let series_assembling = Gauge::default();
+        registry.register(
+            "radflow_series_assembling",
+            "Series receiving instances and not yet ready",
+            series_assembling.clone(),
+        );
+        let inference_seconds: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "radflow_inference_duration_seconds",
+            "ONNX Runtime session.run time per batch, per model",
+            inference_seconds.clone(),
+        );
+        let inference_batch: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(batch_histogram);
+        registry.register(
+            "radflow_inference_batch_size",
+            "Windows or volumes per session.run, per model",
+            inference_batch.clone(),
+        );
+        let execution_provider = Family::<Labels, Gauge>::default();
+        registry.register(
+            "radflow_execution_provider",
+            "1 for the execution provider each loaded model really runs on",
+            execution_provider.clone(),
+        );
+        let model_load_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_model_load_failures",
+            "Models that failed to load, per model",
+            model_load_failures.clone(),
+        );
+        let store_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_store_errors",
+            "Object store operations that failed, per stage",
+            store_errors.clone(),
+        );
+        let bus_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_bus_errors",
+            "Bus operations that failed, per stage",
+            bus_errors.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            messages,
+            stage_seconds,
+            phase_seconds,
+            associations,
+            associations_active,
+            instances_stored,
+            instance_bytes,
+            cstore_seconds,
+            cstore_failures,
+            series_ready,
+            series_assembling,
+            inference_seconds,
+            inference_batch,
+            execution_provider,
+            model_load_failures,
+            store_errors,
+            bus_errors,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn message(&self, stage: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&vec![
+                ("stage", stage.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    pub fn stage_time(&self, stage: &str, seconds: f64) {
+        self.stage_seconds
+            .get_or_create(&vec![("stage", stage.to_owned())])
+            .observe(seconds);
+    }
+
+    pub fn phase_time(&self, stage: &str, phase: &str, seconds: f64) {
+        self.phase_seconds
+            .get_or_create(&vec![
+                ("stage", stage.to_owned()),
+                ("phase", phase.to_owned()),
+            ])
+            .observe(seconds);
+    }
+
+    pub fn association(&self, result: &str) {
+        self.associations
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub fn cstore_failure(&self, status: u16) {
+        self.cstore_failures
+            .get_or_create(&vec![("status", format!("0x{status:04X}"))])
+            .inc();
+    }
+
+    pub fn series_ready(&self, reason: &str) {
+        self.series_ready
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    pub fn inference(&self, model: &str, seconds: f64, batch: usize) {
+        let labels = vec![("model", model.to_owned())];
+        self.inference_seconds
+            .get_or_create(&labels)
+            .observe(seconds);
+        self.inference_batch
+            .get_or_create(&labels)
+            .observe(batch as f64);
+    }
+
+    pub fn provider(&self, model: &str, provider: &str) {
+        self.execution_provider
+            .get_or_create(&vec![
+                ("model", model.to_owned()),
+                ("provider", provider.to_owned()),
+            ])
+            .set(1);
+    }
+
+    pub fn model_load_failure(&self, model: &str) {
+        self.model_load_failures
+            .get_or_create(&vec![("model", model.to_owned())])
+            .inc();
+    }
+
+    pub fn store_error(&self, stage: &str) {
+        self.store_errors
+            .get_or_create(&vec![("stage", stage.to_owned())])
+            .inc();
+    }
+
+    pub fn bus_error(&self, stage: &str) {
+        self.bus_errors
+            .get_or_create(&vec![("stage", stage.to_owned())])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = super::Metrics::new();
+        m.message("preprocessor", "processed");
+        m.message("preprocessor", "processed");
+        m.stage_time("preprocessor", 0.5);
+        let text = m.render();
+        assert!(
+            text.contains(r#"radflow_messages_total{stage="preprocessor",outcome="processed"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("radflow_stage_duration_seconds_bucket"));
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}

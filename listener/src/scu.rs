@@ -1,0 +1,452 @@
+//! A C-ECHO / C-STORE client, for `radflow send` and for tests.
+//!
+//! Files are sent as they are stored: the dataset bytes after the File Meta group go on
+//! the wire unchanged, in the file's own transfer syntax, so what arrives is what was on
+//! disk (an odd-length deflated stream gets the one padding NUL the standard asks for). One presentation context is proposed per distinct (SOP class, transfer syntax)
+//! pair; more than [`MAX_CONTEXTS`] pairs are spread over several associations.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dicom_object::meta::FileMetaTable;
+use dicom_ul::association::{AsyncClientAssociation, ClientAssociationOptions};
+use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+use tokio::net::TcpStream;
+
+use crate::association::error_chain;
+use crate::dimse::{self, StatusKind, field};
+use crate::sop_classes::{
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
+    VERIFICATION,
+};
+
+/// Most presentation contexts proposed in one association (the protocol allows 128).
+pub const MAX_CONTEXTS: usize = 128;
+
+/// Time to wait for a response; the receiver may be persisting the instance meanwhile.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest PDV payload we send even if the receiver accepts more.
+const MAX_SEND_PDV: usize = 1024 * 1024;
+
+/// Why sending failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    /// The association could not be established (connection refused, rejected, …).
+    #[error("could not associate with {addr}: {reason}")]
+    Association {
+        /// The address tried.
+        addr: String,
+        /// What went wrong, from the DICOM upper layer.
+        reason: String,
+    },
+    /// The association was accepted, but none of its presentation contexts.
+    #[error("{addr} accepted none of the proposed SOP class / transfer syntax pairs")]
+    NothingAccepted {
+        /// The address tried.
+        addr: String,
+    },
+    /// The peer broke the protocol or the connection during an exchange.
+    #[error("DICOM exchange with {addr} failed: {reason}")]
+    Exchange {
+        /// The peer's address.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// C-ECHO was answered with a non-success status.
+    #[error("C-ECHO answered with status {status:#06x}")]
+    EchoStatus {
+        /// The status received.
+        status: u16,
+    },
+}
+
+/// A file that was not stored by the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// The C-STORE-RSP status, or `None` if the file was never sent (unreadable,
+    /// presentation context refused, association lost).
+    pub status: Option<u16>,
+    /// The receiver's Error Comment, or why it was not sent.
+    pub comment: String,
+}
+
+/// What [`send_files`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendReport {
+    /// Files answered with Success or a Warning status.
+    pub sent: usize,
+    /// Files refused or not sent.
+    pub failed: Vec<FailedFile>,
+    /// Files skipped because they are not DICOM Part-10 files (no `DICM` at byte 128).
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Verify that a DICOM node answers: associate, C-ECHO, release.
+pub async fn echo(addr: &str, calling_ae: &str, called_ae: &str) -> Result<(), ScuError> {
+    let mut assoc = associate(
+        addr,
+        calling_ae,
+        called_ae,
+        &[(
+            VERIFICATION.to_string(),
+            vec![
+                EXPLICIT_VR_LITTLE_ENDIAN.to_string(),
+                IMPLICIT_VR_LITTLE_ENDIAN.to_string(),
+            ],
+        )],
+    )
+    .await?;
+    let exchange = |reason: String| ScuError::Exchange {
+        addr: addr.to_string(),
+        reason,
+    };
+    let context_id = assoc
+        .presentation_contexts()
+        .first()
+        .map(|c| c.id)
+        .ok_or_else(|| exchange("no presentation context accepted".into()))?;
+    send_pdvs(
+        &mut assoc,
+        context_id,
+        PDataValueType::Command,
+        &dimse::c_echo_rq(1),
+    )
+    .await
+    .map_err(exchange)?;
+    let response = receive_command(&mut assoc).await.map_err(exchange)?;
+    let _ = assoc.release().await;
+    if response.field != field::C_ECHO_RSP || response.message_id != 1 {
+        return Err(exchange(format!(
+            "unexpected response {:#06x} to message {}",
+            response.field, response.message_id
+        )));
+    }
+    match response.status {
+        Some(dimse::SUCCESS) => Ok(()),
+        Some(status) => Err(ScuError::EchoStatus { status }),
+        None => Err(exchange("C-ECHO-RSP without a status".into())),
+    }
+}
+
+/// A file ready to send.
+struct Prepared {
+    path: PathBuf,
+    sop_class: String,
+    sop_instance: String,
+    transfer_syntax: String,
+    dataset_offset: u64,
+}
+
+/// Send files with C-STORE, each in its own transfer syntax, sequentially.
+///
+/// Fails as a whole only when an association cannot be established; every file-level
+/// problem is recorded in the report.
+pub async fn send_files(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    files: &[PathBuf],
+) -> Result<SendReport, ScuError> {
+    let mut report = SendReport::default();
+    let mut prepared = Vec::new();
+    for path in files {
+        match read_meta(path) {
+            Ok(Some(p)) => prepared.push(p),
+            Ok(None) => report.skipped.push(path.clone()),
+            Err(comment) => report.failed.push(FailedFile {
+                path: path.clone(),
+                status: None,
+                comment,
+            }),
+        }
+    }
+
+    // Distinct (SOP class, transfer syntax) pairs in order of first appearance.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for p in &prepared {
+        let pair = (p.sop_class.clone(), p.transfer_syntax.clone());
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    for batch in pairs.chunks(MAX_CONTEXTS) {
+        let contexts: Vec<(String, Vec<String>)> = batch
+            .iter()
+            .map(|(class, ts)| (class.clone(), vec![ts.clone()]))
+            .collect();
+        let batch_files: Vec<&Prepared> = prepared
+            .iter()
+            .filter(|p| {
+                batch
+                    .iter()
+                    .any(|(c, t)| *c == p.sop_class && *t == p.transfer_syntax)
+            })
+            .collect();
+        let mut assoc = match associate(addr, calling_ae, called_ae, &contexts).await {
+            Ok(a) => a,
+            Err(ScuError::NothingAccepted { .. }) => {
+                for p in batch_files {
+                    report
+                        .failed
+                        .push(not_sent(p, "receiver accepted no presentation context"));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        send_batch(&mut assoc, &batch_files, &mut report).await;
+        let _ = assoc.release().await;
+    }
+    Ok(report)
+}
+
+/// Send the files of one association; on a broken association mark the rest failed.
+async fn send_batch(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    files: &[&Prepared],
+    report: &mut SendReport,
+) {
+    let mut message_id: u16 = 0;
+    for (i, p) in files.iter().enumerate() {
+        let Some(context_id) = assoc
+            .presentation_contexts()
+            .iter()
+            .find(|c| c.abstract_syntax == p.sop_class && c.transfer_syntax == p.transfer_syntax)
+            .map(|c| c.id)
+        else {
+            report.failed.push(not_sent(
+                p,
+                "receiver refused the SOP class or transfer syntax",
+            ));
+            continue;
+        };
+        let dataset = match read_dataset(p).await {
+            Ok(d) => d,
+            Err(comment) => {
+                report.failed.push(not_sent(p, &comment));
+                continue;
+            }
+        };
+        message_id = message_id.wrapping_add(1).max(1);
+        match store_one(assoc, context_id, message_id, p, &dataset).await {
+            Ok(response) => {
+                let status = response.status.unwrap_or(dimse::CANNOT_UNDERSTAND);
+                match dimse::status_kind(status) {
+                    StatusKind::Success | StatusKind::Warning => report.sent += 1,
+                    _ => report.failed.push(FailedFile {
+                        path: p.path.clone(),
+                        status: Some(status),
+                        comment: response.error_comment.unwrap_or_default(),
+                    }),
+                }
+            }
+            Err(reason) => {
+                report.failed.push(not_sent(p, &reason));
+                for rest in &files[i + 1..] {
+                    report
+                        .failed
+                        .push(not_sent(rest, "not sent: the association ended"));
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn store_one(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    context_id: u8,
+    message_id: u16,
+    p: &Prepared,
+    dataset: &[u8],
+) -> Result<dimse::Command, String> {
+    let command = dimse::c_store_rq(
+        message_id,
+        &p.sop_class,
+        &p.sop_instance,
+        dimse::PRIORITY_MEDIUM,
+    );
+    send_pdvs(assoc, context_id, PDataValueType::Command, &command).await?;
+    send_pdvs(assoc, context_id, PDataValueType::Data, dataset).await?;
+    let response = receive_command(assoc).await?;
+    if response.field != field::C_STORE_RSP || response.message_id != message_id {
+        return Err(format!(
+            "unexpected response {:#06x} to message {message_id}",
+            response.field
+        ));
+    }
+    Ok(response)
+}
+
+fn not_sent(p: &Prepared, why: &str) -> FailedFile {
+    FailedFile {
+        path: p.path.clone(),
+        status: None,
+        comment: why.to_string(),
+    }
+}
+
+/// Read the File Meta group of a Part-10 file. `Ok(None)` if it is not one.
+fn read_meta(path: &Path) -> Result<Option<Prepared>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut preamble = [0u8; 128];
+    if reader.read_exact(&mut preamble).is_err() {
+        return Ok(None);
+    }
+    let mut counting = CountingReader {
+        inner: &mut reader,
+        count: 0,
+    };
+    let mut magic = [0u8; 4];
+    if counting.read_exact(&mut magic).is_err() || &magic != b"DICM" {
+        return Ok(None);
+    }
+    let meta = FileMetaTable::from_reader(std::io::Cursor::new(magic).chain(&mut counting))
+        .map_err(|e| format!("unreadable file meta group: {}", error_chain(&e)))?;
+    let dataset_offset = 128 + counting.count;
+    Ok(Some(Prepared {
+        path: path.to_path_buf(),
+        sop_class: meta.media_storage_sop_class_uid().to_string(),
+        sop_instance: meta.media_storage_sop_instance_uid().to_string(),
+        transfer_syntax: meta.transfer_syntax().to_string(),
+        dataset_offset,
+    }))
+}
+
+/// The dataset bytes of a prepared file, exactly as stored.
+async fn read_dataset(p: &Prepared) -> Result<Vec<u8>, String> {
+    let mut bytes = tokio::fs::read(&p.path)
+        .await
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let offset = usize::try_from(p.dataset_offset).unwrap_or(usize::MAX);
+    if offset > bytes.len() {
+        return Err("file ends inside its meta group".into());
+    }
+    bytes.drain(..offset);
+    if p.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN && bytes.len() % 2 == 1 {
+        // A deflated bitstream of odd length is sent padded with one NUL (PS3.5 A.5).
+        bytes.push(0);
+    }
+    Ok(bytes)
+}
+
+/// Counts the bytes read through it.
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+async fn associate(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    contexts: &[(String, Vec<String>)],
+) -> Result<AsyncClientAssociation<TcpStream>, ScuError> {
+    let mut options = ClientAssociationOptions::new()
+        .calling_ae_title(calling_ae)
+        .called_ae_title(called_ae)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .read_timeout(RESPONSE_TIMEOUT)
+        .write_timeout(RESPONSE_TIMEOUT);
+    for (class, syntaxes) in contexts {
+        options = options.with_presentation_context(
+            class.as_str(),
+            syntaxes.iter().map(String::as_str).collect(),
+        );
+    }
+    let mut assoc = options.establish_async(addr).await.map_err(|e| match e {
+        dicom_ul::association::Error::NoAcceptedPresentationContexts { .. } => {
+            ScuError::NothingAccepted {
+                addr: addr.to_string(),
+            }
+        }
+        e => ScuError::Association {
+            addr: addr.to_string(),
+            reason: error_chain(&e),
+        },
+    })?;
+    // Commands are small writes; without this each one waits for a delayed ACK.
+    let _ = assoc.inner_stream().set_nodelay(true);
+    Ok(assoc)
+}
+
+/// Send `data` as PDVs of one type, each in its own P-DATA-TF within the peer's limit.
+async fn send_pdvs(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+    context_id: u8,
+    value_type: PDataValueType,
+    data: &[u8],
+) -> Result<(), String> {
+    let max = (assoc.acceptor_max_pdu_length() as usize)
+        .saturating_sub(dicom_ul::pdu::PDV_HEADER_SIZE as usize)
+        .clamp(16, MAX_SEND_PDV);
+    // An empty value still needs its last fragment.
+    let empty: &[&[u8]] = &[&[]];
+    let fragments: Box<dyn Iterator<Item = &[u8]> + Send> = if data.is_empty() {
+        Box::new(empty.iter().copied())
+    } else {
+        Box::new(data.chunks(max))
+    };
+    let mut chunks = fragments.peekable();
+    while let Some(chunk) = chunks.next() {
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context_id,
+                value_type: value_type.clone(),
+                is_last: chunks.peek().is_none(),
+                data: chunk.to_vec(),
+            }],
+        };
+        assoc.send(&pdu).await.map_err(|e| error_chain(&e))?;
+    }
+    Ok(())
+}
+
+/// Receive one complete command set.
+async fn receive_command(
+    assoc: &mut AsyncClientAssociation<TcpStream>,
+) -> Result<dimse::Command, String> {
+    let mut bytes = Vec::new();
+    loop {
+        let pdu = assoc.receive().await.map_err(|e| error_chain(&e))?;
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if pdv.value_type != PDataValueType::Command {
+                        return Err("unexpected dataset in a response".into());
+                    }
+                    if bytes.len() + pdv.data.len() > 64 * 1024 {
+                        return Err("response command set is too large".into());
+                    }
+                    bytes.extend_from_slice(&pdv.data);
+                    if pdv.is_last {
+                        return dimse::parse_command(&bytes).map_err(|e| e.to_string());
+                    }
+                }
+            }
+            Pdu::AbortRQ { source } => {
+                return Err(format!("association aborted by the receiver ({source:?})"));
+            }
+            other => {
+                return Err(format!(
+                    "unexpected PDU while waiting for a response: {}",
+                    other.short_description()
+                ));
+            }
+        }
+    }
+}

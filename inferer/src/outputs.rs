@@ -1,0 +1,257 @@
+//! What a segmentation becomes for people: per-label volumes and a preview image.
+//!
+//! `summary.json` reports each label's voxel count and volume in millilitres (the
+//! number a clinician or a QA dashboard reads), and `preview.png` shows axial, coronal
+//! and sagittal slices through the volume centre with the labels overlaid, so an
+//! operator can see at a glance whether a result is plausible without a DICOM viewer.
+//! Slices are oriented for radiological reading: patient left on the image right,
+//! anterior up (axial), superior up (coronal, sagittal), anterior left (sagittal).
+
+use std::collections::BTreeMap;
+
+use radflow_preprocessor::volume::{Grid, Volume};
+use radflow_shared::models::{ModelSpec, Normalization, parse_color};
+use serde::{Deserialize, Serialize};
+
+/// Size of one label in a label map.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelStat {
+    /// Label value in the label map.
+    pub index: u8,
+    /// Name from the registry, or `label_<index>` for a value the registry does not list.
+    pub name: String,
+    /// Number of voxels with this label.
+    pub voxels: u64,
+    /// Physical volume in millilitres (voxels × voxel volume).
+    pub volume_ml: f64,
+}
+
+/// Voxel count and volume of every label the model lists (in registry order, zero when
+/// absent), followed by any other value found in the map.
+pub fn label_stats(labels: &Volume<u8>, spec: &ModelSpec) -> Vec<LabelStat> {
+    let mut counts = [0u64; 256];
+    for &l in &labels.data {
+        counts[usize::from(l)] += 1;
+    }
+    let ml_per_voxel = labels.grid.voxel_volume_mm3() / 1000.0;
+    let stat = |index: u8, name: String| LabelStat {
+        index,
+        name,
+        voxels: counts[usize::from(index)],
+        volume_ml: counts[usize::from(index)] as f64 * ml_per_voxel,
+    };
+    let mut stats: Vec<LabelStat> = spec
+        .labels
+        .iter()
+        .map(|l| stat(l.index, l.name.clone()))
+        .collect();
+    for index in 0..=u8::MAX {
+        if counts[usize::from(index)] > 0 && !spec.labels.iter().any(|l| l.index == index) {
+            stats.push(stat(index, format!("label_{index}")));
+        }
+    }
+    stats
+}
+
+/// Gap between the three panels, in pixels.
+const PANEL_GAP: usize = 4;
+/// Longest side of one panel, in pixels; larger volumes are shown coarser.
+const MAX_PANEL: f64 = 768.0;
+
+/// A PNG (8-bit RGB) of three slices through the volume centre, left to right: axial,
+/// coronal, sagittal, top-aligned on black, `4` pixels apart, with square pixels of
+/// the volume's smallest voxel spacing (coarser only when a panel would exceed 768
+/// pixels). The grey image is windowed to `[0, 1]` when the preset normalised it to
+/// that range (CT window, percentile), else to its 1st–99th percentile. Labels are
+/// blended over it at 50% in their registry colours; label 0, black colours and values
+/// the registry does not list are not drawn.
+///
+/// # Panics
+/// If `image` and `labels` do not have the same shape.
+pub fn preview_png(image: &Volume<f32>, labels: &Volume<u8>, spec: &ModelSpec) -> Vec<u8> {
+    assert_eq!(
+        image.data.dim(),
+        labels.data.dim(),
+        "the preview's image and label map must share a grid"
+    );
+    let (lo, hi) = match spec.preset.normalization {
+        Normalization::CtWindow { .. } | Normalization::Percentile { .. } => (0.0, 1.0),
+        Normalization::Zscore { .. } | Normalization::None => percentile_window(image),
+    };
+    let mut colors: BTreeMap<u8, [u8; 3]> = BTreeMap::new();
+    for l in &spec.labels {
+        if let Some(c) = parse_color(&l.color)
+            && l.index != 0
+            && c != [0, 0, 0]
+        {
+            colors.insert(l.index, c);
+        }
+    }
+
+    let panels = views(&image.grid).map(|view| {
+        render(&view, |ijk| {
+            let (i, j, k) = (ijk[0], ijk[1], ijk[2]);
+            let v = image.data[[k, j, i]];
+            let t = if v.is_finite() {
+                ((v - lo) / (hi - lo)).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            let grey = (t * 255.0).round() as u8;
+            match colors.get(&labels.data[[k, j, i]]) {
+                Some(c) => c.map(|c| (u16::from(c) + u16::from(grey)).div_ceil(2) as u8),
+                None => [grey; 3],
+            }
+        })
+    });
+
+    let width = panels.iter().map(|p| p.width).sum::<usize>() + 2 * PANEL_GAP;
+    let height = panels.iter().map(|p| p.height).max().unwrap_or(1);
+    let mut rgb = vec![0u8; width * height * 3];
+    let mut x0 = 0;
+    for panel in &panels {
+        for y in 0..panel.height {
+            let src = &panel.rgb[y * panel.width * 3..(y + 1) * panel.width * 3];
+            let start = (y * width + x0) * 3;
+            rgb[start..start + src.len()].copy_from_slice(src);
+        }
+        x0 += panel.width + PANEL_GAP;
+    }
+    encode_png(&rgb, width, height)
+}
+
+/// The 1st and 99th percentile of the finite values (on at most ~1M samples).
+fn percentile_window(image: &Volume<f32>) -> (f32, f32) {
+    let step = (image.data.len() / 1_000_000).max(1);
+    let mut values: Vec<f32> = image
+        .data
+        .iter()
+        .step_by(step)
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    if values.is_empty() {
+        return (0.0, 1.0);
+    }
+    let mut at = |q: f64| {
+        let idx = ((values.len() - 1) as f64 * q).round() as usize;
+        *values.select_nth_unstable_by(idx, f32::total_cmp).1
+    };
+    let (lo, hi) = (at(0.01), at(0.99));
+    if hi > lo { (lo, hi) } else { (lo, lo + 1.0) }
+}
+
+/// One panel: which voxel axis runs along the screen's columns and rows, and in which
+/// direction, and the fixed index of the third axis.
+struct View {
+    /// Voxel axis (0 = i, 1 = j, 2 = k) along screen columns, and whether the voxel
+    /// index decreases as the column increases.
+    col: (usize, bool),
+    /// Same for screen rows (downwards).
+    row: (usize, bool),
+    /// The slice: voxel axis and index.
+    fixed: (usize, usize),
+    dims: [usize; 3],
+    spacing: [f64; 3],
+    /// Millimetres per screen pixel.
+    pixel_mm: f64,
+}
+
+/// The axial, coronal and sagittal views of a grid.
+fn views(grid: &Grid) -> [View; 3] {
+    let axes = world_axes(grid);
+    let spacing = grid.spacing();
+    let extent = (0..3)
+        .map(|a| grid.dims[a] as f64 * spacing[a])
+        .fold(0.0, f64::max);
+    let pixel_mm = spacing
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .max(extent / MAX_PANEL);
+    // World axes 0 = R, 1 = A, 2 = S. Screen columns go towards the patient's left
+    // (−R) or posterior (−A); rows go down towards posterior (−A) or inferior (−S).
+    let view = |col_world: usize, row_world: usize, fixed_world: usize| {
+        let (col_axis, col_sign) = axes[col_world];
+        let (row_axis, row_sign) = axes[row_world];
+        let fixed_axis = axes[fixed_world].0;
+        View {
+            // Screen moves towards the negative world direction, so the index runs
+            // backwards where the voxel axis points towards the positive one.
+            col: (col_axis, col_sign > 0.0),
+            row: (row_axis, row_sign > 0.0),
+            fixed: (fixed_axis, grid.dims[fixed_axis] / 2),
+            dims: grid.dims,
+            spacing,
+            pixel_mm,
+        }
+    };
+    [view(0, 1, 2), view(0, 2, 1), view(1, 2, 0)]
+}
+
+/// For each world axis (R, A, S): the voxel axis closest to it and the sign of that
+/// voxel axis's component along it. Axes are paired greedily from the largest
+/// component down, so every voxel axis is used once even on oblique grids.
+fn world_axes(grid: &Grid) -> [(usize, f64); 3] {
+    let a = &grid.affine;
+    let mut pairs: Vec<(f64, usize, usize)> = (0..3)
+        .flat_map(|w| (0..3).map(move |v| (a[w][v].abs(), w, v)))
+        .collect();
+    pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
+    let mut out = [(usize::MAX, 1.0); 3];
+    let mut used = [false; 3];
+    for (_, w, v) in pairs {
+        if out[w].0 == usize::MAX && !used[v] {
+            let sign = if a[w][v] < 0.0 { -1.0 } else { 1.0 };
+            out[w] = (v, sign);
+            used[v] = true;
+        }
+    }
+    out
+}
+
+struct Panel {
+    width: usize,
+    height: usize,
+    rgb: Vec<u8>,
+}
+
+fn render(view: &View, mut pixel: impl FnMut([usize; 3]) -> [u8; 3]) -> Panel {
+    let screen_len = |axis: usize| {
+        ((view.dims[axis] as f64 * view.spacing[axis] / view.pixel_mm).round() as usize).max(1)
+    };
+    let index = |axis: usize, reversed: bool, p: usize| {
+        let n = view.dims[axis];
+        let i = (((p as f64 + 0.5) * view.pixel_mm / view.spacing[axis]) as usize).min(n - 1);
+        if reversed { n - 1 - i } else { i }
+    };
+    let (width, height) = (screen_len(view.col.0), screen_len(view.row.0));
+    let mut rgb = Vec::with_capacity(width * height * 3);
+    for y in 0..height {
+        for x in 0..width {
+            let mut ijk = [0; 3];
+            ijk[view.fixed.0] = view.fixed.1;
+            ijk[view.col.0] = index(view.col.0, view.col.1, x);
+            ijk[view.row.0] = index(view.row.0, view.row.1, y);
+            rgb.extend_from_slice(&pixel(ijk));
+        }
+    }
+    Panel { width, height, rgb }
+}
+
+fn encode_png(rgb: &[u8], width: usize, height: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    // Writing a well-formed RGB buffer into memory cannot fail: width and height are
+    // at least 1 and the buffer has exactly width × height × 3 bytes.
+    let mut writer = encoder
+        .write_header()
+        .expect("PNG header for a non-empty image");
+    writer
+        .write_image_data(rgb)
+        .expect("PNG data of the declared size");
+    writer.finish().expect("PNG end into memory");
+    out
+}

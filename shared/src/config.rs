@@ -126,7 +126,7 @@ pub struct TelemetryArgs {
     #[arg(long, env = "RADFLOW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
     /// Log filter in RUST_LOG syntax.
-    #[arg(long, env = "RADFLOW_LOG", default_value = "info")]
+    #[arg(long, env = "RADFLOW_LOG", default_value = "info,ort=warn")]
     pub log: String,
 }
 

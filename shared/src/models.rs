@@ -17,6 +17,7 @@
 //! kind = "segmentation"
 //! patch = [96, 96, 96]                # D, H, W voxels
 //! overlap = 0.25
+//! padding = "edge"                    # or "constant" (zeros, MONAI's default)
 //!
 //! [model.preset]
 //! name = "ct-1.5mm-window"
@@ -84,6 +85,9 @@ pub struct ModelSpec {
     /// Fraction of a patch that neighbouring windows share, in `[0, 1)`.
     #[serde(default = "default_overlap")]
     pub overlap: f64,
+    /// What fills a window where it reaches past the volume (small volumes, edges).
+    #[serde(default)]
+    pub padding: WindowPadding,
     /// Windows per `session.run`.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -105,6 +109,18 @@ fn default_overlap() -> f64 {
 }
 fn default_batch() -> usize {
     1
+}
+
+/// How the volume is extended where a window reaches past it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowPadding {
+    /// Zeros, as MONAI's `sliding_window_inference` does by default.
+    #[default]
+    Constant,
+    /// The nearest edge voxel repeated (MONAI's `replicate`): right for models whose
+    /// input scale gives 0 a meaning (e.g. air) that the cut edge of a scan does not have.
+    Edge,
 }
 
 /// What the model's output means.

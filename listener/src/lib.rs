@@ -1,0 +1,24 @@
+//! The DICOM receiver: associations, C-ECHO and C-STORE, series assembly.
+//!
+//! # Layout
+//!
+//! - [`scp`]: the storage SCP: configuration, accept loop, association tasks, the sink
+//!   that receives validated instances, and the association hooks;
+//! - [`association`]: negotiation policy, PDU transport, P-DATA reassembly;
+//! - [`dimse`]: DIMSE command sets, parsed and built;
+//! - [`dataset`]: the bounded scanner that extracts a few attributes from a dataset;
+//! - [`sop_classes`]: which SOP classes and transfer syntaxes are accepted;
+//! - [`ingest`]: what happens to an instance before Success: store, then publish;
+//! - [`assembly`]: series state in the bus's KV bucket, quiet periods, revisions;
+//! - [`service`]: the listener stage as a whole (`run`), and embedded recovery;
+//! - [`scu`]: a C-ECHO/C-STORE client for sending files.
+
+pub mod assembly;
+pub mod association;
+pub mod dataset;
+pub mod dimse;
+pub mod ingest;
+pub mod scp;
+pub mod scu;
+pub mod service;
+pub mod sop_classes;

@@ -1,0 +1,144 @@
+//! The tool subcommands: `synth`, `send`, `volume`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use radflow_preprocessor::convert;
+use radflow_preprocessor::geometry::GeometryOptions;
+use radflow_preprocessor::synth::{PhantomSpec, SynthSyntax};
+use radflow_shared::models::Registry;
+
+use crate::cli::{SendArgs, SynthArgs, VolumeArgs};
+
+/// `radflow synth`: a phantom study as DICOM files, plus `truth.json` beside them.
+pub fn synth(args: SynthArgs) -> Result<()> {
+    let spec = PhantomSpec {
+        size: args.size,
+        slices: args.slices,
+        fov_mm: args.fov,
+        slice_spacing_mm: args.spacing,
+        shuffle: args.shuffle,
+        seed: args.seed,
+        transfer_syntax: if args.implicit {
+            SynthSyntax::ImplicitLittle
+        } else {
+            SynthSyntax::ExplicitLittle
+        },
+        tilt_deg: args.tilt,
+    };
+    let truth = radflow_preprocessor::synth::write_series(&spec, &args.out)
+        .with_context(|| format!("cannot write the phantom to {}", args.out.display()))?;
+    let truth_path = args.out.join("truth.json");
+    std::fs::write(&truth_path, serde_json::to_vec_pretty(&truth)?)
+        .with_context(|| format!("cannot write {}", truth_path.display()))?;
+    println!(
+        "wrote {} DICOM files ({}x{}x{}) to {}; tissue volumes in {}",
+        truth.files,
+        truth.dims[0],
+        truth.dims[1],
+        truth.dims[2],
+        args.out.display(),
+        truth_path.display()
+    );
+    Ok(())
+}
+
+/// Files under the given paths, recursively, sorted.
+fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let meta = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(p)? {
+                walk(&entry?.path(), out)?;
+            }
+        } else if meta.is_file() {
+            out.push(p.to_owned());
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        walk(p, &mut out)?;
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `radflow send`: C-ECHO, then C-STORE every DICOM file found.
+pub async fn send(args: SendArgs) -> Result<()> {
+    let files = collect_files(&args.paths)?;
+    if files.is_empty() {
+        bail!("no files under {:?}", args.paths);
+    }
+    radflow_listener::scu::echo(&args.to, &args.calling_ae, &args.called_ae)
+        .await
+        .with_context(|| format!("C-ECHO to {} ({}) failed", args.to, args.called_ae))?;
+    let report =
+        radflow_listener::scu::send_files(&args.to, &args.calling_ae, &args.called_ae, &files)
+            .await
+            .with_context(|| format!("sending to {} failed", args.to))?;
+    println!(
+        "sent {} instance(s) to {} ({}); {} failed, {} skipped (not DICOM)",
+        report.sent,
+        args.to,
+        args.called_ae,
+        report.failed.len(),
+        report.skipped.len()
+    );
+    for f in &report.failed {
+        let status = f
+            .status
+            .map(|s| format!("status 0x{s:04X}"))
+            .unwrap_or_else(|| "not sent".into());
+        eprintln!("  {}: {status}: {}", f.path.display(), f.comment);
+    }
+    if !report.failed.is_empty() {
+        bail!("{} instance(s) were not stored", report.failed.len());
+    }
+    Ok(())
+}
+
+/// `radflow volume`: one series folder to NIfTI, natively or for a model's preset.
+pub fn volume(args: VolumeArgs) -> Result<()> {
+    let files = collect_files(std::slice::from_ref(&args.input))?;
+    let mut loaded = Vec::with_capacity(files.len());
+    for f in files {
+        let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
+        if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+            loaded.push((f.display().to_string(), bytes));
+        }
+    }
+    if loaded.is_empty() {
+        bail!("no DICOM files in {}", args.input.display());
+    }
+    let (built, warnings) = convert::volume_from_files(loaded, &GeometryOptions::default())
+        .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let vol = match &args.preset {
+        None => built.volume,
+        Some(reference) => {
+            let registry = Registry::load_or_builtin(args.models.models.as_deref())?;
+            let model = registry
+                .find(reference)
+                .with_context(|| format!("no model {reference:?} in the registry"))?;
+            convert::prepare(&built.volume, &model.preset)
+        }
+    };
+    let gzip = args.out.extension().is_some_and(|e| e == "gz");
+    let bytes = convert::encode_nifti(&vol, "radflow volume", gzip);
+    std::fs::write(&args.out, bytes)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let [nx, ny, nz] = vol.grid.dims;
+    let sp = vol.grid.spacing();
+    println!(
+        "wrote {} ({nx}x{ny}x{nz}, spacing {:.3}x{:.3}x{:.3} mm, {} slices read)",
+        args.out.display(),
+        sp[0],
+        sp[1],
+        sp[2],
+        built.report.slices
+    );
+    Ok(())
+}

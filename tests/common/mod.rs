@@ -1,0 +1,311 @@
+//! Helpers of the end-to-end tests: radflow processes, real DICOM peers, waiting.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `python3` that has the test packages: the repository's `.venv` when present.
+pub fn python() -> PathBuf {
+    let venv = repo().join(".venv/bin/python3");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// A DCMTK tool by absolute path: pip's pynetdicom installs scripts of the same names
+/// that exit 0 on failure.
+pub fn dcmtk(tool: &str) -> Command {
+    let path = Path::new("/usr/bin").join(tool);
+    assert!(
+        path.is_file(),
+        "DCMTK's {tool} is missing: apt-get install dcmtk (see .ci/setup)"
+    );
+    let mut c = Command::new(path);
+    c.env("TCP_NODELAY", "1");
+    c
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("radflow-e2e-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("RADFLOW_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The radflow binary under test.
+pub fn radflow() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_radflow"));
+    c.current_dir(repo());
+    c.env("RADFLOW_LOG_FORMAT", "json");
+    c
+}
+
+/// A radflow process whose logs go to a file; killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes would, then wait for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "{} exited early ({status}); log:\n{}",
+                self.name,
+                self.logs()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until a TCP port accepts connections.
+pub fn wait_port(port: u16, procs: &mut [&mut Proc]) {
+    wait_for(&format!("port {port}"), Duration::from_secs(60), || {
+        for p in procs.iter_mut() {
+            p.assert_running();
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+}
+
+/// HTTP GET on loopback; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Runs a command to completion, panicking with its output on failure.
+pub fn run_ok(mut cmd: Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// The phantom's ground truth, as `radflow synth` writes it.
+#[derive(Debug, serde::Deserialize)]
+pub struct Truth {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub dims: [usize; 3],
+    pub volumes_ml: std::collections::BTreeMap<String, f64>,
+    pub files: usize,
+}
+
+/// Writes a phantom series with `radflow synth` and returns its truth.
+pub fn synth(out: &Path, size: usize, slices: usize, extra: &[&str]) -> Truth {
+    let mut cmd = radflow();
+    cmd.args(["synth", "--out"])
+        .arg(out)
+        .args(["--size", &size.to_string(), "--slices", &slices.to_string()])
+        .args(["--spacing", "2.5"])
+        .args(extra);
+    run_ok(cmd, "radflow synth");
+    serde_json::from_slice(&std::fs::read(out.join("truth.json")).unwrap()).unwrap()
+}
+
+/// The DICOM files of a folder (everything but truth.json), sorted by name.
+pub fn dicom_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_none_or(|e| e != "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// DCMTK storescu of files to the listener.
+pub fn storescu(port: u16, called_ae: &str, files: &[PathBuf]) -> Output {
+    let mut cmd = dcmtk("storescu");
+    cmd.args([
+        "-aet",
+        "CT-SCANNER",
+        "-aec",
+        called_ae,
+        "127.0.0.1",
+        &port.to_string(),
+    ])
+    .args(files);
+    cmd.output().expect("run storescu")
+}
+
+/// Checks a result's label volumes against the phantom truth.
+pub fn assert_volumes(summary: &serde_json::Value, truth: &Truth, rel_tol: f64) {
+    let labels = summary["labels"].as_array().expect("labels in summary");
+    for (name, expected) in &truth.volumes_ml {
+        let got = labels
+            .iter()
+            .find(|l| l["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("label {name} missing in {summary}"))["volume_ml"]
+            .as_f64()
+            .unwrap();
+        let rel = (got - expected).abs() / expected;
+        assert!(
+            rel <= rel_tol,
+            "{name}: {got:.1} mL vs truth {expected:.1} mL ({:.1}% off, tolerance {:.1}%)",
+            rel * 100.0,
+            rel_tol * 100.0
+        );
+    }
+}
+
+/// The affine (RAS, as nibabel reads it) and shape of a NIfTI file, and the affine
+/// computed independently from the DICOM files with pydicom.
+pub fn nibabel_vs_dicom(nifti: &Path, dicom_dir: &Path) -> serde_json::Value {
+    let script = r#"
+import json, sys, glob, os
+import numpy as np, nibabel as nib, pydicom
+img = nib.load(sys.argv[1])
+files = [f for f in glob.glob(os.path.join(sys.argv[2], '*')) if not f.endswith('.json')]
+ds = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+iop = np.array(ds[0].ImageOrientationPatient, float)
+r, c = iop[:3], iop[3:]
+n = np.cross(r, c)
+ds.sort(key=lambda d: float(np.dot(n, np.array(d.ImagePositionPatient, float))))
+p0 = np.array(ds[0].ImagePositionPatient, float)
+p1 = np.array(ds[-1].ImagePositionPatient, float)
+dr, dc = [float(v) for v in ds[0].PixelSpacing]
+step = (p1 - p0) / (len(ds) - 1)
+lps = np.eye(4)
+lps[:3, 0] = r * dc
+lps[:3, 1] = c * dr
+lps[:3, 2] = step
+lps[:3, 3] = p0
+ras = np.diag([-1, -1, 1, 1]) @ lps
+print(json.dumps({
+  "shape": list(img.shape),
+  "affine": img.affine.tolist(),
+  "expected_affine": ras.tolist(),
+  "expected_shape": [int(ds[0].Columns), int(ds[0].Rows), len(ds)],
+  "max_abs_diff": float(np.abs(img.affine - ras).max()),
+  "labels": sorted(int(v) for v in np.unique(np.asarray(img.dataobj))),
+}))
+"#;
+    let mut cmd = Command::new(python());
+    cmd.arg("-c").arg(script).arg(nifti).arg(dicom_dir);
+    let out = run_ok(cmd, "nibabel/pydicom check");
+    serde_json::from_slice(&out.stdout).unwrap()
+}

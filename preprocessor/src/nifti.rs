@@ -925,17 +925,7 @@ mod tests {
 
     #[test]
     fn nibabel_agrees_on_affine_qform_and_data() {
-        let probe = std::process::Command::new("python3")
-            .args(["-c", "import nibabel"])
-            .output();
-        if !probe.is_ok_and(|o| o.status.success()) {
-            assert!(
-                std::env::var_os("RADFLOW_REQUIRE_PYTHON").is_none(),
-                "python3 with nibabel is required"
-            );
-            eprintln!("skipped: python3 with nibabel is not available");
-            return;
-        }
+        let python = radflow_shared::testing::python();
         let v = sample_volume(oblique_grid([7, 6, 5]));
         let path = temp_path("nibabel.nii.gz");
         std::fs::write(&path, write_nifti_gz(&v, "radflow")).unwrap();
@@ -947,7 +937,7 @@ print(json.dumps({"affine": img.affine.tolist(), "qform": q.tolist(),
   "sum": float(np.asarray(img.dataobj, dtype=np.float64).sum()),
   "shape": list(img.shape), "v": float(img.get_fdata()[5, 4, 3])}))
 "#;
-        let out = std::process::Command::new("python3")
+        let out = std::process::Command::new(&python)
             .args(["-c", script, path.to_str().unwrap()])
             .output()
             .unwrap();

@@ -291,17 +291,7 @@ fn truth_serialises() {
 
 /// pydicom reads every file and its pixels; the sum of its HU must equal ours.
 fn pydicom_check(dir: &Path, n: usize, hu_sum: f64) {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import pydicom, numpy"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("RADFLOW_REQUIRE_PYTHON").is_none(),
-            "python3 with pydicom is required"
-        );
-        eprintln!("skipped: python3 with pydicom is not available");
-        return;
-    }
+    let python = radflow_shared::testing::python();
     let script = r#"
 import sys, os, json, pydicom, numpy as np
 total, count = 0.0, 0
@@ -314,7 +304,7 @@ for f in sorted(os.listdir(sys.argv[1])):
     total += a.sum(); count += 1
 print(json.dumps({"sum": total, "count": count}))
 "#;
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(&python)
         .args(["-c", script, dir.to_str().unwrap()])
         .output()
         .unwrap();

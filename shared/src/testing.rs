@@ -1,4 +1,5 @@
-//! A real `nats-server` with JetStream for tests, on a free loopback port.
+//! Real peers for tests: a `nats-server` with JetStream on a free loopback port, and
+//! the Python that has the reference packages.
 //!
 //! Acceptance tests run against the real server, never a mock. The binary is found in
 //! `RADFLOW_NATS_SERVER`, then on `PATH`, then in the repository's `.venv/bin` (where
@@ -130,6 +131,29 @@ fn rand_suffix() -> u32 {
     h.finish() as u32
 }
 
+/// The repository root (where `.venv` lives).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("shared/ sits in the repository")
+        .to_owned()
+}
+
+/// The Python that has the test packages (pydicom, pynetdicom, nibabel, numpy,
+/// onnxruntime): `RADFLOW_PYTHON`, else the repository's `.venv`, else `python3`.
+/// Tests that need it fail (never skip) when a package is missing.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RADFLOW_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join(".venv/bin/python3");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 fn find_binary() -> std::io::Result<PathBuf> {
     if let Ok(p) = std::env::var("RADFLOW_NATS_SERVER") {
         return Ok(PathBuf::from(p));
@@ -142,7 +166,7 @@ fn find_binary() -> std::io::Result<PathBuf> {
             }
         }
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    let venv = repo_root().join(".venv/bin/nats-server");
     if venv.is_file() {
         return Ok(venv);
     }

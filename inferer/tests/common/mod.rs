@@ -64,7 +64,7 @@ pub fn run_reference(tag: &str, params: Value, image: &[f32]) -> (Vec<usize>, Ve
     std::fs::write(dir.join("params.json"), params.to_string()).unwrap();
     write_f32(&dir.join("image.f32"), image.iter().copied());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/monai_reference.py");
-    let out = Command::new("python3")
+    let out = Command::new(radflow_shared::testing::python())
         .arg(&script)
         .arg(dir)
         .output()

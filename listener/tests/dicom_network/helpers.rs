@@ -182,16 +182,18 @@ pub async fn convert(tool: &str, args: &[&str]) {
 
 /// python3 with pynetdicom, or a failure naming what is missing.
 pub fn python_with_pynetdicom() -> PathBuf {
-    let ok = std::process::Command::new("python3")
+    let python = radflow_shared::testing::python();
+    let ok = std::process::Command::new(&python)
         .args(["-c", "import pydicom, pynetdicom"])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(
         ok,
-        "python3 with pydicom and pynetdicom is required (pip install pydicom pynetdicom)"
+        "{} with pydicom and pynetdicom is required (.ci/setup installs them into .venv)",
+        python.display()
     );
-    PathBuf::from("python3")
+    python
 }
 
 /// A scratch directory removed on drop.

@@ -12,7 +12,15 @@
 //! - two replicas that both see a quiet series publish the same `SeriesReady` with the
 //!   same message id, which the bus deduplicates, and only one of them marks it;
 //! - an instance that arrives after `ready` opens the next revision, which becomes ready
-//!   in turn (the preprocessor rebuilds the series and overwrites its outputs).
+//!   in turn (the preprocessor rebuilds the series and overwrites its outputs);
+//! - a SOP Instance UID seen before in the series (a sender's retry, or the same study
+//!   sent twice) changes nothing: the state keeps a 64-bit digest of every instance UID
+//!   (up to [`MAX_TRACKED_INSTANCES`]) and ignores repeats.
+//!
+//! Count hints: Number of Series Related Instances, else Images in Acquisition, is the
+//! expected instance count; a multi-frame instance (Number of Frames > 1) without
+//! either counts as a series of one. Reaching the expected count shortens the wait to
+//! the short quiet period; an instance after that simply opens the next revision.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +34,16 @@ use radflow_shared::util::now_ms;
 use radflow_shared::worker::{HandleError, Handler, Outcome};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+/// Instance digests kept per series for duplicate detection (8 bytes each in memory,
+/// about 20 in the JSON state); beyond this, repeats of later instances are counted.
+pub const MAX_TRACKED_INSTANCES: usize = 20_000;
+
+/// The 64-bit digest of a SOP Instance UID kept in the series state.
+pub fn instance_digest(sop_instance_uid: &str) -> u64 {
+    let hex = radflow_shared::util::sha256_hex(sop_instance_uid.as_bytes());
+    u64::from_str_radix(&hex[..16], 16).expect("hex digest")
+}
 
 /// When series become ready.
 #[derive(Debug, Clone)]
@@ -80,6 +98,9 @@ pub struct SeriesState {
     #[serde(default)]
     pub emitted_ms: Option<u64>,
     pub correlation_id: String,
+    /// Sorted digests of the instances received (see [`instance_digest`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instance_digests: Vec<u64>,
 }
 
 impl SeriesState {
@@ -98,11 +119,20 @@ impl SeriesState {
             emitted: false,
             emitted_ms: None,
             correlation_id: correlation_id(&ev.series_uid, 1),
+            instance_digests: Vec::new(),
         }
     }
 
-    /// Applies one stored instance.
-    pub fn apply(&mut self, ev: &InstanceStored) {
+    /// Applies one stored instance; `false` (and no change) if it was seen before.
+    pub fn apply(&mut self, ev: &InstanceStored) -> bool {
+        let digest = instance_digest(&ev.sop_instance_uid);
+        match self.instance_digests.binary_search(&digest) {
+            Ok(_) => return false,
+            Err(at) if self.instance_digests.len() < MAX_TRACKED_INSTANCES => {
+                self.instance_digests.insert(at, digest)
+            }
+            Err(_) => {}
+        }
         if self.emitted {
             self.revision += 1;
             self.emitted = false;
@@ -121,7 +151,10 @@ impl SeriesState {
             .or(ev.hints.images_in_acquisition);
         if let Some(h) = hint.filter(|h| *h > 0) {
             self.expected = Some(self.expected.map_or(h, |e| e.max(h)));
+        } else if ev.hints.number_of_frames.is_some_and(|f| f > 1) {
+            self.expected = Some(self.expected.unwrap_or(1));
         }
+        true
     }
 
     /// Why the series is ready at `now`, if it is.
@@ -194,7 +227,10 @@ impl Assembler {
                 }
                 Some(entry) => {
                     let mut state = decode(&entry.value).unwrap_or_else(|| SeriesState::new(ev));
-                    state.apply(ev);
+                    if !state.apply(ev) {
+                        tracing::debug!(series_uid = %ev.series_uid, "instance received again; series unchanged");
+                        return Ok(());
+                    }
                     if self
                         .kv
                         .update(&ev.series_uid, encode(&state), entry.revision)
@@ -225,9 +261,14 @@ impl Handler for Assembler {
     }
 }
 
-/// Marks series whose association was released (a hint that may shorten the wait).
-pub async fn mark_released(kv: &dyn Kv, series_uids: &[String]) -> Result<(), BusError> {
-    let now = now_ms();
+/// Marks series whose association was released at `released_at_ms` (a hint that may
+/// shorten the wait).
+pub async fn mark_released(
+    kv: &dyn Kv,
+    series_uids: &[String],
+    released_at_ms: u64,
+) -> Result<(), BusError> {
+    let now = released_at_ms;
     for uid in series_uids {
         for _ in 0..10 {
             let Some(entry) = kv.get(uid).await? else {
@@ -443,6 +484,34 @@ mod tests {
         assert_eq!(h.ready_reason(4_000, &cfg()), None);
         h.apply(&instance("1.2.4", "b", 1_000));
         assert_eq!(h.ready_reason(3_100, &cfg()), Some(ReadyReason::Complete));
+    }
+
+    #[test]
+    fn repeated_instances_change_nothing() {
+        let mut s = SeriesState::new(&instance("1.2.3", "a", 0));
+        assert!(s.apply(&instance("1.2.3", "a", 1_000)));
+        assert!(s.apply(&instance("1.2.3", "b", 1_000)));
+        let before = s.clone();
+        assert!(!s.apply(&instance("1.2.3", "a", 9_000)));
+        assert_eq!(s, before);
+        // Also after the series was emitted: no new revision for a repeat.
+        s.emitted = true;
+        assert!(!s.apply(&instance("1.2.3", "b", 60_000)));
+        assert_eq!((s.revision, s.instances, s.emitted), (1, 2, true));
+        // The digests survive the round trip through the bucket.
+        let back = decode(&encode(&s)).unwrap();
+        assert_eq!(back.instance_digests.len(), 2);
+    }
+
+    #[test]
+    fn a_multi_frame_instance_without_count_hints_is_a_series_of_one() {
+        let mut s = SeriesState::new(&instance("1.2.5", "a", 0));
+        let mut ev = instance("1.2.5", "a", 1_000);
+        ev.hints.number_of_frames = Some(300);
+        s.apply(&ev);
+        assert_eq!(s.expected, Some(1));
+        assert_eq!(s.ready_reason(2_000, &cfg()), None);
+        assert_eq!(s.ready_reason(3_100, &cfg()), Some(ReadyReason::Complete));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //! Three parts, each usable on its own:
 //! - [`negotiate`]: a pure function from an A-ASSOCIATE-RQ and the configuration to either
 //!   an A-ASSOCIATE-AC with the accepted contexts, or a [`Rejection`];
-//! - [`Connection`]: one TCP stream carrying PDUs, whose reads are bounded by the maximum
-//!   PDU length we advertised (a larger claim is refused before anything is allocated);
+//! - [`Connection`]: one byte stream (TCP, or TLS over TCP) carrying PDUs, whose reads are
+//!   bounded by the maximum PDU length we advertised (a larger claim is refused before
+//!   anything is allocated);
 //! - [`PdvAssembler`]: turns P-DATA value fragments into whole command sets and datasets,
 //!   holding at most `max_instance_bytes` of a dataset (the rest is drained and dropped).
 
@@ -27,8 +28,7 @@ use dicom_ul::pdu::{
     Pdu, PresentationContextResult, PresentationContextResultReason, UserVariableItem,
 };
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::scp::ScpConfig;
 use crate::sop_classes::{VERIFICATION, is_storage_sop_class};
@@ -133,6 +133,19 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// A short label for metrics (`rejected_<label>`).
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::NoReasonGiven => "no_reason",
+            RejectReason::ApplicationContextNotSupported => "application_context",
+            RejectReason::CallingAeNotRecognized => "calling_ae",
+            RejectReason::CalledAeNotRecognized => "called_ae",
+            RejectReason::ProtocolVersionNotSupported => "protocol_version",
+            RejectReason::TemporaryCongestion => "congestion",
+            RejectReason::LocalLimitExceeded => "limit",
+        }
+    }
+
     fn source(self) -> AssociationRJSource {
         use AssociationRJSource as S;
         match self {
@@ -410,10 +423,16 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-/// A TCP stream carrying DICOM PDUs, as the association acceptor.
+/// A byte stream that can carry PDUs: a TCP stream or a TLS session over one.
+pub trait PduStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PduStream for T {}
+
+/// A stream carrying DICOM PDUs, as the association acceptor.
 pub struct Connection {
-    stream: TcpStream,
-    read_buffer: BytesMut,
+    stream: Box<dyn PduStream>,
+    /// The body of the PDU being read, reused from one PDU to the next.
+    body: Vec<u8>,
     write_buffer: Vec<u8>,
     max_pdu: u32,
     peer_max_pdu: u32,
@@ -421,11 +440,11 @@ pub struct Connection {
 
 impl Connection {
     /// Wrap an accepted stream; `max_pdu` is the largest PDU we accept (and advertise).
-    pub fn new(stream: TcpStream, max_pdu: u32) -> Self {
+    pub fn new(stream: impl PduStream + 'static, max_pdu: u32) -> Self {
         let max_pdu = effective_max_pdu(max_pdu);
         Connection {
-            stream,
-            read_buffer: BytesMut::with_capacity(64 * 1024),
+            stream: Box::new(stream),
+            body: Vec::with_capacity(64 * 1024),
             write_buffer: Vec::with_capacity(1024),
             max_pdu,
             peer_max_pdu: dicom_ul::pdu::DEFAULT_MAX_PDU,
@@ -437,9 +456,9 @@ impl Connection {
         self.peer_max_pdu = n;
     }
 
-    /// Receive one PDU, waiting at most `timeout`. Cancel-safe: bytes already read stay
-    /// buffered for the next call. A PDU longer than our maximum is an error before any
-    /// of its body is read.
+    /// Receive one PDU, waiting at most `timeout`. A PDU longer than our maximum is an
+    /// error before any of its body is read. Not cancel-safe: a PDU read halfway is
+    /// lost, so the association must end when a read is abandoned.
     pub async fn receive(&mut self, timeout: Duration) -> Result<Pdu, ConnError> {
         self.receive_limited(timeout, self.max_pdu).await
     }
@@ -451,19 +470,53 @@ impl Connection {
     }
 
     async fn receive_limited(&mut self, timeout: Duration, limit: u32) -> Result<Pdu, ConnError> {
-        let read = dicom_ul::association::read_pdu_from_wire_async(
-            &mut self.stream,
-            &mut self.read_buffer,
-            limit,
-            true,
-        );
-        match tokio::time::timeout(timeout, read).await {
+        match tokio::time::timeout(timeout, self.read_pdu(limit)).await {
             Err(_) => Err(ConnError::Timeout(timeout)),
-            Ok(Ok(pdu)) => Ok(pdu),
-            Ok(Err(dicom_ul::association::Error::ConnectionClosed { .. })) => {
-                Err(ConnError::Closed)
+            Ok(result) => result,
+        }
+    }
+
+    /// Reads the 6-byte header, checks the length, reads exactly the body. P-DATA-TF,
+    /// nearly all the traffic, is split into its values here with one copy of the
+    /// data; every other PDU is decoded by `dicom-ul`.
+    async fn read_pdu(&mut self, limit: u32) -> Result<Pdu, ConnError> {
+        let mut header = [0u8; 6];
+        match self.stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(ConnError::Closed);
             }
-            Ok(Err(e)) => Err(ConnError::Protocol(error_chain(&e))),
+            Err(e) => return Err(ConnError::Io(e)),
+        }
+        let pdu_type = header[0];
+        let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+        if length > limit {
+            return Err(ConnError::Protocol(format!(
+                "PDU of {length} bytes exceeds the maximum of {limit}"
+            )));
+        }
+        self.body.clear();
+        let read = (&mut self.stream)
+            .take(u64::from(length))
+            .read_to_end(&mut self.body)
+            .await?;
+        if read < length as usize {
+            return Err(ConnError::Closed);
+        }
+        if pdu_type == 0x04 {
+            return parse_pdata(&self.body).map(|data| Pdu::PData { data });
+        }
+        let mut whole = Vec::with_capacity(6 + self.body.len());
+        whole.extend_from_slice(&header);
+        whole.extend_from_slice(&self.body);
+        match dicom_ul::pdu::read_pdu(
+            &mut std::io::Cursor::new(&whole[..]),
+            limit.max(dicom_ul::pdu::MINIMUM_PDU_SIZE),
+            true,
+        ) {
+            Ok(Some(pdu)) => Ok(pdu),
+            Ok(None) => Err(ConnError::Protocol("truncated PDU".into())),
+            Err(e) => Err(ConnError::Protocol(error_chain(&e))),
         }
     }
 
@@ -530,6 +583,44 @@ impl Connection {
         let _ = tokio::time::timeout(artim, wait_eof).await;
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// The presentation data values of a P-DATA-TF body (PS3.8 9.3.5).
+fn parse_pdata(body: &[u8]) -> Result<Vec<PDataValue>, ConnError> {
+    let mut values = Vec::with_capacity(1);
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() < 6 {
+            return Err(ConnError::Protocol(
+                "P-DATA-TF ends inside a presentation data value header".into(),
+            ));
+        }
+        let item_length = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if item_length < 2 || item_length > rest.len() - 4 {
+            return Err(ConnError::Protocol(format!(
+                "presentation data value of {item_length} bytes does not fit its P-DATA-TF"
+            )));
+        }
+        let presentation_context_id = rest[4];
+        let control = rest[5];
+        values.push(PDataValue {
+            presentation_context_id,
+            value_type: if control & 0x01 != 0 {
+                PDataValueType::Command
+            } else {
+                PDataValueType::Data
+            },
+            is_last: control & 0x02 != 0,
+            data: rest[6..4 + item_length].to_vec(),
+        });
+        rest = &rest[4 + item_length..];
+    }
+    if values.is_empty() {
+        return Err(ConnError::Protocol(
+            "P-DATA-TF without presentation data values".into(),
+        ));
+    }
+    Ok(values)
 }
 
 /// `error: cause: cause` on one line, for logs.
@@ -630,6 +721,44 @@ impl PdvAssembler {
                 ..
             }
         )
+    }
+
+    /// Bytes of the current dataset held in its buffer now.
+    pub fn buffered(&self) -> usize {
+        match &self.state {
+            State::Dataset {
+                buffer: Some(b), ..
+            } => b.len(),
+            _ => 0,
+        }
+    }
+
+    /// What the current dataset's buffer holds now.
+    pub fn peek(&self) -> &[u8] {
+        match &self.state {
+            State::Dataset {
+                buffer: Some(b), ..
+            } => b,
+            _ => &[],
+        }
+    }
+
+    /// Takes what the current dataset's buffer holds (for writing it out as a part),
+    /// leaving the buffer empty and the dataset still being collected.
+    pub fn take_buffered(&mut self) -> Option<BytesMut> {
+        match &mut self.state {
+            State::Dataset {
+                buffer: Some(b), ..
+            } => Some(b.split()),
+            _ => None,
+        }
+    }
+
+    /// Drops the rest of the current dataset as it arrives (its answer is known).
+    pub fn discard(&mut self) {
+        if let State::Dataset { buffer, .. } = &mut self.state {
+            *buffer = None;
+        }
     }
 
     /// Collect the next dataset on `context_id` into `buffer` (appending), or drop it.

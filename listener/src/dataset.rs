@@ -421,6 +421,50 @@ pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
     scan_encoded(dataset, enc, true)
 }
 
+/// Scan the first bytes of a dataset whose remainder has not arrived yet (a large
+/// instance written to the store in parts as it arrives).
+///
+/// The structure is checked as far as the prefix goes; the prefix may end anywhere
+/// after the attributes the listener needs (normally inside the Pixel Data element).
+/// Fails like [`scan`] when the structure is broken or the required attributes are not
+/// within the prefix.
+pub fn scan_prefix(prefix: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
+    let (enc, deflated) = Encoding::of(ts_uid)?;
+    if deflated {
+        let inflated = inflate_prefix(prefix, MAX_INFLATED_BYTES)?;
+        return scan_encoded(&inflated, enc, false);
+    }
+    scan_encoded(prefix, enc, false)
+}
+
+/// Inflate the start of a raw deflate stream whose end may be missing.
+fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
+    let mut decompress = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(data.len().saturating_mul(3).min(cap).min(1 << 20));
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let consumed = decompress.total_in() as usize;
+        let before = decompress.total_out();
+        let room = (cap - out.len()).min(chunk.len());
+        if room == 0 {
+            return Ok(out);
+        }
+        let status = decompress
+            .decompress(
+                &data[consumed..],
+                &mut chunk[..room],
+                flate2::FlushDecompress::None,
+            )
+            .map_err(|e| ScanError::Inflate(e.to_string()))?;
+        let produced = (decompress.total_out() - before) as usize;
+        out.extend_from_slice(&chunk[..produced]);
+        let no_progress = produced == 0 && decompress.total_in() as usize == consumed;
+        if status == flate2::Status::StreamEnd || no_progress {
+            return Ok(out);
+        }
+    }
+}
+
 fn scan_encoded(data: &[u8], enc: Encoding, complete: bool) -> Result<InstanceFacts, ScanError> {
     let mut reader = Reader { data, pos: 0, enc };
     let mut collected = Collected::default();

@@ -8,17 +8,21 @@
 //! - [`dimse`]: DIMSE command sets, parsed and built;
 //! - [`dataset`]: the bounded scanner that extracts a few attributes from a dataset;
 //! - [`sop_classes`]: which SOP classes and transfer syntaxes are accepted;
+//! - [`local`]: writing instances into a folder store while they arrive;
 //! - [`ingest`]: what happens to an instance before Success: store, then publish;
 //! - [`assembly`]: series state in the bus's KV bucket, quiet periods, revisions;
 //! - [`service`]: the listener stage as a whole (`run`), and embedded recovery;
-//! - [`scu`]: a C-ECHO/C-STORE client for sending files.
+//! - [`scu`]: a C-ECHO/C-STORE client for sending files;
+//! - [`tls`]: DICOM over TLS, configured from PEM files.
 
 pub mod assembly;
 pub mod association;
 pub mod dataset;
 pub mod dimse;
 pub mod ingest;
+pub mod local;
 pub mod scp;
 pub mod scu;
 pub mod service;
 pub mod sop_classes;
+pub mod tls;

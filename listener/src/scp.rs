@@ -14,19 +14,33 @@
 //! bus). Any failure is answered with a failure status, so the sender keeps the instance
 //! and retries.
 //!
-//! On shutdown the listener stops accepting, associations idle between messages are
-//! aborted, those in the middle of a message finish it and are then aborted, and after
-//! `shutdown_grace` whatever is left is aborted.
+//! A dataset larger than `stream_threshold` is not held whole: once that much has
+//! arrived, the scanner reads the UIDs from what is there (collecting more, up to 16 MiB,
+//! if they lie further on), the sink opens a part writer (a multipart upload, or a
+//! staging file on a folder store) and the rest goes to the store in parts of
+//! `part_size` as it arrives. A part is handed over before the next PDU is read, so a
+//! slow store slows the sender (TCP back-pressure) instead of filling memory; an
+//! association therefore holds at most about `stream_threshold + part_size` bytes.
+//!
+//! When a TLS configuration is given, every connection must complete a TLS handshake
+//! (within the ARTIM timeout) before its first PDU is read.
+//!
+//! On shutdown the listener closes its port (a connection accepted just before but not
+//! yet associated is rejected with "temporary congestion"), running associations carry
+//! on until their sender releases them, and after `shutdown_grace` whatever is left is
+//! aborted; an instance whose response was not sent is not acknowledged, so the sender
+//! retries it.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dicom_object::FileMetaTableBuilder;
-use dicom_ul::pdu::{AbortRQServiceProviderReason, Pdu};
+use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
+use radflow_shared::metrics::Metrics;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -35,11 +49,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::association::{
     AcceptedContext, Assembled, CallerRule, ConnError, Connection, IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME, Negotiation, PdvAssembler, Rejection, negotiate,
+    IMPLEMENTATION_VERSION_NAME, Negotiation, PduStream, PdvAssembler, Rejection, negotiate,
 };
-use crate::dataset::{InstanceFacts, scan};
+use crate::dataset::{InstanceFacts, ScanError, scan, scan_prefix};
 use crate::dimse::{self, Command, field};
-use crate::sop_classes::{DEFAULT_TRANSFER_SYNTAXES, VERIFICATION, sop_class_name};
+use crate::sop_classes::{DEFAULT_TRANSFER_SYNTAXES, VERIFICATION};
 
 /// Listener settings. `Default` gives the documented defaults.
 #[derive(Debug, Clone)]
@@ -65,6 +79,12 @@ pub struct ScpConfig {
     pub private_sop_classes: Vec<String>,
     /// How long running associations may continue after shutdown is requested.
     pub shutdown_grace: Duration,
+    /// Datasets larger than this are written to the store in parts as they arrive.
+    pub stream_threshold: u64,
+    /// Size of each part written while streaming (S3 wants at least 5 MiB).
+    pub part_size: usize,
+    /// DICOM over TLS: when set, every connection must complete a TLS handshake.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ScpConfig {
@@ -83,6 +103,9 @@ impl Default for ScpConfig {
                 .collect(),
             private_sop_classes: Vec::new(),
             shutdown_grace: Duration::from_secs(20),
+            stream_threshold: 16 * 1024 * 1024,
+            part_size: 8 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -101,7 +124,10 @@ pub struct ReceivedInstance {
     /// The sender's network address.
     pub peer: SocketAddr,
     /// The complete Part-10 file: preamble, `DICM`, File Meta group, dataset as received.
+    /// Empty when the instance was written in parts (see [`PartWriter::finish`]).
     pub file: Bytes,
+    /// Size of the Part-10 file in bytes.
+    pub size: u64,
 }
 
 /// Why the sink could not take an instance; each maps to a C-STORE failure status.
@@ -148,6 +174,24 @@ impl StoreFailure {
 pub trait InstanceSink: Send + Sync + 'static {
     /// Keep one instance. `Ok` is answered with Success.
     async fn store(&self, instance: ReceivedInstance) -> Result<(), StoreFailure>;
+
+    /// Start keeping an instance whose Part-10 bytes follow in parts (one that reached
+    /// `stream_threshold`). `Err` refuses it (the rest of the dataset is drained and
+    /// dropped).
+    async fn begin_parts(&self, facts: &InstanceFacts)
+    -> Result<Box<dyn PartWriter>, StoreFailure>;
+}
+
+/// Receives a large instance part by part; see [`InstanceSink::begin_parts`].
+#[async_trait::async_trait]
+pub trait PartWriter: Send {
+    /// The next bytes of the Part-10 file (the first part starts with its header).
+    async fn write(&mut self, part: Bytes) -> Result<(), StoreFailure>;
+    /// Every part was written: keep the instance (`instance.file` is empty). `Ok` is
+    /// answered with Success; on `Err` nothing of the instance may remain visible.
+    async fn finish(self: Box<Self>, instance: ReceivedInstance) -> Result<(), StoreFailure>;
+    /// The instance will not be completed: discard what was written.
+    async fn abort(self: Box<Self>);
 }
 
 /// Hooks into the association life cycle.
@@ -178,6 +222,10 @@ impl AssociationHooks for NoHooks {
 /// are closed without a word.
 const MAX_PENDING_REJECTIONS: usize = 64;
 
+/// Largest dataset prefix collected while looking for the attributes that name an
+/// instance's store key, before it is written in parts.
+const MAX_SCAN_PREFIX: usize = 16 * 1024 * 1024;
+
 /// Initial dataset buffer size; it grows with the data actually received.
 const INITIAL_DATASET_CAPACITY: u64 = 1024 * 1024;
 
@@ -186,6 +234,7 @@ struct Shared {
     config: Arc<ScpConfig>,
     sink: Arc<dyn InstanceSink>,
     hooks: Arc<dyn AssociationHooks>,
+    metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
     connections: AtomicUsize,
     shutdown: CancellationToken,
@@ -201,6 +250,7 @@ pub async fn serve(
     config: Arc<ScpConfig>,
     sink: Arc<dyn InstanceSink>,
     hooks: Arc<dyn AssociationHooks>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
@@ -208,6 +258,7 @@ pub async fn serve(
         config,
         sink,
         hooks,
+        metrics,
         connections: AtomicUsize::new(0),
         shutdown: shutdown.clone(),
         hard_stop: CancellationToken::new(),
@@ -234,6 +285,7 @@ pub async fn serve(
         if open >= shared.config.max_associations + MAX_PENDING_REJECTIONS {
             shared.connections.fetch_sub(1, Ordering::SeqCst);
             warn!(%peer, open, "too many open connections; closing without a reply");
+            shared.metrics.association("rejected_connections");
             drop(stream);
             continue;
         }
@@ -278,6 +330,25 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let config = &shared.config;
     // Responses are small writes; without this the peer's delayed ACK stalls each one.
     let _ = stream.set_nodelay(true);
+    let stream: Box<dyn PduStream> = match &config.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            match tokio::time::timeout(config.artim_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => Box::new(tls_stream),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "TLS handshake failed; closing");
+                    shared.metrics.association("rejected_tls");
+                    return;
+                }
+                Err(_) => {
+                    warn!("no TLS handshake within the ARTIM timeout; closing");
+                    shared.metrics.association("rejected_tls");
+                    return;
+                }
+            }
+        }
+    };
     let mut conn = Connection::new(stream, config.max_pdu);
 
     let request = match conn.receive_request(config.artim_timeout).await {
@@ -308,21 +379,21 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
 
     let negotiation = match negotiate(&request, config, peer.ip()) {
         Ok(n) => n,
-        Err(rejection) => return reject(&mut conn, rejection, config.artim_timeout).await,
+        Err(rejection) => return reject(shared, &mut conn, rejection).await,
     };
     if shared.shutdown.is_cancelled() {
         let r = Rejection::congested("listener is shutting down");
-        return reject(&mut conn, r, config.artim_timeout).await;
+        return reject(shared, &mut conn, r).await;
     }
     let Ok(_slot) = shared.slots.clone().try_acquire_owned() else {
         let r = Rejection::limit_exceeded(format!(
             "{} associations are already active",
             config.max_associations
         ));
-        return reject(&mut conn, r, config.artim_timeout).await;
+        return reject(shared, &mut conn, r).await;
     };
     if let Err(rejection) = shared.hooks.admit() {
-        return reject(&mut conn, rejection, config.artim_timeout).await;
+        return reject(shared, &mut conn, rejection).await;
     }
 
     conn.set_peer_max_pdu(negotiation.peer_max_pdu);
@@ -338,6 +409,9 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         proposed = negotiation.proposed,
         "association accepted"
     );
+    shared.metrics.association("accepted");
+    shared.metrics.associations_active.inc();
+    let _active = ActiveGuard(&shared.metrics);
 
     let mut session = Session {
         shared,
@@ -350,8 +424,16 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         failures: 0,
         study_series: Vec::new(),
         seen: HashSet::new(),
+        streaming: None,
+        next_scan_at: 0,
     };
     let end = session.run().await;
+    if let Some(Streaming::Writing { writer, .. }) = session.streaming.take() {
+        writer.abort().await;
+    }
+    if matches!(end, End::PeerAborted | End::Aborted(_)) {
+        shared.metrics.association("aborted");
+    }
     let (instances, failures) = (session.instances, session.failures);
     match end {
         End::Released => {
@@ -369,9 +451,34 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
-async fn reject(conn: &mut Connection, rejection: Rejection, artim: Duration) {
+async fn reject(shared: &Shared, conn: &mut Connection, rejection: Rejection) {
     warn!(reason = %rejection, "association rejected");
-    let _ = conn.send_and_close(&rejection.to_pdu(), artim).await;
+    shared
+        .metrics
+        .association(&format!("rejected_{}", rejection.reason.label()));
+    let _ = conn
+        .send_and_close(&rejection.to_pdu(), shared.config.artim_timeout)
+        .await;
+}
+
+/// Keeps the active-associations gauge right however the association ends.
+struct ActiveGuard<'a>(&'a Metrics);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.associations_active.dec();
+    }
+}
+
+/// A large instance being written in parts.
+enum Streaming {
+    /// Parts go to this writer.
+    Writing {
+        writer: Box<dyn PartWriter>,
+        facts: InstanceFacts,
+    },
+    /// Refused before or while writing; the rest is drained, this is the answer.
+    Refused(StoreFailure),
 }
 
 /// How an association ended.
@@ -418,12 +525,14 @@ struct Session<'a> {
     failures: u64,
     study_series: Vec<(String, String)>,
     seen: HashSet<(String, String)>,
+    streaming: Option<Streaming>,
+    /// Buffered bytes at which the next prefix scan is tried.
+    next_scan_at: u64,
 }
 
 /// What woke the session loop.
 enum Wake {
     Pdu(Result<Pdu, ConnError>),
-    Shutdown,
     HardStop,
 }
 
@@ -434,11 +543,9 @@ impl Session<'_> {
     async fn run(&mut self) -> End {
         let config = &self.shared.config;
         loop {
-            let idle = self.assembler.is_idle();
             let wake = tokio::select! {
                 biased;
                 _ = self.shared.hard_stop.cancelled() => Wake::HardStop,
-                _ = self.shared.shutdown.cancelled(), if idle => Wake::Shutdown,
                 r = self.conn.receive(config.idle_timeout) => Wake::Pdu(r),
             };
             let pdu = match wake {
@@ -447,14 +554,6 @@ impl Session<'_> {
                         .abort(Abort(
                             AbortRQServiceProviderReason::ReasonNotSpecified,
                             "shutdown grace period over".into(),
-                        ))
-                        .await;
-                }
-                Wake::Shutdown => {
-                    return self
-                        .abort(Abort(
-                            AbortRQServiceProviderReason::ReasonNotSpecified,
-                            "listener shutting down".into(),
                         ))
                         .await;
                 }
@@ -526,6 +625,7 @@ impl Session<'_> {
     }
 
     async fn on_fragment(&mut self, pdv: dicom_ul::pdu::PDataValue) -> Result<(), Abort> {
+        let is_data = pdv.value_type == PDataValueType::Data;
         let assembled = self.assembler.push(pdv).map_err(|e| {
             Abort(
                 AbortRQServiceProviderReason::UnexpectedPduParameter,
@@ -533,6 +633,7 @@ impl Session<'_> {
             )
         })?;
         match assembled {
+            Assembled::Partial if is_data => self.stream_parts().await,
             Assembled::Partial => Ok(()),
             Assembled::Command { context_id, bytes } => self.on_command(context_id, &bytes).await,
             Assembled::Dataset {
@@ -607,6 +708,9 @@ impl Session<'_> {
     /// What to do with a request on an accepted context.
     fn decide(&self, context: &AcceptedContext, command: &Command) -> PendingAction {
         let rsp = |status: u16, comment: &str| {
+            if command.field == field::C_STORE_RQ {
+                self.shared.metrics.cstore_failure(status);
+            }
             dimse::build_response(
                 command.field | 0x8000,
                 command.message_id,
@@ -703,6 +807,7 @@ impl Session<'_> {
         received: u64,
         over_limit: bool,
     ) -> Result<(), Abort> {
+        let started = Instant::now();
         let Pending {
             context_id,
             message_id,
@@ -717,28 +822,270 @@ impl Session<'_> {
                 header_len,
             } => (sop_class, sop_instance, header_len),
         };
-        let outcome = match buffer {
-            Some(file) if !over_limit => {
-                self.store(context_id, &sop_class, &sop_instance, file, header_len)
-                    .await?
+        let streaming = self.streaming.take();
+        self.next_scan_at = 0;
+        let outcome = if over_limit {
+            if let Some(Streaming::Writing { writer, .. }) = streaming {
+                writer.abort().await;
             }
-            _ => {
-                warn!(
-                    received,
-                    limit = self.shared.config.max_instance_bytes,
-                    "instance refused: larger than the size limit"
-                );
-                Err(StoreFailure::OutOfResources(
-                    "instance exceeds the size limit".into(),
-                ))
+            self.failures += 1;
+            warn!(
+                received,
+                limit = self.shared.config.max_instance_bytes,
+                "instance refused: larger than the size limit"
+            );
+            Err(StoreFailure::OutOfResources(
+                "instance exceeds the size limit".into(),
+            ))
+        } else {
+            match (streaming, buffer) {
+                (Some(Streaming::Refused(failure)), _) => {
+                    self.failures += 1;
+                    Err(failure)
+                }
+                (Some(Streaming::Writing { writer, facts }), rest) => {
+                    let size = header_len as u64 + received;
+                    self.finish_parts(context_id, writer, facts, rest, size)
+                        .await?
+                }
+                (None, Some(file)) => {
+                    self.store(context_id, &sop_class, &sop_instance, file, header_len)
+                        .await?
+                }
+                (None, None) => {
+                    self.failures += 1;
+                    Err(StoreFailure::OutOfResources(
+                        "instance could not be buffered".into(),
+                    ))
+                }
             }
         };
         let (status, comment) = match &outcome {
             Ok(()) => (dimse::SUCCESS, None),
-            Err(f) => (f.status(), Some(f.comment())),
+            Err(f) => {
+                self.shared.metrics.cstore_failure(f.status());
+                (f.status(), Some(f.comment()))
+            }
         };
         let response = dimse::c_store_rsp(message_id, &sop_class, &sop_instance, status, comment);
-        self.respond(context_id, &response).await
+        let sent = self.respond(context_id, &response).await;
+        self.shared
+            .metrics
+            .cstore_seconds
+            .observe(started.elapsed().as_secs_f64());
+        sent
+    }
+
+    /// Once `stream_threshold` bytes of a dataset to be stored have arrived, start
+    /// writing it in parts; after that, write a part whenever `part_size` is buffered.
+    async fn stream_parts(&mut self) -> Result<(), Abort> {
+        let Some(Pending {
+            context_id,
+            action:
+                PendingAction::Store {
+                    sop_class,
+                    sop_instance,
+                    header_len,
+                },
+            ..
+        }) = &self.pending
+        else {
+            return Ok(());
+        };
+        let config = &self.shared.config;
+        let buffered = self.assembler.buffered();
+        match &mut self.streaming {
+            Some(Streaming::Refused(_)) => Ok(()),
+            Some(Streaming::Writing { writer, .. }) => {
+                if buffered < config.part_size {
+                    return Ok(());
+                }
+                let part = self.assembler.take_buffered().unwrap_or_default().freeze();
+                let written = tokio::select! {
+                    r = writer.write(part) => r,
+                    _ = self.shared.hard_stop.cancelled() => return Err(Abort(
+                        AbortRQServiceProviderReason::ReasonNotSpecified,
+                        "shutdown grace period over while storing".into(),
+                    )),
+                };
+                if let Err(failure) = written {
+                    warn!(status = format_args!("{:#06x}", failure.status()), error = %failure, "writing a part failed; draining the rest");
+                    if let Some(Streaming::Writing { writer, .. }) = self.streaming.take() {
+                        writer.abort().await;
+                    }
+                    self.streaming = Some(Streaming::Refused(failure));
+                    self.assembler.discard();
+                }
+                Ok(())
+            }
+            None => {
+                if (buffered as u64) < config.stream_threshold.max(self.next_scan_at) {
+                    return Ok(());
+                }
+                let (context_id, header_len) = (*context_id, *header_len);
+                let (sop_class, sop_instance) = (sop_class.clone(), sop_instance.clone());
+                let Some(context) = self.negotiation.context(context_id) else {
+                    return Err(Abort(
+                        AbortRQServiceProviderReason::UnexpectedPduParameter,
+                        "dataset on an unknown presentation context".into(),
+                    ));
+                };
+                let facts = match scan_prefix(
+                    &self.assembler.peek()[header_len..],
+                    &context.transfer_syntax,
+                ) {
+                    Ok(facts) => Ok(facts),
+                    // The attributes may lie further on: collect more, up to a limit.
+                    Err(
+                        ScanError::MissingAttribute(_)
+                        | ScanError::TruncatedHeader { .. }
+                        | ScanError::LengthBeyondEnd { .. },
+                    ) if buffered < MAX_SCAN_PREFIX => {
+                        self.next_scan_at = (buffered as u64).saturating_mul(2);
+                        return Ok(());
+                    }
+                    Err(e) => Err(e),
+                };
+                let first = self.assembler.take_buffered().unwrap_or_default();
+                let state = self
+                    .begin_parts(&sop_class, &sop_instance, first, facts)
+                    .await?;
+                if matches!(state, Streaming::Refused(_)) {
+                    self.assembler.discard();
+                }
+                self.streaming = Some(state);
+                Ok(())
+            }
+        }
+    }
+
+    /// Validate the start of an instance and write it as the first part.
+    async fn begin_parts(
+        &mut self,
+        sop_class: &str,
+        sop_instance: &str,
+        first: BytesMut,
+        scanned: Result<InstanceFacts, ScanError>,
+    ) -> Result<Streaming, Abort> {
+        let facts = match scanned {
+            Ok(facts) => facts,
+            Err(e) => {
+                warn!(error = %e, "instance refused: dataset is malformed");
+                return Ok(Streaming::Refused(StoreFailure::CannotUnderstand(
+                    e.to_string(),
+                )));
+            }
+        };
+        if facts.sop_class_uid != sop_class || facts.sop_instance_uid != sop_instance {
+            warn!(
+                "large instance refused: dataset SOP class/instance UID differs from the command"
+            );
+            return Ok(Streaming::Refused(StoreFailure::DatasetMismatch(
+                "SOP class/instance UID differs from the command".into(),
+            )));
+        }
+        debug!(
+            buffered = first.len(),
+            "writing the instance to the store in parts"
+        );
+        let begun = tokio::select! {
+            r = self.shared.sink.begin_parts(&facts) => r,
+            _ = self.shared.hard_stop.cancelled() => return Err(Abort(
+                AbortRQServiceProviderReason::ReasonNotSpecified,
+                "shutdown grace period over while storing".into(),
+            )),
+        };
+        let mut writer = match begun {
+            Ok(w) => w,
+            Err(failure) => return Ok(Streaming::Refused(failure)),
+        };
+        let written = tokio::select! {
+            r = writer.write(first.freeze()) => r,
+            _ = self.shared.hard_stop.cancelled() => {
+                writer.abort().await;
+                return Err(Abort(
+                    AbortRQServiceProviderReason::ReasonNotSpecified,
+                    "shutdown grace period over while storing".into(),
+                ));
+            }
+        };
+        match written {
+            Ok(()) => Ok(Streaming::Writing { writer, facts }),
+            Err(failure) => {
+                writer.abort().await;
+                Ok(Streaming::Refused(failure))
+            }
+        }
+    }
+
+    /// Write the last part of a large instance and let the sink keep it.
+    async fn finish_parts(
+        &mut self,
+        context_id: u8,
+        mut writer: Box<dyn PartWriter>,
+        facts: InstanceFacts,
+        rest: Option<BytesMut>,
+        size: u64,
+    ) -> Result<Result<(), StoreFailure>, Abort> {
+        let negotiation = self.negotiation;
+        let Some(context) = negotiation.context(context_id) else {
+            writer.abort().await;
+            return Err(Abort(
+                AbortRQServiceProviderReason::UnexpectedPduParameter,
+                "dataset on an unknown presentation context".into(),
+            ));
+        };
+        let key = (facts.study_uid.clone(), facts.series_uid.clone());
+        let instance = ReceivedInstance {
+            facts,
+            transfer_syntax: context.transfer_syntax.clone(),
+            calling_ae: negotiation.calling_ae.clone(),
+            called_ae: negotiation.called_ae.clone(),
+            peer: self.peer,
+            file: Bytes::new(),
+            size,
+        };
+        let stop = self.shared.hard_stop.clone();
+        let finished = async move {
+            if let Some(rest) = rest.filter(|r| !r.is_empty())
+                && let Err(failure) = writer.write(rest.freeze()).await
+            {
+                writer.abort().await;
+                return Err(failure);
+            }
+            writer.finish(instance).await
+        };
+        let result = tokio::select! {
+            r = finished => r,
+            _ = stop.cancelled() => return Err(Abort(
+                AbortRQServiceProviderReason::ReasonNotSpecified,
+                "shutdown grace period over while storing".into(),
+            )),
+        };
+        self.record_outcome(&result, key, size);
+        Ok(result)
+    }
+
+    /// Count an instance's outcome and remember its series for the release hint.
+    fn record_outcome(
+        &mut self,
+        result: &Result<(), StoreFailure>,
+        key: (String, String),
+        size: u64,
+    ) {
+        match result {
+            Ok(()) => {
+                self.instances += 1;
+                debug!(size, "instance stored");
+                if self.seen.insert(key.clone()) {
+                    self.study_series.push(key);
+                }
+            }
+            Err(failure) => {
+                self.failures += 1;
+                warn!(status = format_args!("{:#06x}", failure.status()), error = %failure, "instance not stored");
+            }
+        }
     }
 
     /// Validate a complete instance and hand it to the sink.
@@ -773,6 +1120,7 @@ impl Session<'_> {
             )));
         }
         let key = (facts.study_uid.clone(), facts.series_uid.clone());
+        let size = file.len() as u64;
         let instance = ReceivedInstance {
             facts,
             transfer_syntax: context.transfer_syntax.clone(),
@@ -780,6 +1128,7 @@ impl Session<'_> {
             called_ae: negotiation.called_ae.clone(),
             peer: self.peer,
             file: file.freeze(),
+            size,
         };
         let result = tokio::select! {
             r = self.shared.sink.store(instance) => r,
@@ -790,22 +1139,7 @@ impl Session<'_> {
                 ));
             }
         };
-        match &result {
-            Ok(()) => {
-                self.instances += 1;
-                debug!(
-                    sop_class = sop_class_name(sop_class).unwrap_or(sop_class),
-                    sop_instance, "instance stored"
-                );
-                if self.seen.insert(key.clone()) {
-                    self.study_series.push(key);
-                }
-            }
-            Err(failure) => {
-                self.failures += 1;
-                warn!(status = format_args!("{:#06x}", failure.status()), error = %failure, "instance not stored");
-            }
-        }
+        self.record_outcome(&result, key, size);
         Ok(result)
     }
 

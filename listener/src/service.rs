@@ -3,10 +3,16 @@
 //!
 //! `run` takes an already bound socket and opened bus and store, so tests run it on
 //! port 0 with the in-process bus and a memory store, and the binary only wires flags.
+//!
+//! Shutdown order: when `shutdown` is cancelled, readiness turns false first (so load
+//! balancers and Kubernetes stop sending new associations here), then the DICOM port
+//! stops accepting, running associations finish within the grace period, and the
+//! assembler and the ready scanner stop last.
 
 use std::sync::Arc;
 
 use radflow_shared::bus::{Bus, BusError, ConsumerSpec, INSTANCES, Kv, SERIES_STATE_BUCKET};
+use radflow_shared::http::Health;
 use radflow_shared::metrics::Metrics;
 use radflow_shared::store::Store;
 use radflow_shared::util::now_ms;
@@ -14,17 +20,34 @@ use radflow_shared::worker::{self, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::assembly::{Assembler, AssemblyConfig, ReadyScanner, SeriesState, correlation_id};
-use crate::ingest::{Hooks, Ingest};
+use crate::assembly::{
+    Assembler, AssemblyConfig, ReadyScanner, SeriesState, correlation_id, instance_digest,
+};
+use crate::ingest::{AdmissionConfig, Hooks, Ingest, Pressure};
 use crate::scp::{self, ScpConfig};
+
+/// On a folder store, instances are written in parts from this many bytes on.
+const LOCAL_STREAM_START: u64 = 64 * 1024;
+
+/// Part size on a folder store.
+const LOCAL_PART_SIZE: usize = 256 * 1024;
 
 /// What the listener needs.
 pub struct ListenerDeps {
+    /// The DICOM server's settings.
     pub scp: ScpConfig,
+    /// When series are ready.
     pub assembly: AssemblyConfig,
+    /// When new associations are refused for back-pressure.
+    pub admission: AdmissionConfig,
+    /// Where instances go.
     pub store: Store,
+    /// Where their events go; also holds the series state.
     pub bus: Arc<dyn Bus>,
+    /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// The process's readiness, turned to draining first on shutdown.
+    pub health: Option<Arc<Health>>,
 }
 
 /// The durable consumer shared by the assemblers of every listener replica.
@@ -41,12 +64,26 @@ pub async fn run(
     let ListenerDeps {
         scp,
         assembly,
+        admission,
         store,
         bus,
         metrics,
+        health,
     } = deps;
-    let sink = Arc::new(Ingest::new(store, bus.clone(), metrics.clone()));
-    let hooks = Arc::new(Hooks::new(&*bus, metrics.clone()).await?);
+    let pressure = Pressure::new(admission);
+    let sink = Arc::new(Ingest::new(
+        store,
+        bus.clone(),
+        metrics.clone(),
+        pressure.clone(),
+    ));
+    let mut scp = scp;
+    if sink.writes_locally() {
+        // A folder takes parts of any size: write while receiving, from the first PDU.
+        scp.stream_threshold = scp.stream_threshold.min(LOCAL_STREAM_START);
+        scp.part_size = scp.part_size.min(LOCAL_PART_SIZE);
+    }
+    let hooks = Arc::new(Hooks::new(&*bus, metrics.clone(), pressure.clone()).await?);
     let assembler = Arc::new(Assembler::new(&*bus).await?);
     let scanner = ReadyScanner::new(bus.clone(), assembly, metrics.clone()).await?;
 
@@ -58,9 +95,30 @@ pub async fn run(
         shutdown.clone(),
     ));
     let scanning = tokio::spawn(scanner.run(shutdown.clone()));
-    let served = scp::serve(dicom, Arc::new(scp), sink, hooks, shutdown.clone()).await;
+    let watching = tokio::spawn(pressure.watch_bus(bus.clone(), shutdown.clone()));
+    // The DICOM server stops only after readiness has turned false.
+    let stop_serving = CancellationToken::new();
+    let draining = {
+        let (shutdown, stop_serving) = (shutdown.clone(), stop_serving.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if let Some(health) = health {
+                health.set_draining();
+            }
+            stop_serving.cancel();
+        })
+    };
+    let served = scp::serve(
+        dicom,
+        Arc::new(scp),
+        sink,
+        hooks,
+        metrics.clone(),
+        stop_serving.clone(),
+    )
+    .await;
     shutdown.cancel();
-    let _ = tokio::join!(assembling, scanning);
+    let _ = tokio::join!(assembling, scanning, watching, draining);
     served?;
     Ok(())
 }
@@ -76,10 +134,18 @@ pub async fn recover(
     let kv: Arc<dyn Kv> = bus.kv(SERIES_STATE_BUCKET).await?;
     let mut n = 0;
     for (study, uid) in series {
-        let count = store.list_instances(study, uid).await?.len() as u32;
+        let stored = store.list_instances(study, uid).await?;
+        let count = stored.len() as u32;
         if count == 0 {
             continue;
         }
+        let mut digests: Vec<u64> = stored
+            .iter()
+            .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".dcm"))
+            .map(instance_digest)
+            .collect();
+        digests.sort_unstable();
+        digests.dedup();
         let state = SeriesState {
             study_uid: study.clone(),
             series_uid: uid.clone(),
@@ -94,6 +160,7 @@ pub async fn recover(
             emitted: false,
             emitted_ms: None,
             correlation_id: correlation_id(uid, 1),
+            instance_digests: digests,
         };
         let value = serde_json::to_vec(&state).expect("series state serialises");
         if kv.create(uid, value.into()).await?.is_some() {

@@ -34,6 +34,10 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     /// The URL it was opened from, without credentials, for logs.
     url: String,
+    /// The folder of a `file://` store, for writers that stream into it directly.
+    local_root: Option<PathBuf>,
+    /// Whether writes to a `file://` store are flushed before they return.
+    fsync: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -68,6 +72,7 @@ impl Store {
     pub fn open(url: &str, fsync: bool) -> Result<Self, StoreError> {
         let parsed = url::Url::parse(url)
             .map_err(|e| StoreError::Config(format!("store URL {url:?} is not a URL: {e}")))?;
+        let mut local_root = None;
         let inner: Arc<dyn ObjectStore> = match parsed.scheme() {
             "memory" => Arc::new(InMemory::new()),
             "file" => {
@@ -80,6 +85,7 @@ impl Store {
                         path.display()
                     ))
                 })?;
+                local_root = Some(path.clone());
                 Arc::new(
                     LocalFileSystem::new_with_prefix(&path)
                         .map_err(|e| StoreError::Config(e.to_string()))?
@@ -115,6 +121,8 @@ impl Store {
         Ok(Self {
             inner,
             url: shown.to_string(),
+            local_root,
+            fsync,
         })
     }
 
@@ -132,12 +140,25 @@ impl Store {
         Self {
             inner: Arc::new(InMemory::new()),
             url: "memory://".into(),
+            local_root: None,
+            fsync: false,
         }
     }
 
     /// The URL the store was opened from (no credentials).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The folder of a `file://` store (keys are paths relative to it); `None` for
+    /// other stores.
+    pub fn local_root(&self) -> Option<&FsPath> {
+        self.local_root.as_deref()
+    }
+
+    /// Whether writes to a `file://` store are flushed to disk before they return.
+    pub fn fsync(&self) -> bool {
+        self.fsync
     }
 
     // --- keys -------------------------------------------------------------------
@@ -176,6 +197,28 @@ impl Store {
         let key = Self::instance_key(study, series, sop);
         self.put(&key, file).await?;
         Ok(key)
+    }
+
+    /// Starts writing a received instance in parts (a large multi-frame object that
+    /// should not sit whole in memory). Nothing is visible under the key until
+    /// [`InstanceUpload::complete`] returns; [`InstanceUpload::abort`] leaves nothing.
+    pub async fn begin_instance_upload(
+        &self,
+        study: &str,
+        series: &str,
+        sop: &str,
+    ) -> Result<InstanceUpload, StoreError> {
+        let key = Self::instance_key(study, series, sop);
+        let upload = self
+            .inner
+            .put_multipart(&Path::from(key.as_str()))
+            .await
+            .map_err(|e| StoreError::from_object_store("put", &key, e))?;
+        Ok(InstanceUpload {
+            key,
+            upload,
+            written: 0,
+        })
     }
 
     /// The instances of a series, sorted by key.
@@ -302,6 +345,57 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(|e| StoreError::from_object_store("list", "dicom/", e))
+    }
+}
+
+/// An instance being written in parts; see [`Store::begin_instance_upload`].
+///
+/// Parts are written one at a time, so a slow store slows the sender instead of
+/// filling memory. On a folder store the object is staged in a temporary file and
+/// renamed into place (flushed first when the store was opened with `fsync`).
+#[derive(Debug)]
+pub struct InstanceUpload {
+    key: String,
+    upload: Box<dyn object_store::MultipartUpload>,
+    written: u64,
+}
+
+impl InstanceUpload {
+    /// The key the instance will have.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Writes the next part (S3 wants every part but the last to be at least 5 MiB).
+    pub async fn put_part(&mut self, bytes: Bytes) -> Result<(), StoreError> {
+        let n = bytes.len() as u64;
+        self.upload
+            .put_part(PutPayload::from(bytes))
+            .await
+            .map_err(|e| StoreError::from_object_store("put", &self.key, e))?;
+        self.written += n;
+        Ok(())
+    }
+
+    /// Makes the object visible under its key, whole; returns the key.
+    pub async fn complete(mut self) -> Result<String, StoreError> {
+        self.upload
+            .complete()
+            .await
+            .map_err(|e| StoreError::from_object_store("put", &self.key, e))?;
+        Ok(self.key)
+    }
+
+    /// Discards what was written.
+    pub async fn abort(mut self) {
+        if let Err(e) = self.upload.abort().await {
+            tracing::debug!(error = %e, "aborting a partial upload failed");
+        }
     }
 }
 
@@ -432,6 +526,39 @@ mod tests {
             Bytes::from("{}")
         );
         store.check().await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn instance_uploads_appear_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("radflow-upload-{}", std::process::id()));
+        let store = Store::local(&dir, true).unwrap();
+        let mut upload = store
+            .begin_instance_upload("1.2", "1.2.3", "9")
+            .await
+            .unwrap();
+        upload.put_part(Bytes::from(vec![1u8; 1000])).await.unwrap();
+        upload.put_part(Bytes::from(vec![2u8; 10])).await.unwrap();
+        assert_eq!(upload.written(), 1010);
+        assert!(!store.exists(upload.key()).await.unwrap());
+        let key = upload.complete().await.unwrap();
+        let got = store.get(&key).await.unwrap();
+        assert_eq!(got.len(), 1010);
+        assert_eq!((got[999], got[1000]), (1, 2));
+
+        let mut aborted = store
+            .begin_instance_upload("1.2", "1.2.3", "10")
+            .await
+            .unwrap();
+        aborted.put_part(Bytes::from(vec![3u8; 100])).await.unwrap();
+        let key = aborted.key().to_owned();
+        aborted.abort().await;
+        assert!(!store.exists(&key).await.unwrap());
+        let left: Vec<String> = std::fs::read_dir(dir.join("dicom/1.2/1.2.3"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["9.dcm".to_owned()]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

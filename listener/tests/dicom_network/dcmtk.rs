@@ -126,6 +126,7 @@ async fn storescu_explicit_and_implicit_files_are_stored_exactly() {
 
 /// (converter, its arguments, storescu proposal flag, resulting transfer syntax)
 const COMPRESSED: &[(&str, &[&str], &str, &str)] = &[
+    ("dcmcjpeg", &["+eb", "+be"], "-xy", "1.2.840.10008.1.2.4.50"),
     ("dcmcjpeg", &["+e1"], "-xs", "1.2.840.10008.1.2.4.70"),
     ("dcmcjpeg", &["+ee"], "-xx", "1.2.840.10008.1.2.4.51"),
     ("dcmcjpls", &["+el"], "-xt", "1.2.840.10008.1.2.4.80"),
@@ -177,7 +178,7 @@ async fn compressed_and_other_syntaxes_are_stored_exactly() {
         assert_eq!(received.len(), 1, "{ts}");
         assert_stored_exactly(&received[0], &target, ts, "MODALITY2");
         // Lossy encoders give the image a new SOP Instance UID; lossless ones keep it.
-        if !matches!(*flag, "-xx" | "-xu") {
+        if !matches!(*flag, "-xx" | "-xu" | "-xy") {
             assert_eq!(received[0].facts.sop_instance_uid, ct.instance);
         }
     }
@@ -218,6 +219,15 @@ async fn sink_failure_reaches_storescu_as_a700() {
     let releases = server.wait_releases(1).await;
     assert_eq!(releases.len(), 1);
     assert!(releases[0].2.is_empty());
+    let metrics = server.metrics.render();
+    assert!(
+        metrics.contains(r#"radflow_dicom_cstore_failures_total{status="0xA700"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"radflow_dicom_associations_total{result="accepted"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,4 +258,48 @@ async fn calling_ae_allowlist_is_enforced() {
     )
     .await;
     assert!(good.status.success(), "{}", text(&good));
+    // The gauge drops when the association task ends, just after the peer closed.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = server.metrics.render();
+        if metrics.contains("radflow_dicom_associations_active 0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for line in [
+        r#"radflow_dicom_associations_total{result="rejected_calling_ae"} 1"#,
+        r#"radflow_dicom_associations_total{result="accepted"} 1"#,
+        "radflow_dicom_associations_active 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in {metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_checked_by_network_too() {
+    // A rule for another network: loopback callers are refused whatever their title;
+    // a rule naming the title and the loopback network lets exactly that title in.
+    let config = ScpConfig {
+        allowed_callers: vec![
+            "@10.99.0.0/16".parse().unwrap(),
+            "CT7@127.0.0.0/8".parse().unwrap(),
+        ],
+        ..ScpConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let echoscu = dcmtk("echoscu");
+    let port = server.port();
+    let other = run_tool(
+        &echoscu,
+        &["-aet", "CT8", "-aec", "RADFLOW", "127.0.0.1", &port],
+    )
+    .await;
+    assert!(!other.status.success(), "{}", text(&other));
+    let ok = run_tool(
+        &echoscu,
+        &["-aet", "CT7", "-aec", "RADFLOW", "127.0.0.1", &port],
+    )
+    .await;
+    assert!(ok.status.success(), "{}", text(&ok));
 }

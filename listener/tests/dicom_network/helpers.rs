@@ -12,9 +12,11 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use radflow_listener::association::Rejection;
+use radflow_listener::dataset::InstanceFacts;
 use radflow_listener::scp::{
-    AssociationHooks, InstanceSink, ReceivedInstance, ScpConfig, StoreFailure, serve,
+    AssociationHooks, InstanceSink, PartWriter, ReceivedInstance, ScpConfig, StoreFailure, serve,
 };
+use radflow_shared::metrics::Metrics;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +27,12 @@ pub const DEFLATED_LE: &str = "1.2.840.10008.1.2.1.99";
 /// Keeps every instance in memory, or fails each store with a configured failure.
 #[derive(Default)]
 pub struct MemorySink {
-    pub instances: Mutex<Vec<ReceivedInstance>>,
+    pub instances: Arc<Mutex<Vec<ReceivedInstance>>>,
     pub fail_with: Mutex<Option<StoreFailure>>,
+    /// Sizes of the parts written for instances received in parts, per instance.
+    pub parts: Arc<Mutex<Vec<Vec<usize>>>>,
+    /// Part writers aborted.
+    pub aborted: Arc<AtomicU64>,
 }
 
 #[async_trait::async_trait]
@@ -37,6 +43,52 @@ impl InstanceSink for MemorySink {
         }
         self.instances.lock().unwrap().push(instance);
         Ok(())
+    }
+
+    async fn begin_parts(
+        &self,
+        _facts: &InstanceFacts,
+    ) -> Result<Box<dyn PartWriter>, StoreFailure> {
+        if let Some(failure) = self.fail_with.lock().unwrap().clone() {
+            return Err(failure);
+        }
+        Ok(Box::new(MemoryParts {
+            bytes: Vec::new(),
+            sizes: Vec::new(),
+            instances: self.instances.clone(),
+            parts: self.parts.clone(),
+            aborted: self.aborted.clone(),
+        }))
+    }
+}
+
+/// Collects the parts of one instance.
+pub struct MemoryParts {
+    bytes: Vec<u8>,
+    sizes: Vec<usize>,
+    instances: Arc<Mutex<Vec<ReceivedInstance>>>,
+    parts: Arc<Mutex<Vec<Vec<usize>>>>,
+    aborted: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl PartWriter for MemoryParts {
+    async fn write(&mut self, part: bytes::Bytes) -> Result<(), StoreFailure> {
+        self.sizes.push(part.len());
+        self.bytes.extend_from_slice(&part);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>, mut instance: ReceivedInstance) -> Result<(), StoreFailure> {
+        assert_eq!(instance.size, self.bytes.len() as u64, "announced size");
+        instance.file = self.bytes.into();
+        self.parts.lock().unwrap().push(self.sizes);
+        self.instances.lock().unwrap().push(instance);
+        Ok(())
+    }
+
+    async fn abort(self: Box<Self>) {
+        self.aborted.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -78,6 +130,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub sink: Arc<MemorySink>,
     pub hooks: Arc<RecordingHooks>,
+    pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub handle: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -89,17 +142,20 @@ impl TestServer {
         let sink = Arc::new(MemorySink::default());
         let hooks = Arc::new(RecordingHooks::default());
         let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
         let handle = tokio::spawn(serve(
             listener,
             Arc::new(config),
             sink.clone(),
             hooks.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
         TestServer {
             addr,
             sink,
             hooks,
+            metrics,
             shutdown,
             handle: Some(handle),
         }

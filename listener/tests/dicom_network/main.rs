@@ -4,7 +4,9 @@
 mod dcmtk;
 mod helpers;
 mod hostile;
+mod large;
 mod lifecycle;
 mod logs;
 mod pynetdicom;
 mod scu;
+mod tls;

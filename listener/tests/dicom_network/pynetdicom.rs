@@ -75,3 +75,133 @@ async fn unsupported_contexts_are_refused_and_ct_still_accepted() {
     assert_eq!(received[0].calling_ae, "PYSCU");
     assert_eq!(received[0].transfer_syntax, EXPLICIT_LE);
 }
+
+/// Compresses files with pydicom (JPEG 2000 through pylibjpeg-openjpeg), then sends
+/// groups of files on concurrent associations, each file in its own transfer syntax.
+const CONCURRENT: &str = r#"
+import json, sys, threading
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless, JPEG2000
+from pynetdicom import AE
+
+port = int(sys.argv[1])
+j2k_in, j2k_lossless, j2k_lossy = sys.argv[2:5]
+groups = [g.split(",") for g in sys.argv[5:]]
+
+ds = dcmread(j2k_in)
+ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+ds.save_as(j2k_lossless, enforce_file_format=True)
+ds = dcmread(j2k_in)
+ds.compress(JPEG2000, encoding_plugin="pylibjpeg", j2k_cr=[10])
+ds.save_as(j2k_lossy, enforce_file_format=True)
+
+results, lock = {}, threading.Lock()
+barrier = threading.Barrier(len(groups))
+
+def send(n, files):
+    ae = AE(ae_title=f"PYCONC{n}")
+    datasets = [dcmread(f) for f in files]
+    for d in datasets:
+        ae.add_requested_context(d.SOPClassUID, [d.file_meta.TransferSyntaxUID])
+    barrier.wait()
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+    statuses = {}
+    established = assoc.is_established
+    if established:
+        for f, d in zip(files, datasets):
+            s = assoc.send_c_store(d)
+            statuses[f] = int(s.Status) if "Status" in s else None
+        assoc.release()
+    with lock:
+        results[n] = {"established": established, "statuses": statuses}
+
+threads = [threading.Thread(target=send, args=(n, g)) for n, g in enumerate(groups)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(results))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_associations_in_every_compressed_syntax() {
+    let server = TestServer::start(ScpConfig::default()).await;
+    let dir = TempDir::new("concurrent");
+    let study = new_uid();
+    let series = new_uid();
+    let python = python_with_pynetdicom();
+
+    // Inputs: explicit VR; JPEG process 14 (dcmcjpeg +el, which storescu cannot
+    // propose); a source for the JPEG 2000 files that the script writes.
+    let mut sent: Vec<(std::path::PathBuf, &str)> = Vec::new();
+    let mut n = 0;
+    let mut next_ct = || {
+        n += 1;
+        Ct::new(&study, &series, n, 128)
+    };
+    for _ in 0..8 {
+        let ct = next_ct();
+        let path = dir.path(&format!("ex{}.dcm", ct.number));
+        write_ct(&path, &ct);
+        sent.push((path, EXPLICIT_LE));
+    }
+    for _ in 0..4 {
+        let ct = next_ct();
+        let source = dir.path_str(&format!("src{}.dcm", ct.number));
+        write_ct(std::path::Path::new(&source), &ct);
+        let path = dir.path(&format!("p14-{}.dcm", ct.number));
+        convert("dcmcjpeg", &["+el", &source, path.to_str().unwrap()]).await;
+        assert_eq!(transfer_syntax_of(&path), "1.2.840.10008.1.2.4.57");
+        sent.push((path, "1.2.840.10008.1.2.4.57"));
+    }
+    let j2k_source = dir.path("j2k-src.dcm");
+    write_ct(&j2k_source, &next_ct());
+    let (j2k_lossless, j2k_lossy) = (dir.path("j2k.dcm"), dir.path("j2k-lossy.dcm"));
+
+    // Four associations: the J2K files on one, the rest spread round robin.
+    let mut groups: Vec<Vec<String>> = vec![Vec::new(); 4];
+    for (i, (path, _)) in sent.iter().enumerate() {
+        groups[i % 3].push(path.to_str().unwrap().to_string());
+    }
+    groups[3].push(j2k_lossless.to_str().unwrap().to_string());
+    groups[3].push(j2k_lossy.to_str().unwrap().to_string());
+    sent.push((j2k_lossless.clone(), "1.2.840.10008.1.2.4.90"));
+    sent.push((j2k_lossy.clone(), "1.2.840.10008.1.2.4.91"));
+
+    let script = dir.path("concurrent.py");
+    std::fs::write(&script, CONCURRENT).unwrap();
+    let mut args = vec![
+        script.to_str().unwrap().to_string(),
+        server.port(),
+        j2k_source.to_str().unwrap().to_string(),
+        j2k_lossless.to_str().unwrap().to_string(),
+        j2k_lossy.to_str().unwrap().to_string(),
+    ];
+    args.extend(groups.iter().map(|g| g.join(",")));
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_tool(&python, &arg_refs).await;
+    assert!(out.status.success(), "script failed: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    for n in 0..4 {
+        let r = &report[n.to_string()];
+        assert_eq!(r["established"], true, "{report}");
+        for status in r["statuses"].as_object().unwrap().values() {
+            assert_eq!(status, 0, "{report}");
+        }
+    }
+
+    let received = server.sink.take();
+    assert_eq!(received.len(), sent.len());
+    for (path, ts) in &sent {
+        let uid = dicom_object::open_file(path)
+            .unwrap()
+            .meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0')
+            .to_string();
+        let r = find(&received, &uid);
+        assert_stored_exactly(r, path, ts, &r.calling_ae.clone());
+        assert!(r.calling_ae.starts_with("PYCONC"));
+    }
+    assert_eq!(server.wait_releases(4).await.len(), 4);
+}

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Listener throughput: DCMTK storescu sending a 300-slice 512x512 CT series to
+radflow (file store, NATS JetStream) and to DCMTK storescp (writing to disk).
+
+Every configuration runs in this one process, on this machine, with the same sender
+and the same files, interleaved round by round (median per configuration); radflow gets a fresh nats-server and a fresh store each run.
+TCP_NODELAY=1 is set for DCMTK on both sides. Reports instances/s, MB/s and the
+receiver's peak RSS (wait4 maximum resident set size, children included).
+
+Usage: python3 bench/listener.py [--radflow target/release/radflow] [--runs 3]
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"receiver exited early ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def stop(proc):
+    """SIGTERM, then wait4: returns the peak RSS in MiB (the process and its children)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, _, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        return float("nan")
+    proc.returncode = 0
+    return usage.ru_maxrss / 1024
+
+
+def send(port, groups, called_ae):
+    """One storescu per group, all at once; returns wall seconds until the last ends."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["/usr/bin/storescu", "-aet", "BENCH", "-aec", called_ae, "127.0.0.1", str(port)]
+            + group,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for group in groups
+    ]
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"storescu failed: {out.decode(errors='replace')}")
+    return time.perf_counter() - started
+
+
+def split(files, n):
+    return [files[i::n] for i in range(n)]
+
+
+def run_storescp(work, files, associations, fork):
+    out = tempfile.mkdtemp(dir=work, prefix="storescp-")
+    port = free_port()
+    cmd = ["/usr/bin/storescp", "-od", out, "-aet", "STORESCP"]
+    if fork:
+        cmd.append("--fork")
+    proc = subprocess.Popen(cmd + [str(port)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    seconds = send(port, split(files, associations), "STORESCP")
+    rss = stop(proc)
+    stored = len(os.listdir(out))
+    shutil.rmtree(out)
+    if stored != len(files):
+        raise SystemExit(f"storescp stored {stored} of {len(files)}")
+    return seconds, rss
+
+
+def run_radflow(work, radflow, nats_server, files, associations, fsync):
+    base = tempfile.mkdtemp(dir=work, prefix="radflow-")
+    nats_port, dicom, http = free_port(), free_port(), free_port()
+    nats = subprocess.Popen([nats_server, "-js", "-a", "127.0.0.1", "-p", str(nats_port),
+                             "-sd", os.path.join(base, "nats")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(nats_port, nats)
+    store = os.path.join(base, "store")
+    proc = subprocess.Popen(
+        [radflow, "listener", "--nats-url", f"nats://127.0.0.1:{nats_port}",
+         "--store-url", f"file://{store}", "--store-fsync", "true" if fsync else "false",
+         "--dicom-port", str(dicom), "--http-port", str(http), "--log", "warn",
+         "--series-quiet-secs", "60"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(dicom, proc)
+    seconds = send(dicom, split(files, associations), "RADFLOW")
+    rss = stop(proc)
+    nats_rss = stop(nats)
+    stored = sum(len(fs) for _, _, fs in os.walk(os.path.join(store, "dicom")))
+    shutil.rmtree(base)
+    if stored != len(files):
+        raise SystemExit(f"radflow stored {stored} of {len(files)}")
+    return seconds, rss, nats_rss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--radflow", default="target/release/radflow")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--slices", type=int, default=300)
+    args = ap.parse_args()
+    nats_server = shutil.which("nats-server") or ".venv/bin/nats-server"
+    work = tempfile.mkdtemp(prefix="radflow-bench-")
+    try:
+        series = os.path.join(work, "series")
+        subprocess.run([args.radflow, "synth", "--out", series, "--size", "512",
+                        "--slices", str(args.slices), "--seed", "3"], check=True,
+                       stdout=subprocess.DEVNULL)
+        files = sorted(os.path.join(series, f) for f in os.listdir(series)
+                       if f.endswith(".dcm"))
+        megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+        print(f"{len(files)} files, {megabytes:.1f} MB, median of {args.runs} runs",
+              file=sys.stderr)
+        configs = [
+            ("storescp (no flush)", 1, lambda: run_storescp(work, files, 1, False)),
+            ("radflow, fsync + JetStream", 1,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 1, True)),
+            ("radflow, no fsync + JetStream", 1,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 1, False)),
+            ("storescp --fork (no flush)", 4, lambda: run_storescp(work, files, 4, True)),
+            ("radflow, fsync + JetStream", 4,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 4, True)),
+            ("radflow, no fsync + JetStream", 4,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 4, False)),
+        ]
+        # Interleaved: each round runs every configuration once, so load from other
+        # processes on the machine falls on all of them alike.
+        by_config = [[] for _ in configs]
+        for _ in range(args.runs):
+            for i, (_, _, fn) in enumerate(configs):
+                by_config[i].append(fn())
+        rows = []
+        for (name, assocs, _), results in zip(configs, by_config):
+            secs = statistics.median(r[0] for r in results)
+            rss = max(r[1] for r in results)
+            extra = f" (nats-server {max(r[2] for r in results):.0f})" if len(results[0]) > 2 else ""
+            rows.append((name, assocs, secs, rss, extra))
+            print(f"{name} x{assocs}: {secs:.2f} s", file=sys.stderr)
+        print("| receiver | associations | seconds | instances/s | MB/s | peak RSS MiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, assocs, secs, rss, extra in rows:
+            print(f"| {name} | {assocs} | {secs:.2f} | {len(files)/secs:.0f} | "
+                  f"{megabytes/secs:.0f} | {rss:.0f}{extra} |")
+        # The disk's own floor for per-instance durability: the same number of writes
+        # of the same size, each flushed before the next (no network, no parsing).
+        size_kib = int(megabytes * 1e6 / len(files) / 1024)
+        target = os.path.join(work, "dd.out")
+        started = time.perf_counter()
+        subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={size_kib}k",
+                        f"count={len(files)}", "oflag=dsync"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dd = time.perf_counter() - started
+        os.remove(target)
+        print(f"| dd oflag=dsync, {len(files)} x {size_kib} KiB (disk floor, no network) | - | "
+              f"{dd:.2f} | {len(files)/dd:.0f} | {megabytes/dd:.0f} | - |")
+        ref = {a: s for n, a, s, _, _ in rows if n.startswith("storescp")}
+        for name, assocs, secs, _, _ in rows:
+            if name.startswith("radflow"):
+                print(f"\n{name}, {assocs} association(s): {ref[assocs]/secs:.2f}x storescp"
+                      + (" --fork" if assocs > 1 else ""), end="")
+        print()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

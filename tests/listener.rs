@@ -1,0 +1,433 @@
+//! The listener as a process, with real peers: SIGKILL in the middle of a 300-instance
+//! association, and SIGTERM while a sender is still sending.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use radflow_shared::bus::{Bus, NatsBus, NatsOptions, SERIES};
+use radflow_shared::events::{self, SeriesReady};
+use radflow_shared::testing::NatsServer;
+
+/// Sends files on one association, printing `OK <SOP Instance UID>` for each Success
+/// as soon as it arrives; `--pause` waits between instances.
+const SENDER: &str = r#"
+import sys, time
+from pydicom import dcmread
+from pynetdicom import AE
+port, pause, files = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+ae = AE(ae_title="PROCSCU")
+ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+if not assoc.is_established:
+    print("NOT ESTABLISHED", flush=True)
+    sys.exit(2)
+for f in files:
+    ds = dcmread(f)
+    if not assoc.is_established:
+        break
+    status = assoc.send_c_store(ds)
+    if status and status.get("Status") == 0:
+        print("OK", ds.SOPInstanceUID, flush=True)
+    time.sleep(pause)
+if assoc.is_established:
+    assoc.release()
+    print("RELEASED", flush=True)
+"#;
+
+fn spawn_sender(
+    dir: &Path,
+    port: u16,
+    pause: f64,
+    files: &[PathBuf],
+) -> (std::process::Child, PathBuf) {
+    let script = dir.join("sender.py");
+    std::fs::write(&script, SENDER).unwrap();
+    let out = dir.join("sender.out");
+    let child = std::process::Command::new(python())
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(pause.to_string())
+        .args(files)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.join("sender.err")).unwrap())
+        .spawn()
+        .expect("python with pynetdicom");
+    (child, out)
+}
+
+fn acknowledged(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("OK ").map(str::to_owned))
+        .collect()
+}
+
+fn listener(
+    nats: &NatsServer,
+    store: &Path,
+    dicom: u16,
+    http: u16,
+    log_dir: &Path,
+    name: &str,
+) -> Proc {
+    let mut cmd = radflow();
+    cmd.args(["listener", "--nats-url", &nats.url()])
+        .arg("--store-url")
+        .arg(format!("file://{}", store.display()))
+        .args([
+            "--dicom-port",
+            &dicom.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ])
+        .args([
+            "--series-quiet-secs",
+            "4",
+            "--series-release-quiet-secs",
+            "1",
+        ]);
+    let mut p = Proc::spawn(name, cmd, log_dir);
+    wait_port(dicom, &mut [&mut p]);
+    p
+}
+
+fn ready_events(nats: &NatsServer, series: &str) -> Vec<SeriesReady> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let bus = NatsBus::connect(&NatsOptions {
+            url: nats.url(),
+            name: "e2e-reader".into(),
+            replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("NATS");
+        bus.read(SERIES, 1, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| events::decode::<SeriesReady>(&m.payload).ok())
+            .filter(|e| e.series_uid == series)
+            .collect()
+    })
+}
+
+#[test]
+fn sigkill_mid_association_loses_no_acknowledged_instance() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("listener-kill");
+    let store = work.path().join("store");
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 64, 300, &["--seed", "11"]);
+    let files = dicom_files(&series_dir);
+    assert_eq!(files.len(), 300);
+    let (dicom, http) = (free_port(), free_port());
+    let mut first = listener(&nats, &store, dicom, http, work.path(), "listener-1");
+
+    let (mut sender, out) = spawn_sender(work.path(), dicom, 0.0, &files);
+    wait_for(
+        "100 acknowledged instances",
+        Duration::from_secs(120),
+        || (acknowledged(&out).len() >= 100).then_some(()),
+    );
+    first.kill();
+    let status = sender.wait().unwrap();
+    let acked = acknowledged(&out);
+    assert!(
+        acked.len() < 300,
+        "the association finished before the kill ({status})"
+    );
+
+    let series_store = store.join(format!("dicom/{}/{}", truth.study_uid, truth.series_uid));
+    for uid in &acked {
+        assert!(
+            series_store.join(format!("{uid}.dcm")).is_file(),
+            "acknowledged {uid} is not in the store"
+        );
+    }
+    let stored = std::fs::read_dir(&series_store).unwrap().count();
+
+    // After a restart the series becomes ready exactly once, with every acknowledged
+    // instance in it.
+    let _second = listener(&nats, &store, dicom, http, work.path(), "listener-2");
+    let ready = wait_for("the series to be ready", Duration::from_secs(60), || {
+        let r = ready_events(&nats, &truth.series_uid);
+        (!r.is_empty()).then_some(r)
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let again = ready_events(&nats, &truth.series_uid);
+    assert_eq!(again.len(), 1, "{again:?}");
+    let instances = ready[0].instances as usize;
+    assert!(
+        instances >= acked.len() && instances <= stored,
+        "ready with {instances} instances; {} acknowledged, {stored} stored",
+        acked.len()
+    );
+}
+
+#[test]
+fn sigterm_turns_readiness_off_and_lets_the_sender_finish() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("listener-term");
+    let store = work.path().join("store");
+    let series_dir = work.path().join("series");
+    synth(&series_dir, 32, 12, &["--seed", "5"]);
+    let files = dicom_files(&series_dir);
+    let (dicom, http) = (free_port(), free_port());
+    let mut proc = listener(&nats, &store, dicom, http, work.path(), "listener");
+    wait_for("/readyz 200", Duration::from_secs(30), || {
+        http_get(http, "/readyz").filter(|(s, _)| *s == 200)
+    });
+
+    let (mut sender, out) = spawn_sender(work.path(), dicom, 0.25, &files);
+    wait_for(
+        "a first acknowledged instance",
+        Duration::from_secs(30),
+        || (!acknowledged(&out).is_empty()).then_some(()),
+    );
+    let signalled = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &proc.child.id().to_string()])
+        .status()
+        .unwrap();
+    // Readiness goes false at once (503, or the HTTP port already closed).
+    wait_for(
+        "/readyz to turn false",
+        Duration::from_secs(2),
+        || match http_get(http, "/readyz") {
+            Some((200, _)) => None,
+            _ => Some(()),
+        },
+    );
+    // The port closes to new associations…
+    wait_for("the DICOM port to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", dicom)).err()
+    });
+    // …while the running one sends every file and releases.
+    let status = sender.wait().unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(status.success(), "sender failed: {text}");
+    assert_eq!(acknowledged(&out).len(), files.len(), "{text}");
+    assert!(text.contains("RELEASED"), "{text}");
+    let exit = wait_for("the listener to exit", Duration::from_secs(30), || {
+        proc.child.try_wait().unwrap()
+    });
+    assert!(
+        exit.success(),
+        "listener exit {exit}; log:\n{}",
+        proc.logs()
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(25));
+}
+
+/// Byte offset of the dataset in a Part-10 file (after the File Meta group).
+fn dataset_offset(file: &[u8]) -> usize {
+    assert_eq!(&file[128..132], b"DICM", "not a Part-10 file");
+    144 + u32::from_le_bytes(file[140..144].try_into().unwrap()) as usize
+}
+
+#[test]
+fn a_full_store_refuses_instances_and_keeps_every_acknowledged_one() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("listener-full");
+    let store = work.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 512, 10, &["--seed", "13"]);
+    let files = dicom_files(&series_dir);
+    let (dicom, http) = (free_port(), free_port());
+    // The store is a 3 MiB tmpfs that only the listener sees (its own mount namespace):
+    // room for five of the ten 513 KiB instances.
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "-rm",
+        "sh",
+        "-c",
+        r#"mount -t tmpfs -o size=3m tmpfs "$0" && exec "$@""#,
+    ])
+    .arg(&store)
+    .arg(env!("CARGO_BIN_EXE_radflow"))
+    .args(["listener", "--nats-url", &nats.url()])
+    .arg("--store-url")
+    .arg(format!("file://{}", store.display()))
+    .args([
+        "--dicom-port",
+        &dicom.to_string(),
+        "--http-port",
+        &http.to_string(),
+    ])
+    .env("RADFLOW_LOG_FORMAT", "json");
+    let mut proc = Proc::spawn("listener", cmd, work.path());
+    wait_port(dicom, &mut [&mut proc]);
+
+    let (mut sender, out) = spawn_sender(work.path(), dicom, 0.0, &files);
+    assert!(
+        sender.wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(&out).unwrap()
+    );
+    let acked = acknowledged(&out);
+    assert!(
+        !acked.is_empty() && acked.len() < files.len(),
+        "{} of {} acknowledged: the store should have filled up",
+        acked.len(),
+        files.len()
+    );
+
+    // What the listener's namespace holds: every acknowledged instance, whole, and
+    // nothing else (no partial or staging file).
+    let inside = PathBuf::from(format!("/proc/{}/root", proc.child.id()))
+        .join(store.strip_prefix("/").unwrap())
+        .join(format!("dicom/{}/{}", truth.study_uid, truth.series_uid));
+    let mut names: Vec<String> = std::fs::read_dir(&inside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = acked.iter().map(|u| format!("{u}.dcm")).collect();
+    expected.sort();
+    assert_eq!(names, expected);
+    for path in &files {
+        let sent = std::fs::read(path).unwrap();
+        let sop = dicom_sop_uid(path);
+        if let Ok(stored) = std::fs::read(inside.join(format!("{sop}.dcm"))) {
+            assert!(
+                stored[dataset_offset(&stored)..] == sent[dataset_offset(&sent)..],
+                "stored {sop} differs from what was sent"
+            );
+        }
+    }
+    let (_, metrics) = http_get(http, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains(r#"radflow_dicom_cstore_failures_total{status="0xA700"}"#),
+        "{metrics}"
+    );
+    // Right after the failures, new associations are refused transiently (senders
+    // come back later instead of filling the listener); once the failures are a few
+    // seconds old, it takes associations again.
+    let echo = || {
+        dcmtk("echoscu")
+            .args(["-aec", "RADFLOW", "127.0.0.1", &dicom.to_string()])
+            .output()
+            .unwrap()
+    };
+    let refused = echo();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Temporary Congestion"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    wait_for(
+        "an association to be admitted again",
+        Duration::from_secs(20),
+        || echo().status.success().then_some(()),
+    );
+    proc.assert_running();
+}
+
+/// The SOP Instance UID recorded in a file's meta group.
+fn dicom_sop_uid(path: &Path) -> String {
+    let out = dcmtk("dcmdump")
+        .args(["-s", "+P", "0002,0003"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('[').expect("a UID in dcmdump's output") + 1;
+    let end = start + text[start..].find(']').unwrap();
+    text[start..end].to_owned()
+}
+
+/// Writes a 256 MiB multi-frame CT (512 frames of 512×512, 16 bits) with pydicom.
+const MULTIFRAME: &str = r#"
+import sys
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+ds = Dataset()
+ds.file_meta = FileMetaDataset()
+ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+ds.SOPInstanceUID = generate_uid()
+ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+ds.Modality = "CT"
+ds.NumberOfFrames = 512
+ds.Rows = ds.Columns = 512
+ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+ds.PixelData = (np.arange(512 * 512 * 512, dtype=np.uint32) % 4093).astype(np.uint16).tobytes()
+ds.save_as(sys.argv[1], enforce_file_format=True)
+print(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+"#;
+
+/// The peak resident set size of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+#[test]
+fn a_256_mib_multi_frame_instance_streams_to_the_store_in_flat_memory() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("listener-large");
+    let store = work.path().join("store");
+    let file = work.path().join("multiframe.dcm");
+    let script = work.path().join("multiframe.py");
+    std::fs::write(&script, MULTIFRAME).unwrap();
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(&script).arg(&file);
+    let out = run_ok(cmd, "writing the multi-frame instance");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let uids: Vec<&str> = text.split_whitespace().collect();
+    let (study, series, sop) = (uids[0], uids[1], uids[2]);
+
+    let (dicom, http) = (free_port(), free_port());
+    let mut proc = listener(&nats, &store, dicom, http, work.path(), "listener");
+    let before = peak_rss_kib(proc.child.id());
+    let sent = dcmtk("storescu")
+        .args(["-aec", "RADFLOW", "127.0.0.1", &dicom.to_string()])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let peak = peak_rss_kib(proc.child.id());
+
+    let stored = std::fs::read(store.join(format!("dicom/{study}/{series}/{sop}.dcm"))).unwrap();
+    let original = std::fs::read(&file).unwrap();
+    assert!(stored.len() > 256 << 20);
+    assert!(
+        stored[dataset_offset(&stored)..] == original[dataset_offset(&original)..],
+        "the stored multi-frame instance differs from what was sent"
+    );
+    // The instance never sat whole in memory: the listener grew by far less than it.
+    assert!(
+        peak.saturating_sub(before) < 64 * 1024,
+        "peak RSS grew from {before} KiB to {peak} KiB for a 256 MiB instance"
+    );
+    // A multi-frame instance without count hints is a complete series of one.
+    let ready = wait_for("the series to be ready", Duration::from_secs(30), || {
+        let r = ready_events(&nats, series);
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(ready[0].instances, 1);
+    proc.assert_running();
+}

@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use radflow_preprocessor::convert;
-use radflow_preprocessor::geometry::GeometryOptions;
+use radflow_preprocessor::geometry::{GeometryOptions, UnevenSpacing};
 use radflow_preprocessor::synth::{PhantomSpec, SynthSyntax};
 use radflow_shared::models::Registry;
 
-use crate::cli::{SendArgs, SynthArgs, VolumeArgs};
+use crate::cli::{GeometryArgs, SendArgs, SynthArgs, VolumeArgs};
 
 /// `radflow synth`: a phantom study as DICOM files, plus `truth.json` beside them.
 pub fn synth(args: SynthArgs) -> Result<()> {
@@ -25,6 +25,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
             SynthSyntax::ExplicitLittle
         },
         tilt_deg: args.tilt,
+        enhanced: args.enhanced,
     };
     let truth = radflow_preprocessor::synth::write_series(&spec, &args.out)
         .with_context(|| format!("cannot write the phantom to {}", args.out.display()))?;
@@ -98,32 +99,65 @@ pub async fn send(args: SendArgs) -> Result<()> {
     Ok(())
 }
 
-/// `radflow volume`: one series folder to NIfTI, natively or for a model's preset.
-pub fn volume(args: VolumeArgs) -> Result<()> {
-    let files = collect_files(std::slice::from_ref(&args.input))?;
-    let mut loaded = Vec::with_capacity(files.len());
-    for f in files {
-        let bytes = std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?;
-        if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
-            loaded.push((f.display().to_string(), bytes));
-        }
+/// The geometry flags as options of the converter.
+fn geometry_options(args: &GeometryArgs) -> GeometryOptions {
+    GeometryOptions {
+        min_slices: args.min_slices,
+        spacing_tolerance: args.spacing_tolerance,
+        uneven_spacing: if args.uneven_spacing == "reject" {
+            UnevenSpacing::Reject
+        } else {
+            UnevenSpacing::Interpolate
+        },
+        max_gap_ratio: args.max_gap_ratio,
     }
-    if loaded.is_empty() {
+}
+
+/// Whether a file starts like a DICOM Part-10 file (preamble and `DICM`).
+fn is_dicom_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| &head[128..] == b"DICM")
+}
+
+/// `radflow volume`: one series folder to NIfTI, natively or for a model's preset.
+/// Refuses what is not a volume with the reasons and codes the pipeline uses.
+pub fn volume(args: VolumeArgs) -> Result<()> {
+    let files: Vec<PathBuf> = collect_files(std::slice::from_ref(&args.input))?
+        .into_iter()
+        .filter(|f| is_dicom_file(f))
+        .collect();
+    if files.is_empty() {
         bail!("no DICOM files in {}", args.input.display());
     }
-    let (built, warnings) = convert::volume_from_files(loaded, &GeometryOptions::default())
-        .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
-    for w in &warnings {
-        eprintln!("warning: {w}");
-    }
-    let vol = match &args.preset {
-        None => built.volume,
+    // Validate the preset before the work.
+    let preset = match &args.preset {
+        None => None,
         Some(reference) => {
             let registry = Registry::load_or_builtin(args.models.models.as_deref())?;
             let model = registry
                 .find(reference)
                 .with_context(|| format!("no model {reference:?} in the registry"))?;
-            convert::prepare(&built.volume, &model.preset)
+            Some(model.preset.clone())
+        }
+    };
+    let built = convert::volume_from_paths(&files, &geometry_options(&args.geometry))
+        .map_err(|e| anyhow::anyhow!("{} ({})", e, e.code()))?;
+    for w in &built.report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(why) = &built.report.suspect_incomplete {
+        eprintln!("warning: suspect incomplete: {why}");
+    }
+    let vol = match &preset {
+        None => built.volume,
+        Some(preset) => {
+            let input = convert::prepare(&built.volume, preset);
+            // The native volume is the largest buffer; gone before encoding.
+            drop(built.volume);
+            input
         }
     };
     let gzip = args.out.extension().is_some_and(|e| e == "gz");
@@ -133,12 +167,13 @@ pub fn volume(args: VolumeArgs) -> Result<()> {
     let [nx, ny, nz] = vol.grid.dims;
     let sp = vol.grid.spacing();
     println!(
-        "wrote {} ({nx}x{ny}x{nz}, spacing {:.3}x{:.3}x{:.3} mm, {} slices read)",
+        "wrote {} ({nx}x{ny}x{nz}, spacing {:.3}x{:.3}x{:.3} mm, {} planes from {} files)",
         args.out.display(),
         sp[0],
         sp[1],
         sp[2],
-        built.report.slices
+        built.report.slices,
+        files.len()
     );
     Ok(())
 }

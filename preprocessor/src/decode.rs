@@ -1,59 +1,70 @@
 //! Decoding of one stored DICOM Part-10 file into physical pixel values.
 //!
 //! The store keeps every instance exactly as received, with its 128-byte preamble and
-//! `DICM` marker. [`read_slice`] turns such a file, held in memory, into a
-//! [`DecodedSlice`]: the few header facts that geometry and routing need, and the pixels
-//! as `f32` in physical units (Hounsfield units for CT) with the modality LUT applied.
+//! `DICM` marker. Decoding is done in two steps so that a series can be decoded straight
+//! into its volume, with no per-slice buffers and no second copy:
+//! - [`read_header`] checks the file's structure (see the `scan` module), parses the
+//!   header only, and describes every image the object holds as a [`SliceHeader`]: one
+//!   for a classic image, one per frame of an enhanced multi-frame object (positions,
+//!   orientation, spacing and rescale from its per-frame and shared functional groups),
+//!   one per tile of a Siemens mosaic (see the `mosaic` module);
+//! - [`decode_images`] then writes the pixels of chosen images, as `f32` in physical
+//!   units (Hounsfield units for CT, modality LUT applied), into buffers the caller
+//!   provides, which are the volume's own planes.
 //!
-//! Why the file is scanned before it is parsed: `dicom-object` allocates an element's
-//! claimed length before reading it, so a few hundred hostile bytes can claim gigabytes.
-//! A structural pass over the bytes checks every claimed length against the bytes that
-//! are actually there before any parser allocates. The same pass finds where the pixel
-//! data lies, so uncompressed pixels are converted straight from the input buffer in one
-//! pass (no intermediate copy) while `dicom-object` only parses the header.
+//! [`read_frames`] and [`read_slice`] do both steps for one file.
 //!
 //! # Transfer syntaxes
 //!
 //! Decoded (dicom-pixeldata with `native`, `openjp2` and `charls`): Implicit VR Little
 //! Endian, Explicit VR Little Endian, Explicit VR Big Endian, Deflated Explicit VR
-//! Little Endian, Encapsulated Uncompressed, RLE Lossless, JPEG Baseline (8-bit),
-//! JPEG Extended (8-bit only: 12-bit fails in the codec), JPEG Lossless (Process 14
-//! and SV1), JPEG-LS Lossless and Near-Lossless (CharLS), JPEG 2000 and
-//! High-Throughput JPEG 2000, lossless and lossy (OpenJPEG ported to Rust), and
-//! Deflated Image Frame Compression. Anything else (JPEG XL, MPEG/HEVC video, JPIP)
-//! fails with [`DecodeError::UnsupportedTransferSyntax`], which names the syntax.
+//! Little Endian, Encapsulated Uncompressed, RLE Lossless (8 and 16 bits), JPEG
+//! Baseline, JPEG Extended with 8-bit samples, JPEG Lossless (Process 14 and SV1;
+//! grey-scale streams through radflow's own decoder, [`crate::jpeg_lossless`]),
+//! JPEG-LS Lossless and Near-Lossless (CharLS), JPEG 2000 and High-Throughput JPEG 2000,
+//! lossless and lossy (OpenJPEG ported to Rust), and Deflated Image Frame Compression.
+//! Refused with [`DecodeError::UnsupportedTransferSyntax`], which names the syntax: JPEG
+//! Extended with 12-bit samples and RLE with 32-bit samples (the codecs of
+//! dicom-pixeldata 0.10 fail on them), JPEG XL, MPEG/HEVC video, JPIP, and unknown UIDs.
 //!
-//! Only single-frame greyscale images (`MONOCHROME1`/`MONOCHROME2`, one sample per pixel)
-//! are accepted for now.
+//! # Intensities
+//!
+//! Stored bits are masked to Bits Stored and sign-extended per Pixel Representation;
+//! the rescale slope and intercept of each image (per frame for enhanced objects) are
+//! applied; `MONOCHROME1` is mirrored so that larger is always brighter; Pixel Padding
+//! Value (and Range Limit) pixels, which lie outside the scanned field, become air
+//! (-1024 HU) in CT and the smallest other value of their image otherwise.
+//! A JPEG 2000 codestream whose signedness disagrees with Pixel Representation is
+//! reinterpreted at the codestream's precision, as pydicom does: its bits are right and
+//! only the sign flag of the codestream is wrong.
 
 use std::borrow::Cow;
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
 
-use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
-use dicom_core::{Tag, VR};
-use dicom_dictionary_std::{StandardDataDictionary, tags};
+use dicom_core::Tag;
+use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::adapters::PixelDataObject;
 use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntax};
 use dicom_object::file::ReadPreamble;
 use dicom_object::mem::InMemElement;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use dicom_pixeldata::PixelDecoder;
+use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
-/// Largest decoded pixel buffer accepted for one file (1 GiB). Compressed pixel data can
-/// legitimately be thousands of times smaller than its decoded form (a blank slice), so
-/// the decoded size of compressed data is bounded by this limit rather than by a ratio.
+use crate::jpeg_lossless::{self, LosslessError};
+use crate::mosaic;
+use crate::scan::{self, PixelSpan};
+
+/// Largest decoded pixel buffer accepted for one frame (1 GiB). Compressed pixel data
+/// can legitimately be thousands of times smaller than its decoded form (a blank
+/// slice), so the decoded size of compressed data is bounded by this limit rather than
+/// by a ratio.
 pub const MAX_DECODED_BYTES: usize = 1 << 30;
 
-/// Largest data set accepted after inflating a deflated file.
-const MAX_INFLATED_BYTES: usize = 1 << 30;
+/// Most frames accepted in one object.
+const MAX_FRAMES: i64 = 100_000;
 
-/// Deepest sequence nesting the scanner follows; real files nest a handful of levels.
-const MAX_DEPTH: usize = 32;
-
-const UNDEFINED_LENGTH: u32 = 0xFFFF_FFFF;
-const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
-
-/// Header facts of one image, enough to place it in space and route its series.
+/// Header facts of one image (a slice, a frame or a mosaic tile), enough to place it
+/// in space, to decide whether it belongs in a volume and to route its series.
 ///
 /// Deliberately holds no patient demographics (names, IDs, birth dates, accession
 /// numbers): this value is logged, compared and copied into events.
@@ -70,22 +81,29 @@ pub struct SliceHeader {
     /// Pixel Spacing (0028,0030) as in DICOM: `[row spacing, column spacing]` mm, i.e.
     /// the distance between rows first (along a column), then between columns.
     pub pixel_spacing: Option<[f64; 2]>,
-    /// Rows (0028,0010).
+    /// Rows of this image (of one tile for a mosaic).
     pub rows: usize,
-    /// Columns (0028,0011).
+    /// Columns of this image (of one tile for a mosaic).
     pub cols: usize,
-    /// Number of Frames (0028,0008); 1 when absent.
+    /// Number of Frames (0028,0008) of the object; 1 when absent.
     pub number_of_frames: u32,
+    /// Frame of the object this image is (0-based; 0 for single-frame objects).
+    pub frame: u32,
+    /// Where this image lies in a Siemens mosaic, if it is a mosaic tile.
+    pub tile: Option<MosaicTile>,
     /// Modality (0008,0060), e.g. `CT`.
     pub modality: String,
-    /// Body Part Examined (0018,0015), may be empty.
+    /// Body Part Examined (0008,0015), may be empty.
     pub body_part: String,
     /// Series Description (0008,103E), may be empty.
     pub series_description: String,
-    /// Image Type (0008,0008) values, e.g. `["ORIGINAL", "PRIMARY", "AXIAL"]`.
+    /// Image Type (0008,0008) values, e.g. `["ORIGINAL", "PRIMARY", "AXIAL"]`; for a
+    /// frame of an enhanced object, its Frame Type (0008,9007) when present.
     pub image_type: Vec<String>,
     /// Photometric Interpretation (0028,0004) as stored.
     pub photometric: String,
+    /// Samples per Pixel (0028,0002); 1 for greyscale.
+    pub samples_per_pixel: u16,
     /// SOP Class UID (0008,0016).
     pub sop_class_uid: String,
     /// Transfer syntax UID of the file.
@@ -96,13 +114,72 @@ pub struct SliceHeader {
     pub slice_thickness: Option<f64>,
 }
 
+impl SliceHeader {
+    /// Whether the image holds one grey value per pixel.
+    pub fn is_greyscale(&self) -> bool {
+        self.samples_per_pixel == 1
+            && matches!(
+                self.photometric.as_str(),
+                "MONOCHROME1" | "MONOCHROME2" | ""
+            )
+    }
+}
+
+/// Position of a tile in a mosaic grid (0-based, row-major).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MosaicTile {
+    /// Slice number in the mosaic.
+    pub index: u32,
+    /// Tiles per side of the grid.
+    pub grid: u32,
+}
+
 /// One decoded image: header and pixel values in physical units.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedSlice {
     pub header: SliceHeader,
     /// `rows * cols` values, row-major (column index fastest), modality LUT applied,
-    /// `MONOCHROME1` inverted so that larger is brighter, padding set to the minimum.
+    /// `MONOCHROME1` inverted so that larger is brighter, padding masked (see the
+    /// module docs).
     pub pixels: Vec<f32>,
+}
+
+/// Everything [`read_header`] learnt about a file: its images, and how to decode them.
+#[derive(Debug, Clone)]
+pub struct InstanceHeader {
+    /// One header per image the object holds (slice, frame or mosaic tile), in frame
+    /// order.
+    pub images: Vec<SliceHeader>,
+    plan: PixelPlan,
+}
+
+/// How the pixel data of a file is laid out and converted.
+#[derive(Debug, Clone)]
+struct PixelPlan {
+    ts_uid: String,
+    ts_name: String,
+    storage: Storage,
+    /// The bit layout, or why the images cannot be decoded; only an error once an image
+    /// of this file is chosen for a volume.
+    format: Result<SampleFormat, String>,
+    /// Rows and columns of a whole frame (the mosaic, for mosaics).
+    frame_rows: usize,
+    frame_cols: usize,
+    frames: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Storage {
+    /// Uncompressed, at `offset` of the file, `len` bytes.
+    Native {
+        offset: usize,
+        len: usize,
+        endian: Endian,
+    },
+    /// Encapsulated fragments of `len` bytes in all, decoded by a codec.
+    Encapsulated { len: usize },
+    /// Uncompressed inside a deflated data set.
+    Deflated,
 }
 
 /// Why a file could not be decoded. Every message is a sentence for an operator and
@@ -124,9 +201,12 @@ pub enum DecodeError {
     /// The file ends before all the pixel data it declares.
     #[error("pixel data is truncated: {expected} bytes are needed but only {present} are present")]
     TruncatedPixelData { expected: usize, present: usize },
-    /// A multi-frame object; not supported yet.
-    #[error("multi-frame images ({frames} frames) are not supported yet")]
+    /// A multi-frame object where one image was expected ([`read_slice`]).
+    #[error("the object holds {frames} images where one was expected")]
     MultiFrame { frames: u32 },
+    /// A Siemens mosaic that cannot be cut into its slices.
+    #[error("Siemens mosaic image cannot be split into slices: {0}")]
+    Mosaic(String),
     /// A valid image of a kind this decoder does not handle (colour, odd bit depth…).
     #[error("unsupported image: {0}")]
     UnsupportedImage(String),
@@ -138,133 +218,348 @@ pub enum DecodeError {
     Codec { syntax: String, detail: String },
 }
 
-/// Reads and decodes one Part-10 file held in memory (preamble and `DICM` included).
+/// Reads and decodes one single-image Part-10 file held in memory (preamble and `DICM`
+/// included); an object with several images is refused with
+/// [`DecodeError::MultiFrame`] (see [`read_frames`]).
 pub fn read_slice(bytes: &[u8]) -> Result<DecodedSlice, DecodeError> {
-    let (ts_uid, dataset_start) = scan_meta(bytes)?;
-    let ts_uid = ts_uid.as_str();
-    let ts = TransferSyntaxRegistry.get(ts_uid).ok_or_else(|| {
+    let header = read_header(bytes)?;
+    if header.images.len() > 1 {
+        return Err(DecodeError::MultiFrame {
+            frames: header.images.len() as u32,
+        });
+    }
+    Ok(decode_all(bytes, header)?
+        .pop()
+        .expect("a header has at least one image"))
+}
+
+/// Reads and decodes every image of one Part-10 file held in memory.
+pub fn read_frames(bytes: &[u8]) -> Result<Vec<DecodedSlice>, DecodeError> {
+    decode_all(bytes, read_header(bytes)?)
+}
+
+fn decode_all(bytes: &[u8], header: InstanceHeader) -> Result<Vec<DecodedSlice>, DecodeError> {
+    let mut pixels: Vec<Vec<f32>> = header
+        .images
+        .iter()
+        .map(|h| vec![0.0; h.rows * h.cols])
+        .collect();
+    let targets = pixels
+        .iter_mut()
+        .enumerate()
+        .map(|(i, p)| (i, p.as_mut_slice()))
+        .collect();
+    decode_images(bytes, &header, targets)?;
+    Ok(header
+        .images
+        .into_iter()
+        .zip(pixels)
+        .map(|(header, pixels)| DecodedSlice { header, pixels })
+        .collect())
+}
+
+/// Checks the structure of a file and reads the header of every image it holds,
+/// without decoding pixels. Objects without pixel data fail with
+/// [`DecodeError::NoPixelData`]. Problems that only matter if the images are decoded
+/// (bit layout, transfer syntax, truncation) are reported by
+/// [`InstanceHeader::check_decodable`] and [`decode_images`].
+pub fn read_header(bytes: &[u8]) -> Result<InstanceHeader, DecodeError> {
+    let (ts_uid, dataset_start) = scan::scan_meta(bytes)?;
+    let ts = TransferSyntaxRegistry.get(&ts_uid).ok_or_else(|| {
         DecodeError::UnsupportedTransferSyntax {
-            uid: ts_uid.to_owned(),
+            uid: ts_uid.clone(),
             name: "unknown transfer syntax".to_owned(),
         }
     })?;
-    let unsupported = || DecodeError::UnsupportedTransferSyntax {
-        uid: ts_uid.to_owned(),
-        name: ts.name().to_owned(),
-    };
-    if !ts.can_decode_all() {
-        return Err(unsupported());
-    }
-    let pixel_data = scan_dataset(bytes, dataset_start, ts)?;
-    let encapsulated = ts.is_encapsulated_pixel_data();
-    let native = matches!(ts.codec(), Codec::None);
-
-    // Only the header is parsed for native syntaxes: the pixels are read from `bytes`.
-    let options = OpenFileOptions::new().read_preamble(ReadPreamble::Always);
-    let options = if native {
-        options.read_until(tags::PIXEL_DATA)
-    } else {
-        options
-    };
-    let obj = options
+    let pixel = scan::scan_dataset(bytes, dataset_start, ts)?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .read_until(tags::PIXEL_DATA)
         .from_reader(bytes)
         .map_err(|e| DecodeError::Malformed(chain(&e)))?;
-
-    let Some(pixel) = pixel_data else {
+    let Some(pixel) = pixel else {
         return Err(DecodeError::NoPixelData {
             sop_class_uid: sop_class_uid(&obj),
         });
     };
-    let (header, format) = read_header(&obj, ts_uid)?;
-    if header.number_of_frames > 1 {
-        return Err(DecodeError::MultiFrame {
-            frames: header.number_of_frames,
-        });
-    }
-    let expected = header
-        .rows
-        .checked_mul(header.cols)
-        .and_then(|n| n.checked_mul(format.bytes_per_sample()))
-        .ok_or(DecodeError::TooLarge {
-            bytes: usize::MAX,
-            limit: MAX_DECODED_BYTES,
-        })?;
-    if expected > MAX_DECODED_BYTES {
-        return Err(DecodeError::TooLarge {
-            bytes: expected,
-            limit: MAX_DECODED_BYTES,
-        });
-    }
-    let n = header.rows * header.cols;
-
-    let pixels = if native {
-        let PixelSpan::Native { offset, len } = pixel else {
-            return Err(DecodeError::Malformed(
-                "uncompressed transfer syntax with encapsulated pixel data".into(),
-            ));
-        };
-        if len < expected {
-            return Err(DecodeError::TruncatedPixelData {
-                expected,
-                present: len,
-            });
+    let storage = match (pixel, ts.codec()) {
+        (PixelSpan::Native { offset, len }, Codec::None) => Storage::Native {
+            offset,
+            len,
+            endian: if ts.endianness() == Endianness::Big {
+                Endian::Big
+            } else {
+                Endian::Little
+            },
+        },
+        (PixelSpan::Native { .. }, Codec::Dataset(_)) => Storage::Deflated,
+        (PixelSpan::Encapsulated { len }, Codec::EncapsulatedPixelData(..)) => {
+            Storage::Encapsulated { len }
         }
-        let endian = if ts.endianness() == Endianness::Big {
-            Endian::Big
-        } else {
-            Endian::Little
-        };
-        convert(&bytes[offset..offset + expected], endian, &format, n)
-    } else if encapsulated {
-        if let PixelSpan::Encapsulated { len: 0 } = pixel {
-            return Err(DecodeError::TruncatedPixelData {
-                expected,
-                present: 0,
-            });
+        (PixelSpan::Native { .. }, _) => {
+            return Err(DecodeError::Malformed(format!(
+                "{} pixel data is not encapsulated",
+                ts.name()
+            )));
         }
-        let decoded = obj.decode_pixel_data().map_err(|e| DecodeError::Codec {
-            syntax: ts.name().to_owned(),
-            detail: chain(&e),
-        })?;
-        if decoded.samples_per_pixel() != 1 || decoded.bits_allocated() != format.bits_allocated {
-            return Err(DecodeError::Codec {
-                syntax: ts.name().to_owned(),
-                detail: format!(
-                    "the codec produced {} samples of {} bits, the header declares 1 of {}",
-                    decoded.samples_per_pixel(),
-                    decoded.bits_allocated(),
-                    format.bits_allocated
-                ),
-            });
+        (PixelSpan::Encapsulated { .. }, _) => {
+            return Err(DecodeError::Malformed(format!(
+                "{} pixel data is encapsulated",
+                ts.name()
+            )));
         }
-        let data = decoded.data();
-        if data.len() < expected {
-            return Err(DecodeError::TruncatedPixelData {
-                expected,
-                present: data.len(),
-            });
-        }
-        convert(&data[..expected], Endian::Little, &format, n)
-    } else {
-        // Deflated data set: `dicom-object` inflated it; the value is in host order.
-        let elem = obj
-            .get(tags::PIXEL_DATA)
-            .ok_or_else(|| DecodeError::NoPixelData {
-                sop_class_uid: header.sop_class_uid.clone(),
-            })?;
-        let data: Cow<[u8]> = match elem.value() {
-            dicom_core::DicomValue::Primitive(p) => p.to_bytes(),
-            _ => return Err(unsupported()),
-        };
-        if data.len() < expected {
-            return Err(DecodeError::TruncatedPixelData {
-                expected,
-                present: data.len(),
-            });
-        }
-        convert(&data[..expected], Endian::native(), &format, n)
     };
-    Ok(DecodedSlice { header, pixels })
+    read_images(&obj, ts, storage)
+}
+
+impl InstanceHeader {
+    /// Whether the images of this file can be decoded here: a known bit layout, a
+    /// transfer syntax with a working codec, and all the pixel data present.
+    pub fn check_decodable(&self) -> Result<(), DecodeError> {
+        let p = &self.plan;
+        let format = p
+            .format
+            .as_ref()
+            .map_err(|e| DecodeError::UnsupportedImage(e.clone()))?;
+        let unsupported = || DecodeError::UnsupportedTransferSyntax {
+            uid: p.ts_uid.clone(),
+            name: p.ts_name.clone(),
+        };
+        let ts = TransferSyntaxRegistry
+            .get(&p.ts_uid)
+            .ok_or_else(unsupported)?;
+        if !ts.can_decode_all() {
+            return Err(unsupported());
+        }
+        // Combinations the codecs of dicom-pixeldata 0.10 get wrong.
+        if p.ts_uid == uids::JPEG_EXTENDED12_BIT && format.bits_stored > 8 {
+            return Err(DecodeError::UnsupportedTransferSyntax {
+                uid: p.ts_uid.clone(),
+                name: format!("{} with {}-bit samples", p.ts_name, format.bits_stored),
+            });
+        }
+        if p.ts_uid == uids::RLE_LOSSLESS && format.bits_allocated == 32 {
+            return Err(DecodeError::UnsupportedTransferSyntax {
+                uid: p.ts_uid.clone(),
+                name: format!("{} with 32-bit samples", p.ts_name),
+            });
+        }
+        let frame = frame_bytes(p, format)?;
+        match p.storage {
+            Storage::Native { len, .. } => {
+                let expected = frame.saturating_mul(p.frames as usize);
+                if len < expected {
+                    return Err(DecodeError::TruncatedPixelData {
+                        expected,
+                        present: len,
+                    });
+                }
+            }
+            Storage::Encapsulated { len: 0 } => {
+                return Err(DecodeError::TruncatedPixelData {
+                    expected: frame,
+                    present: 0,
+                });
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn frame_bytes(p: &PixelPlan, f: &SampleFormat) -> Result<usize, DecodeError> {
+    let bytes = p
+        .frame_rows
+        .checked_mul(p.frame_cols)
+        .and_then(|n| n.checked_mul(f.bytes_per_sample()))
+        .unwrap_or(usize::MAX);
+    if bytes > MAX_DECODED_BYTES {
+        return Err(DecodeError::TooLarge {
+            bytes,
+            limit: MAX_DECODED_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes the images `targets` names (index into [`InstanceHeader::images`]) into
+/// the buffers given with them, each of exactly `rows * cols` values.
+///
+/// # Panics
+/// If a buffer has the wrong length or an index is out of range.
+pub fn decode_images(
+    bytes: &[u8],
+    header: &InstanceHeader,
+    targets: Vec<(usize, &mut [f32])>,
+) -> Result<(), DecodeError> {
+    header.check_decodable()?;
+    let p = &header.plan;
+    let format = p.format.as_ref().expect("checked");
+    let frame_len = frame_bytes(p, format)?;
+    let mut by_frame: BTreeMap<u32, Vec<(usize, &mut [f32])>> = BTreeMap::new();
+    for (index, out) in targets {
+        let h = &header.images[index];
+        assert_eq!(out.len(), h.rows * h.cols, "buffer of image {index}");
+        by_frame.entry(h.frame).or_default().push((index, out));
+    }
+    match p.storage {
+        Storage::Native { offset, endian, .. } => {
+            for (frame, outs) in by_frame {
+                let start = offset + frame as usize * frame_len;
+                let raw = &bytes[start..start + frame_len];
+                write_images(header, format, raw, endian, outs);
+            }
+        }
+        Storage::Deflated => {
+            let obj = parse_whole(bytes)?;
+            let elem = obj
+                .get(tags::PIXEL_DATA)
+                .ok_or_else(|| DecodeError::NoPixelData {
+                    sop_class_uid: sop_class_uid(&obj),
+                })?;
+            let data: Cow<[u8]> = match elem.value() {
+                dicom_core::DicomValue::Primitive(v) => v.to_bytes(),
+                _ => return Err(DecodeError::Malformed("pixel data is not a value".into())),
+            };
+            let needed = frame_len * p.frames as usize;
+            if data.len() < needed {
+                return Err(DecodeError::TruncatedPixelData {
+                    expected: needed,
+                    present: data.len(),
+                });
+            }
+            for (frame, outs) in by_frame {
+                let start = frame as usize * frame_len;
+                // The parser holds the inflated value in host order.
+                let raw = &data[start..start + frame_len];
+                write_images(header, format, raw, Endian::native(), outs);
+            }
+        }
+        Storage::Encapsulated { .. } => {
+            let obj = parse_whole(bytes)?;
+            let ts = TransferSyntaxRegistry.get(&p.ts_uid).expect("checked");
+            let Codec::EncapsulatedPixelData(Some(reader), _) = ts.codec() else {
+                return Err(DecodeError::UnsupportedTransferSyntax {
+                    uid: p.ts_uid.clone(),
+                    name: p.ts_name.clone(),
+                });
+            };
+            let codec_error = |detail: String| DecodeError::Codec {
+                syntax: p.ts_name.clone(),
+                detail,
+            };
+            let mut buf = Vec::with_capacity(frame_len);
+            let lossless = matches!(
+                p.ts_uid.as_str(),
+                uids::JPEG_LOSSLESS | uids::JPEG_LOSSLESS_SV1
+            );
+            for (frame, outs) in by_frame {
+                buf.clear();
+                // Lossless JPEG through radflow's own decoder when it handles the
+                // stream (see `jpeg_lossless`), else through dicom-pixeldata.
+                let mut done = false;
+                if lossless && let Some(data) = obj.frame_pixel_data(frame) {
+                    match jpeg_lossless::decode(
+                        &data,
+                        p.frame_rows,
+                        p.frame_cols,
+                        format.bytes_per_sample(),
+                        &mut buf,
+                    ) {
+                        Ok(()) => done = true,
+                        Err(LosslessError::Unsupported(_)) => buf.clear(),
+                        Err(e) => return Err(codec_error(e.to_string())),
+                    }
+                }
+                if !done {
+                    reader
+                        .decode_frame(&obj, frame, &mut buf)
+                        .map_err(|e| codec_error(chain(&e)))?;
+                }
+                if buf.len() < frame_len {
+                    return Err(codec_error(format!(
+                        "the codec produced {} bytes for a frame of {frame_len}",
+                        buf.len()
+                    )));
+                }
+                let mut f = format.clone();
+                if is_jpeg2000(&p.ts_uid)
+                    && let Some((precision, signed)) = obj
+                        .frame_pixel_data(frame)
+                        .and_then(|c| j2k_component_format(&c))
+                    && signed != f.signed
+                {
+                    // The codestream's flag is wrong, its bits are right.
+                    f.bits_stored = f.bits_stored.min(precision);
+                }
+                // JPEG codecs return samples at bit 0 whatever High Bit says; RLE and
+                // the other byte-preserving codecs return the stored container bits.
+                if p.ts_uid.starts_with("1.2.840.10008.1.2.4.") {
+                    f.shift = 0;
+                }
+                write_images(header, &f, &buf[..frame_len], Endian::Little, outs);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_whole(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
+    OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(bytes)
+        .map_err(|e| DecodeError::Malformed(chain(&e)))
+}
+
+/// Converts the images of one decoded frame into their buffers.
+fn write_images(
+    header: &InstanceHeader,
+    format: &SampleFormat,
+    raw: &[u8],
+    endian: Endian,
+    outs: Vec<(usize, &mut [f32])>,
+) {
+    let bps = format.bytes_per_sample();
+    for (index, out) in outs {
+        let h = &header.images[index];
+        match h.tile {
+            None => convert(raw, endian, format, h.rescale, out),
+            Some(t) => {
+                // Gather the tile's rows, then convert them as one image.
+                let (tr, tc) = (h.rows, h.cols);
+                let (gr, gc) = ((t.index / t.grid) as usize, (t.index % t.grid) as usize);
+                let stride = header.plan.frame_cols * bps;
+                let mut tile = Vec::with_capacity(tr * tc * bps);
+                for r in 0..tr {
+                    let start = (gr * tr + r) * stride + gc * tc * bps;
+                    tile.extend_from_slice(&raw[start..start + tc * bps]);
+                }
+                convert(&tile, endian, format, h.rescale, out);
+            }
+        }
+    }
+}
+
+fn is_jpeg2000(ts: &str) -> bool {
+    ts.starts_with("1.2.840.10008.1.2.4.9") || ts.starts_with("1.2.840.10008.1.2.4.20")
+}
+
+/// Precision and signedness of the first component of a JPEG 2000 codestream (its
+/// SIZ marker segment), from a raw codestream or a JP2 file.
+pub(crate) fn j2k_component_format(data: &[u8]) -> Option<(u16, bool)> {
+    // A JP2 file wraps the codestream in a `jp2c` box; a raw codestream starts with SOC.
+    let cs = if data.starts_with(&[0xFF, 0x4F]) {
+        data
+    } else {
+        let at = data.windows(4).position(|w| w == b"jp2c")?;
+        &data[at + 4..]
+    };
+    // SOC, then SIZ: marker, Lsiz, Rsiz, 8 × u32 sizes, Csiz, then Ssiz per component.
+    if cs.len() < 43 || cs[0..2] != [0xFF, 0x4F] || cs[2..4] != [0xFF, 0x51] {
+        return None;
+    }
+    let ssiz = cs[42];
+    Some((u16::from(ssiz & 0x7F) + 1, ssiz & 0x80 != 0))
 }
 
 /// An error and its sources, `outer: inner: innermost`, for a one-line message.
@@ -282,7 +577,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 // ---------------------------------------------------------------------------------------
 // Header
 
-/// How stored samples become physical values.
+/// How stored samples become physical values (the rescale is per image).
 #[derive(Debug, Clone)]
 struct SampleFormat {
     bits_allocated: u16,
@@ -290,11 +585,12 @@ struct SampleFormat {
     /// Right shift that brings the stored bits to bit 0 (`high_bit + 1 - bits_stored`).
     shift: u16,
     signed: bool,
-    slope: f64,
-    intercept: f64,
     monochrome1: bool,
     /// Pixel Padding Value and optional Range Limit, in stored units.
     padding: Option<(i64, i64)>,
+    /// What padding becomes: a fixed value (air, -1024 HU, for CT), else the smallest
+    /// other value of the image.
+    pad_to: Option<f32>,
 }
 
 impl SampleFormat {
@@ -325,29 +621,36 @@ impl SampleFormat {
     }
 }
 
-fn element(obj: &DefaultDicomObject, tag: Tag) -> Option<&InMemElement> {
+fn text(obj: &InMemDicomObject, tag: Tag) -> String {
     obj.get(tag)
-}
-
-fn text(obj: &DefaultDicomObject, tag: Tag) -> String {
-    element(obj, tag)
         .and_then(|e| e.to_str().ok())
         .map(|s| s.trim_matches(|c: char| c == ' ' || c == '\0').to_owned())
         .unwrap_or_default()
 }
 
-fn floats(obj: &DefaultDicomObject, tag: Tag) -> Option<Vec<f64>> {
-    element(obj, tag)
+fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
+    obj.get(tag)
         .and_then(|e| e.to_multi_float64().ok())
-        .filter(|v| v.iter().all(|x| x.is_finite()))
+        .filter(|v| !v.is_empty() && v.iter().all(|x| x.is_finite()))
 }
 
-fn float(obj: &DefaultDicomObject, tag: Tag) -> Option<f64> {
+fn float(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
     floats(obj, tag).and_then(|v| v.first().copied())
 }
 
-fn int(obj: &DefaultDicomObject, tag: Tag) -> Option<i64> {
-    element(obj, tag).and_then(|e| e.to_int::<i64>().ok())
+fn int(obj: &InMemDicomObject, tag: Tag) -> Option<i64> {
+    obj.get(tag).and_then(|e| e.to_int::<i64>().ok())
+}
+
+fn strings(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<String>> {
+    obj.get(tag)
+        .and_then(|e| e.to_multi_str().ok())
+        .map(|v| v.iter().map(|s| s.trim().to_owned()).collect())
+}
+
+/// The first item of a sequence.
+fn item(obj: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
+    obj.get(tag).and_then(|e| e.items()).and_then(|i| i.first())
 }
 
 /// SOP Class UID from the data set, else from the file meta group.
@@ -363,45 +666,18 @@ fn sop_class_uid(obj: &DefaultDicomObject) -> String {
     }
 }
 
-fn read_header(
-    obj: &DefaultDicomObject,
-    ts_uid: &str,
-) -> Result<(SliceHeader, SampleFormat), DecodeError> {
-    let required = |tag: Tag, name: &str| {
-        int(obj, tag).ok_or_else(|| {
-            DecodeError::UnsupportedImage(format!("the {name} attribute is missing or invalid"))
-        })
-    };
-    let rows = required(tags::ROWS, "Rows")?;
-    let cols = required(tags::COLUMNS, "Columns")?;
-    if rows <= 0 || cols <= 0 || rows > 65535 || cols > 65535 {
-        return Err(DecodeError::UnsupportedImage(format!(
-            "the image size {cols}x{rows} is invalid"
-        )));
-    }
-    let frames = int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
-    let samples = int(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1);
-    let photometric = text(obj, tags::PHOTOMETRIC_INTERPRETATION);
-    let sop_class_uid = sop_class_uid(obj);
-    if samples != 1 {
-        return Err(DecodeError::UnsupportedImage(format!(
-            "colour images ({samples} samples per pixel, {photometric}) are not supported"
-        )));
-    }
-    let monochrome1 = match photometric.as_str() {
-        "MONOCHROME1" => true,
-        "MONOCHROME2" | "" => false,
-        other => {
-            return Err(DecodeError::UnsupportedImage(format!(
-                "photometric interpretation {other} is not supported (only MONOCHROME1/2)"
-            )));
-        }
-    };
-    let bits_allocated = required(tags::BITS_ALLOCATED, "Bits Allocated")?;
+/// Checks the bit layout and reads the sample format.
+fn sample_format(
+    obj: &InMemDicomObject,
+    monochrome1: bool,
+    pad_to: Option<f32>,
+) -> Result<SampleFormat, String> {
+    let bits_allocated = int(obj, tags::BITS_ALLOCATED)
+        .ok_or_else(|| "the Bits Allocated attribute is missing or invalid".to_owned())?;
     if ![8, 16, 32].contains(&bits_allocated) {
-        return Err(DecodeError::UnsupportedImage(format!(
+        return Err(format!(
             "{bits_allocated} bits allocated per sample are not supported (8, 16 or 32)"
-        )));
+        ));
     }
     let bits_stored = int(obj, tags::BITS_STORED).unwrap_or(bits_allocated);
     let high_bit = int(obj, tags::HIGH_BIT).unwrap_or(bits_stored - 1);
@@ -410,25 +686,18 @@ fn read_header(
         || high_bit + 1 < bits_stored
         || high_bit >= bits_allocated
     {
-        return Err(DecodeError::UnsupportedImage(format!(
+        return Err(format!(
             "inconsistent bit layout: {bits_allocated} allocated, {bits_stored} stored, high bit {high_bit}"
-        )));
+        ));
     }
-    let signed = int(obj, tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1;
-    let slope = float(obj, tags::RESCALE_SLOPE)
-        .filter(|s| *s != 0.0)
-        .unwrap_or(1.0);
-    let intercept = float(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
-
     let mut format = SampleFormat {
         bits_allocated: bits_allocated as u16,
         bits_stored: bits_stored as u16,
         shift: (high_bit + 1 - bits_stored) as u16,
-        signed,
-        slope,
-        intercept,
+        signed: int(obj, tags::PIXEL_REPRESENTATION).unwrap_or(0) == 1,
         monochrome1,
         padding: None,
+        pad_to,
     };
     // The padding value is given in stored units; its VR (US or SS) may have been
     // guessed wrongly for implicit VR, so it is brought into the stored domain the same
@@ -441,35 +710,254 @@ fn read_header(
             .unwrap_or(a);
         format.padding = Some((a.min(b), a.max(b)));
     }
+    Ok(format)
+}
 
-    let array =
-        |tag: Tag, n: usize| -> Option<Vec<f64>> { floats(obj, tag).filter(|v| v.len() >= n) };
-    let header = SliceHeader {
+fn read_images(
+    obj: &DefaultDicomObject,
+    ts: &TransferSyntax,
+    storage: Storage,
+) -> Result<InstanceHeader, DecodeError> {
+    let size = |tag: Tag, name: &str| {
+        int(obj, tag)
+            .filter(|v| (1..=65535).contains(v))
+            .map(|v| v as usize)
+            .ok_or_else(|| {
+                DecodeError::UnsupportedImage(format!("the {name} attribute is missing or invalid"))
+            })
+    };
+    let rows = size(tags::ROWS, "Rows")?;
+    let cols = size(tags::COLUMNS, "Columns")?;
+    let frames = int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    if frames > MAX_FRAMES {
+        return Err(DecodeError::UnsupportedImage(format!(
+            "{frames} frames in one object are more than the limit of {MAX_FRAMES}"
+        )));
+    }
+    let frames = frames as u32;
+    let samples = int(obj, tags::SAMPLES_PER_PIXEL)
+        .and_then(|v| u16::try_from(v).ok())
+        .unwrap_or(1);
+    let photometric = text(obj, tags::PHOTOMETRIC_INTERPRETATION);
+    let slope = float(obj, tags::RESCALE_SLOPE)
+        .filter(|s| *s != 0.0)
+        .unwrap_or(1.0);
+    let intercept = float(obj, tags::RESCALE_INTERCEPT).unwrap_or(0.0);
+    let base = SliceHeader {
         sop_instance_uid: text(obj, tags::SOP_INSTANCE_UID),
         instance_number: int(obj, tags::INSTANCE_NUMBER).and_then(|v| i32::try_from(v).ok()),
-        image_position: array(tags::IMAGE_POSITION_PATIENT, 3).map(|v| [v[0], v[1], v[2]]),
-        image_orientation: array(tags::IMAGE_ORIENTATION_PATIENT, 6)
-            .map(|v| [v[0], v[1], v[2], v[3], v[4], v[5]]),
-        pixel_spacing: array(tags::PIXEL_SPACING, 2)
-            .filter(|v| v[0] > 0.0 && v[1] > 0.0)
-            .map(|v| [v[0], v[1]]),
-        rows: rows as usize,
-        cols: cols as usize,
-        number_of_frames: u32::try_from(frames).unwrap_or(u32::MAX),
+        image_position: position(obj),
+        image_orientation: orientation(obj),
+        pixel_spacing: pixel_spacing(obj),
+        rows,
+        cols,
+        number_of_frames: frames,
+        frame: 0,
+        tile: None,
         modality: text(obj, tags::MODALITY),
         body_part: text(obj, tags::BODY_PART_EXAMINED),
         series_description: text(obj, tags::SERIES_DESCRIPTION),
-        image_type: element(obj, tags::IMAGE_TYPE)
-            .and_then(|e| e.to_multi_str().ok())
-            .map(|v| v.iter().map(|s| s.trim().to_owned()).collect())
-            .unwrap_or_default(),
+        image_type: strings(obj, tags::IMAGE_TYPE).unwrap_or_default(),
         photometric,
-        sop_class_uid,
-        transfer_syntax: ts_uid.to_owned(),
+        samples_per_pixel: samples,
+        sop_class_uid: sop_class_uid(obj),
+        transfer_syntax: ts.uid().to_owned(),
         rescale: (slope, intercept),
-        slice_thickness: float(obj, tags::SLICE_THICKNESS),
+        slice_thickness: float(obj, tags::SLICE_THICKNESS).filter(|t| *t > 0.0),
     };
-    Ok((header, format))
+    let format = if base.is_greyscale() {
+        // Padding marks pixels outside the scanned field; for CT they become air.
+        let pad_to = (base.modality == "CT").then_some(-1024.0);
+        sample_format(obj, base.photometric == "MONOCHROME1", pad_to)
+    } else {
+        Err(format!(
+            "colour images ({samples} samples per pixel, {}) are not supported",
+            base.photometric
+        ))
+    };
+    let plan = PixelPlan {
+        ts_uid: ts.uid().to_owned(),
+        ts_name: ts.name().to_owned(),
+        storage,
+        format,
+        frame_rows: rows,
+        frame_cols: cols,
+        frames,
+    };
+
+    let images = if obj
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .is_some()
+    {
+        enhanced_frames(obj, &base)?
+    } else if base.image_type.iter().any(|t| t == "MOSAIC") && frames == 1 {
+        mosaic_tiles(obj, &base)?
+    } else {
+        // Classic images; a multi-frame object without functional groups has one
+        // position for all its frames.
+        (0..frames)
+            .map(|frame| SliceHeader {
+                frame,
+                ..base.clone()
+            })
+            .collect()
+    };
+    Ok(InstanceHeader { images, plan })
+}
+
+fn position(obj: &InMemDicomObject) -> Option<[f64; 3]> {
+    floats(obj, tags::IMAGE_POSITION_PATIENT)
+        .filter(|v| v.len() >= 3)
+        .map(|v| [v[0], v[1], v[2]])
+}
+
+fn orientation(obj: &InMemDicomObject) -> Option<[f64; 6]> {
+    floats(obj, tags::IMAGE_ORIENTATION_PATIENT)
+        .filter(|v| v.len() >= 6)
+        .map(|v| [v[0], v[1], v[2], v[3], v[4], v[5]])
+}
+
+fn pixel_spacing(obj: &InMemDicomObject) -> Option<[f64; 2]> {
+    floats(obj, tags::PIXEL_SPACING)
+        .filter(|v| v.len() >= 2 && v[0] > 0.0 && v[1] > 0.0)
+        .map(|v| [v[0], v[1]])
+}
+
+/// One header per frame of an enhanced object: each functional group is looked up in
+/// the frame's own item first, then in the shared item.
+fn enhanced_frames(
+    obj: &DefaultDicomObject,
+    base: &SliceHeader,
+) -> Result<Vec<SliceHeader>, DecodeError> {
+    let per_frame = obj
+        .get(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
+        .and_then(|e| e.items())
+        .unwrap_or(&[]);
+    if per_frame.len() < base.number_of_frames as usize {
+        return Err(DecodeError::Malformed(format!(
+            "the per-frame functional groups describe {} of {} frames",
+            per_frame.len(),
+            base.number_of_frames
+        )));
+    }
+    let shared = item(obj, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE);
+    let frame_type_sequences = [
+        tags::CT_IMAGE_FRAME_TYPE_SEQUENCE,
+        tags::MR_IMAGE_FRAME_TYPE_SEQUENCE,
+        tags::PET_FRAME_TYPE_SEQUENCE,
+    ];
+    let frames = (0..base.number_of_frames)
+        .map(|frame| {
+            let own = &per_frame[frame as usize];
+            // The macro `seq` of this frame, else of the shared group.
+            let group = |seq: Tag| item(own, seq).or_else(|| shared.and_then(|s| item(s, seq)));
+            let mut h = SliceHeader {
+                frame,
+                ..base.clone()
+            };
+            if let Some(g) = group(tags::PLANE_POSITION_SEQUENCE) {
+                h.image_position = position(g);
+            }
+            if let Some(g) = group(tags::PLANE_ORIENTATION_SEQUENCE) {
+                h.image_orientation = orientation(g);
+            }
+            if let Some(g) = group(tags::PIXEL_MEASURES_SEQUENCE) {
+                h.pixel_spacing = pixel_spacing(g).or(h.pixel_spacing);
+                h.slice_thickness = float(g, tags::SLICE_THICKNESS)
+                    .filter(|t| *t > 0.0)
+                    .or(h.slice_thickness);
+            }
+            if let Some(g) = group(tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE) {
+                let slope = float(g, tags::RESCALE_SLOPE).filter(|s| *s != 0.0);
+                let intercept = float(g, tags::RESCALE_INTERCEPT);
+                h.rescale = (slope.unwrap_or(1.0), intercept.unwrap_or(0.0));
+            }
+            if let Some(t) = frame_type_sequences
+                .iter()
+                .find_map(|seq| group(*seq))
+                .and_then(|g| strings(g, tags::FRAME_TYPE))
+            {
+                h.image_type = t;
+            }
+            h
+        })
+        .collect();
+    Ok(frames)
+}
+
+/// One header per slice of a Siemens mosaic.
+fn mosaic_tiles(
+    obj: &DefaultDicomObject,
+    base: &SliceHeader,
+) -> Result<Vec<SliceHeader>, DecodeError> {
+    let fail = |m: &str| DecodeError::Mosaic(m.to_owned());
+    let position = base
+        .image_position
+        .ok_or_else(|| fail("it has no Image Position (Patient)"))?;
+    let orientation = base
+        .image_orientation
+        .ok_or_else(|| fail("it has no Image Orientation (Patient)"))?;
+    let pixel_spacing = base
+        .pixel_spacing
+        .ok_or_else(|| fail("it has no Pixel Spacing"))?;
+    let images = private_element(obj, 0x0019, "SIEMENS MR HEADER", 0x0A)
+        .and_then(private_uint)
+        .map(|v| v as usize);
+    let csa: Option<HashMap<String, Vec<String>>> =
+        private_element(obj, 0x0029, "SIEMENS CSA HEADER", 0x10)
+            .and_then(|e| e.to_bytes().ok())
+            .and_then(|b| mosaic::parse_csa(&b).ok());
+    let slice_step = float(obj, tags::SPACING_BETWEEN_SLICES)
+        .filter(|v| *v > 0.0)
+        .or(base.slice_thickness)
+        .unwrap_or(1.0);
+    let layout = mosaic::layout(&mosaic::MosaicInput {
+        rows: base.rows,
+        cols: base.cols,
+        position,
+        orientation,
+        pixel_spacing,
+        slice_step,
+        images,
+        csa: csa.as_ref(),
+    })
+    .map_err(DecodeError::Mosaic)?;
+    Ok(layout
+        .positions
+        .iter()
+        .enumerate()
+        .map(|(k, p)| SliceHeader {
+            image_position: Some(*p),
+            rows: layout.tile_rows,
+            cols: layout.tile_cols,
+            tile: Some(MosaicTile {
+                index: k as u32,
+                grid: layout.grid as u32,
+            }),
+            ..base.clone()
+        })
+        .collect())
+}
+
+/// The element `(group, xxNN)` of the private block reserved by `creator`.
+fn private_element<'a>(
+    obj: &'a InMemDicomObject,
+    group: u16,
+    creator: &str,
+    element: u8,
+) -> Option<&'a InMemElement> {
+    let block = (0x10u16..=0xFF).find(|b| text(obj, Tag(group, *b)) == creator)?;
+    obj.get(Tag(group, (block << 8) | u16::from(element)))
+}
+
+/// An unsigned value, whether parsed as a number or left as two raw bytes (UN).
+fn private_uint(e: &InMemElement) -> Option<u32> {
+    match e.value() {
+        dicom_core::DicomValue::Primitive(dicom_core::PrimitiveValue::U8(b)) if b.len() == 2 => {
+            Some(u32::from(u16::from_le_bytes([b[0], b[1]])))
+        }
+        _ => e.to_int::<u32>().ok(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -491,63 +979,52 @@ impl Endian {
     }
 }
 
-/// Converts `n` raw samples to physical `f32` values in one pass over the input.
-fn convert(raw: &[u8], endian: Endian, f: &SampleFormat, n: usize) -> Vec<f32> {
+/// Converts `out.len()` raw samples to physical `f32` values in one pass.
+fn convert(raw: &[u8], endian: Endian, f: &SampleFormat, rescale: (f64, f64), out: &mut [f32]) {
+    let (slope, intercept) = rescale;
     // MONOCHROME1 is mirrored inside the physical range of the stored values, which folds
     // into the linear modality LUT: v' = (lo + hi) - (slope * s + intercept).
     let (smin, smax) = f.stored_range();
     let (pmin, pmax) = {
-        let a = f.slope * smin as f64 + f.intercept;
-        let b = f.slope * smax as f64 + f.intercept;
+        let a = slope * smin as f64 + intercept;
+        let b = slope * smax as f64 + intercept;
         (a.min(b), a.max(b))
     };
     let (slope, intercept) = if f.monochrome1 {
-        (-f.slope, pmin + pmax - f.intercept)
+        (-slope, pmin + pmax - intercept)
     } else {
-        (f.slope, f.intercept)
+        (slope, intercept)
     };
     let (slope32, intercept32) = (slope as f32, intercept as f32);
-
-    let mut out = Vec::with_capacity(n);
-    let padded = match f.padding {
-        None => {
-            let map = |s: i64| s as f32 * slope32 + intercept32;
-            fill(&mut out, raw, endian, f, map);
-            false
-        }
+    let raw = &raw[..out.len() * f.bytes_per_sample()];
+    match f.padding {
+        None => fill(out, raw, endian, f, |s: i64| {
+            s as f32 * slope32 + intercept32
+        }),
         Some((lo, hi)) => {
-            let map = |s: i64| {
+            fill(out, raw, endian, f, |s: i64| {
                 if (lo..=hi).contains(&s) {
                     f32::NAN
                 } else {
                     s as f32 * slope32 + intercept32
                 }
-            };
-            fill(&mut out, raw, endian, f, map);
-            true
-        }
-    };
-    if padded {
-        let min = out
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .fold(f32::INFINITY, f32::min);
-        let min = if min.is_finite() { min } else { pmin as f32 };
-        for v in out.iter_mut().filter(|v| v.is_nan()) {
-            *v = min;
+            });
+            let fill = f.pad_to.unwrap_or_else(|| {
+                let min = out
+                    .iter()
+                    .copied()
+                    .filter(|v| !v.is_nan())
+                    .fold(f32::INFINITY, f32::min);
+                if min.is_finite() { min } else { pmin as f32 }
+            });
+            for v in out.iter_mut().filter(|v| v.is_nan()) {
+                *v = fill;
+            }
         }
     }
-    out
 }
 
-fn fill(
-    out: &mut Vec<f32>,
-    raw: &[u8],
-    endian: Endian,
-    f: &SampleFormat,
-    map: impl Fn(i64) -> f32,
-) {
+fn fill(out: &mut [f32], raw: &[u8], endian: Endian, f: &SampleFormat, map: impl Fn(i64) -> f32) {
     // The sign extension is done in i32 for 8/16-bit samples (the common, hot path).
     let up = 32 - u32::from(f.bits_stored);
     let shift = u32::from(f.shift);
@@ -560,415 +1037,75 @@ fn fill(
             i64::from(v >> up)
         }
     };
+    let put = |out: &mut [f32], values: &mut dyn Iterator<Item = f32>| {
+        for (o, v) in out.iter_mut().zip(values) {
+            *o = v;
+        }
+    };
     match (f.bits_allocated, endian) {
-        (8, _) => out.extend(raw.iter().map(|&b| map(small(u32::from(b))))),
-        (16, Endian::Little) => out.extend(
-            raw.chunks_exact(2)
-                .map(|c| map(small(u32::from(u16::from_le_bytes([c[0], c[1]]))))),
-        ),
-        (16, Endian::Big) => out.extend(
-            raw.chunks_exact(2)
-                .map(|c| map(small(u32::from(u16::from_be_bytes([c[0], c[1]]))))),
-        ),
-        (_, Endian::Little) => out.extend(
-            raw.chunks_exact(4)
+        (8, _) => put(out, &mut raw.iter().map(|&b| map(small(u32::from(b))))),
+        (16, Endian::Little) => {
+            for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                *o = map(small(u32::from(u16::from_le_bytes([c[0], c[1]]))));
+            }
+        }
+        (16, Endian::Big) => {
+            for (o, c) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                *o = map(small(u32::from(u16::from_be_bytes([c[0], c[1]]))));
+            }
+        }
+        (_, Endian::Little) => put(
+            out,
+            &mut raw
+                .chunks_exact(4)
                 .map(|c| map(f.stored(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
         ),
-        (_, Endian::Big) => out.extend(
-            raw.chunks_exact(4)
+        (_, Endian::Big) => put(
+            out,
+            &mut raw
+                .chunks_exact(4)
                 .map(|c| map(f.stored(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))),
         ),
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Structural scan
-
-/// Where the top-level pixel data lies.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum PixelSpan {
-    /// Uncompressed: `len` value bytes at `offset` of the input buffer.
-    Native { offset: usize, len: usize },
-    /// Encapsulated fragments totalling `len` bytes.
-    Encapsulated { len: usize },
-}
-
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    big: bool,
-    /// Value length of the header just read by [`explicit_header`].
-    pending_len: u32,
-}
-
-impl Cursor<'_> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let bytes = self.buf.get(self.pos..self.pos + N).ok_or_else(|| {
-            malformed(format!(
-                "the file ends inside an element header at byte {}",
-                self.pos
-            ))
-        })?;
-        self.pos += N;
-        Ok(bytes.try_into().expect("slice of length N"))
-    }
-
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        let b = self.take::<2>()?;
-        Ok(if self.big {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take::<4>()?;
-        Ok(if self.big {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
-    }
-}
-
-fn malformed(detail: String) -> DecodeError {
-    DecodeError::Malformed(detail)
-}
-
-/// Whether an explicit-VR header has two reserved bytes and a 32-bit length: every VR
-/// but the short ones of PS3.5 Table 7.1-2. Unknown VR bytes are read as `UN` (long)
-/// by the parser, so they are long here too; anything else would let a corrupt VR
-/// hide a huge length from this scan.
-fn long_vr(vr: [u8; 2]) -> bool {
-    !matches!(
-        &vr,
-        b"AE"
-            | b"AS"
-            | b"AT"
-            | b"CS"
-            | b"DA"
-            | b"DS"
-            | b"DT"
-            | b"FL"
-            | b"FD"
-            | b"IS"
-            | b"LO"
-            | b"LT"
-            | b"PN"
-            | b"SH"
-            | b"SL"
-            | b"SS"
-            | b"ST"
-            | b"TM"
-            | b"UI"
-            | b"UL"
-            | b"US"
-    )
-}
-
-/// Walks the file meta group the way `dicom-object` reads it: the group length
-/// (0002,0000) comes first and says how many bytes of elements follow; the data set
-/// starts after them. Returns the transfer syntax UID and where the data set starts.
-fn scan_meta(bytes: &[u8]) -> Result<(String, usize), DecodeError> {
-    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
-        return Err(DecodeError::NotDicom(
-            "the 128-byte preamble and DICM marker are missing".into(),
-        ));
-    }
-    let not_meta = |m: &str| DecodeError::NotDicom(format!("invalid file meta group: {m}"));
-    let mut c = Cursor {
-        buf: bytes,
-        pos: 132,
-        big: false,
-        pending_len: 0,
-    };
-    let tag = explicit_header(&mut c)?;
-    if tag != Tag(0x0002, 0x0000) || c.pending_len != 4 {
-        return Err(not_meta("it does not start with its group length"));
-    }
-    let group_length = c.u32()? as usize;
-    let mut transfer_syntax = None;
-    let mut consumed = 0usize;
-    while consumed < group_length {
-        let header_start = c.pos;
-        let tag = explicit_header(&mut c)?;
-        let len = c.pending_len;
-        if len == UNDEFINED_LENGTH {
-            return Err(not_meta("an element has an undefined length"));
-        }
-        let len = len as usize;
-        if len > c.remaining() {
-            return Err(malformed(format!(
-                "file meta element ({:04X},{:04X}) claims {len} bytes but only {} remain",
-                tag.0,
-                tag.1,
-                c.remaining()
-            )));
-        }
-        if tag == Tag(0x0002, 0x0010) {
-            let v = &bytes[c.pos..c.pos + len];
-            transfer_syntax = Some(
-                String::from_utf8_lossy(v)
-                    .trim_matches(|ch: char| ch == '\0' || ch == ' ')
-                    .to_owned(),
-            );
-        }
-        c.pos += len;
-        consumed += c.pos - header_start;
-    }
-    let transfer_syntax = transfer_syntax.ok_or_else(|| not_meta("it has no transfer syntax"))?;
-    Ok((transfer_syntax, c.pos))
-}
-
-/// Reads an explicit VR little endian element header (as the file meta group is
-/// encoded), leaving its length in `c.pending_len`.
-fn explicit_header(c: &mut Cursor<'_>) -> Result<Tag, DecodeError> {
-    let group = c.u16()?;
-    let elem = c.u16()?;
-    if group == 0xFFFE {
-        c.pending_len = c.u32()?;
-        return Ok(Tag(group, elem));
-    }
-    let vr = c.take::<2>()?;
-    c.pending_len = if long_vr(vr) {
-        c.take::<2>()?;
-        c.u32()?
-    } else {
-        u32::from(c.u16()?)
-    };
-    Ok(Tag(group, elem))
-}
-
-/// Checks every element length of the data set against the bytes present and finds
-/// the top-level pixel data, without allocating for any value.
-fn scan_dataset(
-    bytes: &[u8],
-    start: usize,
-    ts: &TransferSyntax,
-) -> Result<Option<PixelSpan>, DecodeError> {
-    let mut pixel_data = None;
-    if let Codec::Dataset(Some(_)) = ts.codec() {
-        // A deflated data set (explicit VR little endian inside): inflate a bounded
-        // copy and scan that. Offsets then refer to the copy; only presence is used.
-        let mut inflated = Vec::new();
-        flate2::read::DeflateDecoder::new(&bytes[start..])
-            .take(MAX_INFLATED_BYTES as u64 + 1)
-            .read_to_end(&mut inflated)
-            .map_err(|e| malformed(format!("the deflated data set cannot be inflated: {e}")))?;
-        if inflated.len() > MAX_INFLATED_BYTES {
-            return Err(DecodeError::TooLarge {
-                bytes: inflated.len(),
-                limit: MAX_INFLATED_BYTES,
-            });
-        }
-        let mut c = Cursor {
-            buf: &inflated,
-            pos: 0,
-            big: false,
-            pending_len: 0,
+#[cfg(test)]
+impl InstanceHeader {
+    /// A header of one image that cannot be decoded, for tests of selection.
+    pub(crate) fn for_tests(image: SliceHeader) -> Self {
+        let plan = PixelPlan {
+            ts_uid: String::new(),
+            ts_name: String::new(),
+            storage: Storage::Deflated,
+            format: Err("test header".into()),
+            frame_rows: image.rows,
+            frame_cols: image.cols,
+            frames: 1,
         };
-        walk_dataset(&mut c, None, true, 0, &mut pixel_data)?;
-    } else {
-        let mut c = Cursor {
-            buf: bytes,
-            pos: start,
-            big: ts.endianness() == Endianness::Big,
-            pending_len: 0,
-        };
-        walk_dataset(&mut c, None, ts.uid() != IMPLICIT_VR_LE, 0, &mut pixel_data)?;
-    }
-    Ok(pixel_data)
-}
-
-fn walk_dataset(
-    c: &mut Cursor<'_>,
-    end: Option<usize>,
-    explicit: bool,
-    depth: usize,
-    pixel: &mut Option<PixelSpan>,
-) -> Result<(), DecodeError> {
-    loop {
-        match end {
-            Some(end) if c.pos == end => return Ok(()),
-            Some(end) if c.pos > end => {
-                return Err(malformed(format!(
-                    "an element crosses the end of its sequence item at byte {end}"
-                )));
-            }
-            // Top level: the data set ends with the file (a few stray padding bytes are
-            // tolerated, as other readers do).
-            None if depth == 0 && c.remaining() < 8 => return Ok(()),
-            None if c.remaining() == 0 => {
-                return Err(malformed("the file ends inside a sequence item".into()));
-            }
-            _ => {}
-        }
-        let group = c.u16()?;
-        let elem = c.u16()?;
-        if group == 0xFFFE {
-            let _len = c.u32()?;
-            if elem == 0xE00D && end.is_none() && depth > 0 {
-                return Ok(());
-            }
-            return Err(malformed(format!(
-                "unexpected item tag (FFFE,{elem:04X}) inside a data set"
-            )));
-        }
-        let tag = Tag(group, elem);
-        let (vr, len) = if explicit {
-            let vr = c.take::<2>()?;
-            let len = if long_vr(vr) {
-                c.take::<2>()?;
-                c.u32()?
-            } else {
-                u32::from(c.u16()?)
-            };
-            (Some(vr), len)
-        } else {
-            (None, c.u32()?)
-        };
-        let is_pixel_tag = tag == tags::PIXEL_DATA;
-        if len == UNDEFINED_LENGTH {
-            if is_pixel_tag || matches!(vr.as_ref(), Some(b"OB") | Some(b"OW")) {
-                let total = walk_fragments(c, depth == 0 && is_pixel_tag)?;
-                if depth == 0 && is_pixel_tag {
-                    *pixel = Some(PixelSpan::Encapsulated { len: total });
-                }
-            } else {
-                // SQ, or UN / implicit VR of undefined length: a sequence, whose
-                // content is implicit VR little endian when the VR is UN.
-                let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
-                walk_sequence(c, None, inner_explicit, depth + 1)?;
-            }
-            continue;
-        }
-        let len = len as usize;
-        let limit = end.map_or(c.remaining(), |e| e.saturating_sub(c.pos));
-        if len > limit {
-            if depth == 0 && is_pixel_tag {
-                return Err(DecodeError::TruncatedPixelData {
-                    expected: len,
-                    present: limit,
-                });
-            }
-            return Err(malformed(format!(
-                "element ({:04X},{:04X}) claims {len} bytes but only {limit} remain",
-                tag.0, tag.1
-            )));
-        }
-        let is_sequence = match vr {
-            Some(vr) => &vr == b"SQ",
-            // Implicit VR: the parser takes the VR from the dictionary, so do the same.
-            None => {
-                !is_pixel_tag
-                    && StandardDataDictionary
-                        .by_tag(tag)
-                        .is_some_and(|e| e.vr().relaxed() == VR::SQ)
-            }
-        };
-        if is_sequence {
-            walk_sequence(c, Some(c.pos + len), explicit, depth + 1)?;
-        } else {
-            if depth == 0 && is_pixel_tag {
-                *pixel = Some(PixelSpan::Native { offset: c.pos, len });
-            }
-            c.pos += len;
+        InstanceHeader {
+            images: vec![image],
+            plan,
         }
     }
 }
 
-fn walk_sequence(
-    c: &mut Cursor<'_>,
-    end: Option<usize>,
-    explicit: bool,
-    depth: usize,
-) -> Result<(), DecodeError> {
-    if depth > MAX_DEPTH {
-        return Err(malformed(format!(
-            "sequences are nested more than {MAX_DEPTH} levels deep"
-        )));
-    }
-    let mut ignored = None;
-    loop {
-        if let Some(end) = end {
-            if c.pos == end {
-                return Ok(());
-            }
-            if c.pos > end {
-                return Err(malformed(
-                    "a sequence item crosses the end of its sequence".into(),
-                ));
-            }
-        }
-        let group = c.u16()?;
-        let elem = c.u16()?;
-        let len = c.u32()?;
-        match (group, elem) {
-            (0xFFFE, 0xE000) if len == UNDEFINED_LENGTH => {
-                walk_dataset(c, None, explicit, depth, &mut ignored)?;
-            }
-            (0xFFFE, 0xE000) => {
-                let len = len as usize;
-                let limit = end.map_or(c.remaining(), |e| e.saturating_sub(c.pos));
-                if len > limit {
-                    return Err(malformed(format!(
-                        "a sequence item claims {len} bytes but only {limit} remain"
-                    )));
-                }
-                walk_dataset(c, Some(c.pos + len), explicit, depth, &mut ignored)?;
-            }
-            (0xFFFE, 0xE0DD) if end.is_none() => return Ok(()),
-            _ => {
-                return Err(malformed(format!(
-                    "expected a sequence item, found ({group:04X},{elem:04X})"
-                )));
-            }
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Walks encapsulated pixel data fragments; returns their total length.
-fn walk_fragments(c: &mut Cursor<'_>, top_pixel: bool) -> Result<usize, DecodeError> {
-    let mut total = 0usize;
-    loop {
-        if top_pixel && c.remaining() < 8 {
-            return Err(DecodeError::TruncatedPixelData {
-                expected: total + 8,
-                present: total + c.remaining(),
-            });
-        }
-        let group = c.u16()?;
-        let elem = c.u16()?;
-        let len = c.u32()?;
-        match (group, elem) {
-            (0xFFFE, 0xE000) if len != UNDEFINED_LENGTH => {
-                let len = len as usize;
-                if len > c.remaining() {
-                    if top_pixel {
-                        return Err(DecodeError::TruncatedPixelData {
-                            expected: total + len,
-                            present: total + c.remaining(),
-                        });
-                    }
-                    return Err(malformed(format!(
-                        "a pixel data fragment claims {len} bytes but only {} remain",
-                        c.remaining()
-                    )));
-                }
-                c.pos += len;
-                total += len;
-            }
-            (0xFFFE, 0xE0DD) => return Ok(total),
-            _ => {
-                return Err(malformed(format!(
-                    "expected a pixel data fragment, found ({group:04X},{elem:04X})"
-                )));
-            }
-        }
+    #[test]
+    fn j2k_siz_is_read_from_codestream_and_jp2() {
+        let mut cs = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        cs.extend_from_slice(&[0; 32]);
+        cs.extend_from_slice(&[0, 1]);
+        cs.push(0x80 | 12); // signed, 13 bits
+        cs.extend_from_slice(&[1, 1]);
+        assert_eq!(j2k_component_format(&cs), Some((13, true)));
+        let mut jp2 = b"\0\0\0\x0cjP  \r\n\x87\n....jp2c".to_vec();
+        cs[42] = 15; // unsigned, 16 bits
+        jp2.extend_from_slice(&cs);
+        assert_eq!(j2k_component_format(&jp2), Some((16, false)));
+        assert_eq!(j2k_component_format(&cs[..30]), None);
+        assert_eq!(j2k_component_format(b"nothing here"), None);
     }
 }

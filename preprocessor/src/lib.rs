@@ -1,10 +1,29 @@
 //! Turns a stored DICOM series into model-ready volumes.
+//!
+//! # Layout
+//!
+//! - [`decode`] reads one file: its images' headers, then their pixels in physical
+//!   units; `scan` checks a file's structure before anything parses it,
+//!   `mosaic` cuts Siemens mosaics into slices and [`jpeg_lossless`] decodes the
+//!   commonest compressed syntax fast.
+//! - [`select`] decides which images of a series make its volume (and why the others
+//!   do not); [`geometry`] orders them along the slice normal and plans the regular
+//!   grid; [`convert`] decodes the chosen images straight into that grid.
+//! - [`preset`] turns the native volume into a model's input (axis order, spacing,
+//!   crop or pad, then [`normalize`]) through [`resample`].
+//! - [`nifti`] writes and reads NIfTI-1 in memory; [`volume`] is the value they share.
+//! - [`worker`] is the pipeline stage; [`synth`] writes test phantoms.
 pub mod convert;
 pub mod decode;
 pub mod geometry;
+pub mod jpeg_lossless;
+mod mosaic;
 pub mod nifti;
 pub mod normalize;
+pub mod preset;
 pub mod resample;
+mod scan;
+pub mod select;
 pub mod synth;
 pub mod volume;
 pub mod worker;

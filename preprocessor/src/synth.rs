@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use dicom_core::value::C;
+use dicom_core::value::{C, DataSetSequence};
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
@@ -79,6 +79,11 @@ pub struct PhantomSpec {
     /// Gantry tilt about the x axis, degrees: the image planes tilt (IOP column cosine)
     /// while slice positions step along z only.
     pub tilt_deg: f64,
+    /// Write one Enhanced CT multi-frame object instead of one file per slice: per-frame
+    /// positions and a per-frame rescale intercept that differs between frames (the
+    /// stored values differ, the HU do not); with `shuffle`, frames are stored out of
+    /// position order.
+    pub enhanced: bool,
 }
 
 impl Default for PhantomSpec {
@@ -92,6 +97,7 @@ impl Default for PhantomSpec {
             seed: 1,
             transfer_syntax: SynthSyntax::ExplicitLittle,
             tilt_deg: 0.0,
+            enhanced: false,
         }
     }
 }
@@ -257,6 +263,10 @@ pub fn write_series(spec: &PhantomSpec, out_dir: &Path) -> Result<PhantomTruth, 
         px,
     };
 
+    if spec.enhanced {
+        let counts = write_enhanced(&common, &sop_uids[0], &instance_numbers, ipp, out_dir)?;
+        return Ok(truth(spec, counts, px, tilt, study_uid, series_uid, 1));
+    }
     let counts = (0..n)
         .into_par_iter()
         .map(|k| -> Result<[u64; 4], SynthError> {
@@ -275,7 +285,20 @@ pub fn write_series(spec: &PhantomSpec, out_dir: &Path) -> Result<PhantomTruth, 
             Ok(counts)
         })
         .try_reduce(|| [0; 4], |a, b| Ok(std::array::from_fn(|i| a[i] + b[i])))?;
+    Ok(truth(spec, counts, px, tilt, study_uid, series_uid, n))
+}
 
+fn truth(
+    spec: &PhantomSpec,
+    counts: [u64; 4],
+    px: f64,
+    tilt: f64,
+    study_uid: String,
+    series_uid: String,
+    files: usize,
+) -> PhantomTruth {
+    let n = spec.slices;
+    let size = spec.size;
     let normal_spacing = spec.slice_spacing_mm * tilt.cos();
     let voxel_volume_ml = px * px * normal_spacing / 1000.0;
     let volumes_ml = Tissue::ALL
@@ -287,16 +310,229 @@ pub fn write_series(spec: &PhantomSpec, out_dir: &Path) -> Result<PhantomTruth, 
             )
         })
         .collect();
-    Ok(PhantomTruth {
+    PhantomTruth {
         study_uid,
         series_uid,
         dims: [size, size, n],
         spacing: [px, px, normal_spacing],
         voxel_volume_ml,
         volumes_ml,
-        files: n,
+        files,
         centre_z_mm: CENTRE_Z_MM,
-    })
+    }
+}
+
+/// Per-frame rescale intercept of the enhanced phantom: it varies so that a reader
+/// that applies one rescale to every frame is caught.
+fn frame_intercept(k: usize) -> f64 {
+    -1024.0 - 16.0 * (k % 3) as f64
+}
+
+/// Writes the whole series as one Enhanced CT Image object; returns the tissue counts.
+fn write_enhanced(
+    c: &Common<'_>,
+    sop_uid: &str,
+    instance_numbers: &[usize],
+    ipp: impl Fn(usize) -> [f64; 3] + Sync,
+    out_dir: &Path,
+) -> Result<[u64; 4], SynthError> {
+    let spec = c.spec;
+    let n = spec.slices;
+    let px = c.px;
+    let iop = &c.iop;
+    let (row_dir, col_dir) = ([iop[0], iop[1], iop[2]], [iop[3], iop[4], iop[5]]);
+    // Frame f holds slice order[f]: shuffled frames are stored out of position order.
+    let mut order: Vec<usize> = (0..n).collect();
+    if spec.shuffle {
+        let mut by_number: Vec<(usize, usize)> =
+            instance_numbers.iter().copied().zip(0..n).collect();
+        by_number.sort();
+        order = by_number.into_iter().map(|(_, k)| k).collect();
+    }
+    let slices: Vec<(Vec<u16>, [u64; 4])> = order
+        .par_iter()
+        .map(|&k| {
+            let (pixels, counts) = slice_pixels(spec, ipp(k), row_dir, col_dir, px, k);
+            // Stored = HU + 1024 from slice_pixels; re-base on this frame's intercept.
+            let shift = (-1024.0 - frame_intercept(k)) as i32;
+            let pixels = pixels
+                .into_iter()
+                .map(|p| (i32::from(p as i16) + shift) as i16 as u16)
+                .collect();
+            (pixels, counts)
+        })
+        .collect();
+    let mut counts = [0u64; 4];
+    let mut data = Vec::with_capacity(n * spec.size * spec.size);
+    for (pixels, c) in slices {
+        data.extend_from_slice(&pixels);
+        for i in 0..4 {
+            counts[i] += c[i];
+        }
+    }
+
+    let item = |elements: Vec<DataElement<InMemDicomObject>>| {
+        InMemDicomObject::from_element_iter(elements)
+    };
+    let text = |tag: Tag, vr: VR, v: &str| DataElement::new(tag, vr, PrimitiveValue::from(v));
+    let seq = |tag: Tag, items: Vec<InMemDicomObject>| {
+        DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+    };
+    let shared = item(vec![
+        seq(
+            tags::PIXEL_MEASURES_SEQUENCE,
+            vec![item(vec![
+                text(tags::PIXEL_SPACING, VR::DS, &ds_list(&[px, px])),
+                text(tags::SLICE_THICKNESS, VR::DS, &ds(spec.slice_spacing_mm)),
+            ])],
+        ),
+        seq(
+            tags::PLANE_ORIENTATION_SEQUENCE,
+            vec![item(vec![text(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                &ds_list(iop),
+            )])],
+        ),
+        seq(
+            tags::CT_IMAGE_FRAME_TYPE_SEQUENCE,
+            vec![item(vec![text(
+                tags::FRAME_TYPE,
+                VR::CS,
+                "ORIGINAL\\PRIMARY\\AXIAL\\NONE",
+            )])],
+        ),
+    ]);
+    let per_frame: Vec<InMemDicomObject> = order
+        .iter()
+        .map(|&k| {
+            item(vec![
+                seq(
+                    tags::FRAME_CONTENT_SEQUENCE,
+                    vec![item(vec![
+                        text(tags::STACK_ID, VR::SH, "1"),
+                        // Numbered from the top of the stack down, as scanners do.
+                        DataElement::new(
+                            tags::IN_STACK_POSITION_NUMBER,
+                            VR::UL,
+                            PrimitiveValue::from((n - k) as u32),
+                        ),
+                        DataElement::new(
+                            tags::DIMENSION_INDEX_VALUES,
+                            VR::UL,
+                            PrimitiveValue::U32(C::from_vec(vec![1, (n - k) as u32])),
+                        ),
+                    ])],
+                ),
+                seq(
+                    tags::PLANE_POSITION_SEQUENCE,
+                    vec![item(vec![text(
+                        tags::IMAGE_POSITION_PATIENT,
+                        VR::DS,
+                        &ds_list(&ipp(k)),
+                    )])],
+                ),
+                seq(
+                    tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+                    vec![item(vec![
+                        text(tags::RESCALE_INTERCEPT, VR::DS, &ds(frame_intercept(k))),
+                        text(tags::RESCALE_SLOPE, VR::DS, "1"),
+                        text(tags::RESCALE_TYPE, VR::LO, "HU"),
+                    ])],
+                ),
+            ])
+        })
+        .collect();
+    let dimension = |pointer: Tag| {
+        item(vec![
+            DataElement::new(
+                tags::DIMENSION_INDEX_POINTER,
+                VR::AT,
+                PrimitiveValue::Tags(C::from_vec(vec![pointer])),
+            ),
+            DataElement::new(
+                tags::FUNCTIONAL_GROUP_POINTER,
+                VR::AT,
+                PrimitiveValue::Tags(C::from_vec(vec![tags::FRAME_CONTENT_SEQUENCE])),
+            ),
+        ])
+    };
+
+    let mut obj = InMemDicomObject::new_empty();
+    let mut put = |e: DataElement<InMemDicomObject>| {
+        obj.put(e);
+    };
+    put(text(
+        tags::IMAGE_TYPE,
+        VR::CS,
+        "ORIGINAL\\PRIMARY\\AXIAL\\NONE",
+    ));
+    put(text(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        uids::ENHANCED_CT_IMAGE_STORAGE,
+    ));
+    put(text(tags::SOP_INSTANCE_UID, VR::UI, sop_uid));
+    for tag in [tags::STUDY_DATE, tags::SERIES_DATE, tags::CONTENT_DATE] {
+        put(text(tag, VR::DA, c.date));
+    }
+    for tag in [tags::STUDY_TIME, tags::SERIES_TIME, tags::CONTENT_TIME] {
+        put(text(tag, VR::TM, c.time));
+    }
+    put(text(
+        tags::ACQUISITION_DATE_TIME,
+        VR::DT,
+        &format!("{}{}", c.date, c.time),
+    ));
+    put(text(tags::ACCESSION_NUMBER, VR::SH, ""));
+    put(text(tags::MODALITY, VR::CS, "CT"));
+    put(text(tags::MANUFACTURER, VR::LO, "radflow"));
+    put(text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""));
+    put(text(tags::SERIES_DESCRIPTION, VR::LO, "radflow phantom"));
+    put(text(tags::PATIENT_NAME, VR::PN, "PHANTOM^RADFLOW"));
+    put(text(tags::PATIENT_ID, VR::LO, "RADFLOW-PHANTOM"));
+    put(text(tags::BODY_PART_EXAMINED, VR::CS, "ABDOMEN"));
+    put(text(tags::STUDY_INSTANCE_UID, VR::UI, c.study_uid));
+    put(text(tags::SERIES_INSTANCE_UID, VR::UI, c.series_uid));
+    put(text(tags::FRAME_OF_REFERENCE_UID, VR::UI, c.frame_uid));
+    put(text(tags::SERIES_NUMBER, VR::IS, "1"));
+    put(text(tags::INSTANCE_NUMBER, VR::IS, "1"));
+    put(text(tags::NUMBER_OF_FRAMES, VR::IS, &n.to_string()));
+    put(text(
+        tags::PHOTOMETRIC_INTERPRETATION,
+        VR::CS,
+        "MONOCHROME2",
+    ));
+    put(seq(
+        tags::DIMENSION_INDEX_SEQUENCE,
+        vec![
+            dimension(tags::STACK_ID),
+            dimension(tags::IN_STACK_POSITION_NUMBER),
+        ],
+    ));
+    put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+    put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
+    let size = spec.size as u16;
+    for (tag, v) in [
+        (tags::SAMPLES_PER_PIXEL, 1),
+        (tags::ROWS, size),
+        (tags::COLUMNS, size),
+        (tags::BITS_ALLOCATED, 16),
+        (tags::BITS_STORED, 16),
+        (tags::HIGH_BIT, 15),
+        (tags::PIXEL_REPRESENTATION, 1),
+    ] {
+        put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+    }
+    put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U16(C::from_vec(data)),
+    ));
+    let bytes = finish(obj, uids::ENHANCED_CT_IMAGE_STORAGE, sop_uid, spec)?;
+    let path = out_dir.join("enhanced.dcm");
+    std::fs::write(&path, bytes).map_err(|source| SynthError::Io { path, source })?;
+    Ok(counts)
 }
 
 fn validate(spec: &PhantomSpec) -> Result<(), SynthError> {
@@ -439,9 +675,19 @@ fn encode(c: &Common<'_>, s: Slice<'_>) -> Result<Vec<u8>, SynthError> {
         PrimitiveValue::U16(C::from_vec(s.pixels)),
     ));
 
+    finish(obj, uids::CT_IMAGE_STORAGE, s.sop_uid, spec)
+}
+
+/// Adds the file meta group and encodes a Part-10 file.
+fn finish(
+    obj: InMemDicomObject,
+    sop_class: &str,
+    sop_uid: &str,
+    spec: &PhantomSpec,
+) -> Result<Vec<u8>, SynthError> {
     let meta = FileMetaTableBuilder::new()
-        .media_storage_sop_class_uid(uids::CT_IMAGE_STORAGE)
-        .media_storage_sop_instance_uid(s.sop_uid)
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_uid)
         .transfer_syntax(spec.transfer_syntax.uid())
         .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
         .implementation_version_name(IMPLEMENTATION_VERSION_NAME)

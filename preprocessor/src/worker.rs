@@ -1,16 +1,24 @@
 //! The preprocessor stage: a ready series in, one model-ready volume per preset and
 //! one inference job per routed model out.
 //!
-//! `handle` reads the series' instances from the store, decodes them, builds the
-//! native volume (ordered along the slice normal, in HU for CT), asks the registry
-//! which models want it, and for each preset resamples, normalizes and writes
-//! `volumes/<series>/<preset>/volume.nii.gz` + `meta.json`. Jobs are published only
-//! after the files are written; the message is acked after the jobs are published.
-//! Every key and message id is a function of the series, revision and model, so a
-//! redelivered message redoes the same writes and its jobs are deduplicated.
+//! `handle` fetches the series' instances from the store and reads their headers,
+//! chooses the images of the volume and plans its grid ([`convert::plan_series`]),
+//! decodes them straight into the native volume (ordered along the slice normal, in HU
+//! for CT), asks the registry which models want it, and for each preset prepares the
+//! model input ([`preset`]) and writes `volumes/<series>/<preset>/volume.nii.gz` +
+//! `meta.json`. Jobs are published only after the files are written; the message is
+//! acked after the jobs are published. Every key and message id is a function of the
+//! series, revision and model, so a redelivered message redoes the same writes and its
+//! jobs are deduplicated.
+//!
+//! A series that is not a volume (reports, scouts, too few slices) is acked as
+//! skipped, with the reason logged; a series that should be a volume but cannot be
+//! (undecodable, truncated, missing positions, ambiguous stacks) is dead-lettered with
+//! the code of [`ConvertError::code`]; a missing slice only marks the volume
+//! *suspect incomplete*, in `meta.json` and in each job.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -25,10 +33,11 @@ use radflow_shared::worker::{HandleError, Handler, Outcome, WorkerConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::decode::{self, DecodeError, DecodedSlice};
-use crate::geometry::{self, GeometryOptions};
+use crate::convert::{self, ConvertError, SeriesPlan};
+use crate::decode::{self, DecodeError, InstanceHeader};
+use crate::geometry::GeometryOptions;
+use crate::preset;
 use crate::volume::Grid;
-use crate::{convert, resample};
 
 /// Stage name in metrics, logs and `radflow.dlq.preprocessor`.
 pub const STAGE: &str = "preprocessor";
@@ -53,6 +62,9 @@ pub struct VolumeMeta {
     pub volume: Grid,
     pub slices: usize,
     pub warnings: Vec<String>,
+    /// Why the series may be missing slices, if it may (see `VolumeReady`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_incomplete: Option<String>,
 }
 
 /// The preprocessor's dependencies.
@@ -78,19 +90,18 @@ pub async fn run(pre: Arc<Preprocessor>, config: WorkerConfig, shutdown: Cancell
     radflow_shared::worker::run(bus, pre, config, metrics, shutdown).await
 }
 
+/// A series' files as fetched: store key, bytes and header.
+type Fetched = Vec<(String, Bytes, Result<InstanceHeader, DecodeError>)>;
+
 impl Preprocessor {
     fn transient(&self, e: impl Into<anyhow::Error>) -> HandleError {
         self.metrics.store_error(STAGE);
         HandleError::Transient(e.into())
     }
 
-    /// Fetches and decodes every instance of the series; non-image objects are left
-    /// out with a warning, any other decoding failure fails the series.
-    async fn load_slices(
-        &self,
-        ev: &SeriesReady,
-        warnings: &mut Vec<String>,
-    ) -> Result<Vec<DecodedSlice>, HandleError> {
+    /// Fetches every instance of the series and reads its header as it arrives; the
+    /// pixels are decoded later, straight into the volume.
+    async fn fetch(&self, ev: &SeriesReady) -> Result<Fetched, HandleError> {
         let listed = self
             .store
             .list_instances(&ev.study_uid, &ev.series_uid)
@@ -103,27 +114,38 @@ impl Preprocessor {
             ));
         }
         let store = self.store.clone();
-        // Each file is decoded as soon as it arrives, so the compressed bytes of the
-        // whole series are never all in memory at once.
-        let results: Vec<(String, Result<DecodedSlice, DecodeError>)> =
-            futures::stream::iter(listed)
-                .map(|obj| {
-                    let store = store.clone();
-                    async move {
-                        let bytes: Bytes = store.get(&obj.key).await?;
-                        let decoded =
-                            tokio::task::spawn_blocking(move || decode::read_slice(&bytes))
-                                .await
-                                .map_err(anyhow::Error::from)?;
-                        Ok::<_, anyhow::Error>((obj.key, decoded))
-                    }
-                })
-                .buffer_unordered(FETCH_CONCURRENCY)
-                .try_collect()
-                .await
-                .map_err(|e| self.transient(e))?;
-        convert::collect_slices(results, warnings)
-            .map_err(|e| HandleError::permanent(e.code(), e.to_string()))
+        let mut fetched: Fetched = futures::stream::iter(listed)
+            .map(|obj| {
+                let store = store.clone();
+                async move {
+                    let bytes: Bytes = store.get(&obj.key).await?;
+                    let (bytes, header) = tokio::task::spawn_blocking(move || {
+                        let header = decode::read_header(&bytes);
+                        (bytes, header)
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                    Ok::<_, anyhow::Error>((obj.key, bytes, header))
+                }
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await
+            .map_err(|e| self.transient(e))?;
+        fetched.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(fetched)
+    }
+}
+
+/// How a conversion failure settles the message: skipped when the series is simply
+/// not a volume, retried when a file could not be read, dead-lettered otherwise.
+fn settle(e: ConvertError) -> Result<Outcome, HandleError> {
+    if e.is_not_a_volume() {
+        Ok(Outcome::Skipped(format!("{e} ({})", e.code())))
+    } else if e.is_transient() {
+        Err(HandleError::Transient(anyhow::Error::new(e)))
+    } else {
+        Err(HandleError::permanent(e.code(), e.to_string()))
     }
 }
 
@@ -136,22 +158,44 @@ impl Handler for Preprocessor {
     async fn handle(&self, delivery: &Delivery) -> Result<Outcome, HandleError> {
         let ev: SeriesReady = events::decode(&delivery.payload)
             .map_err(|e| HandleError::permanent("bad_event", e.to_string()))?;
-        let mut warnings = Vec::new();
 
         let t = Instant::now();
-        let slices = self.load_slices(&ev, &mut warnings).await?;
+        let fetched = self.fetch(&ev).await?;
         self.metrics
-            .phase_time(STAGE, "fetch_decode", t.elapsed().as_secs_f64());
+            .phase_time(STAGE, "fetch", t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        let opts = self.geometry.clone();
-        let built = tokio::task::spawn_blocking(move || geometry::build_volume(slices, &opts))
-            .await
-            .map_err(|e| HandleError::Transient(e.into()))?
-            .map_err(|e| HandleError::permanent("bad_geometry", e.to_string()))?;
+        let mut names = Vec::with_capacity(fetched.len());
+        let mut headers = Vec::with_capacity(fetched.len());
+        let mut files = Vec::with_capacity(fetched.len());
+        for (name, bytes, header) in fetched {
+            names.push(name);
+            headers.push(header);
+            files.push(Mutex::new(Some(bytes)));
+        }
+        let plan: SeriesPlan = match convert::plan_series(names, headers, &self.geometry) {
+            Ok(plan) => plan,
+            Err(e) => return settle(e),
+        };
+        let built = tokio::task::spawn_blocking(move || {
+            convert::assemble(plan, |f| {
+                Ok(files[f]
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .expect("each file is loaded once"))
+            })
+        })
+        .await
+        .map_err(|e| HandleError::Transient(e.into()))?;
+        let built = match built {
+            Ok(built) => built,
+            Err(e) => return settle(e),
+        };
         self.metrics
-            .phase_time(STAGE, "build", t.elapsed().as_secs_f64());
-        warnings.extend(built.report.warnings.iter().cloned());
+            .phase_time(STAGE, "decode_build", t.elapsed().as_secs_f64());
+        let warnings = built.report.warnings.clone();
+        let suspect_incomplete = built.report.suspect_incomplete.clone();
 
         let facts = SeriesFacts {
             modality: &built.report.modality,
@@ -186,9 +230,10 @@ impl Handler for Preprocessor {
                 modality: built.report.modality.clone(),
                 preset: preset.clone(),
                 source: native.grid.clone(),
-                volume: resample::grid_with_spacing(&native.grid, preset.spacing),
+                volume: preset::input_grid(&native.grid, preset),
                 slices: built.report.slices,
                 warnings: warnings.clone(),
+                suspect_incomplete: suspect_incomplete.clone(),
             };
             let target = meta.volume.clone();
             let nii = tokio::task::spawn_blocking(move || {
@@ -236,6 +281,7 @@ impl Handler for Preprocessor {
                 volume_key,
                 meta_key,
                 warnings: warnings.clone(),
+                suspect_incomplete: suspect_incomplete.clone(),
             };
             publish_event(&*self.bus, &job).await.map_err(|e| {
                 self.metrics.bus_error(STAGE);
@@ -247,6 +293,7 @@ impl Handler for Preprocessor {
             revision = ev.revision,
             slices = built.report.slices,
             models = models.len(),
+            suspect_incomplete = suspect_incomplete.is_some(),
             "volume ready"
         );
         Ok(Outcome::Done)

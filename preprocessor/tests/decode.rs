@@ -187,9 +187,43 @@ fn eight_bit_monochrome1_is_inverted() {
 }
 
 #[test]
-fn padding_is_set_to_the_image_minimum() {
+fn padding_becomes_air_in_ct_and_the_minimum_elsewhere() {
+    let padded = |modality: &str| {
+        let (mut o, values) = ct();
+        o.put(DataElement::new(
+            tags::MODALITY,
+            VR::CS,
+            PrimitiveValue::from(modality),
+        ));
+        // Stored padding value -2000 (PixelRepresentation signed): the -3024 pixel.
+        o.put(DataElement::new(
+            tags::PIXEL_PADDING_VALUE,
+            VR::SS,
+            PrimitiveValue::from(-2000i16),
+        ));
+        let raw: Vec<u16> = values.iter().map(|v| (*v + 1024) as u16).collect();
+        put_u16_pixels(&mut o, &raw);
+        (
+            read_slice(&file(o, uids::EXPLICIT_VR_LITTLE_ENDIAN)).unwrap(),
+            values,
+        )
+    };
+    let at = |values: &[i16]| values.iter().position(|v| *v == -3024).unwrap();
+    let (s, values) = padded("CT");
+    let i = at(&values);
+    assert_eq!(s.pixels[i], -1024.0);
+    let mut rest = hu(&values);
+    rest[i] = -1024.0;
+    assert_eq!(s.pixels, rest);
+
+    // Elsewhere: the smallest other value of the image (-1000 here).
     let (mut o, mut values) = ct();
-    // Stored padding value -2000 (PixelRepresentation signed): HU -3024 pixels.
+    values[0] = -1000;
+    o.put(DataElement::new(
+        tags::MODALITY,
+        VR::CS,
+        PrimitiveValue::from("PT"),
+    ));
     o.put(DataElement::new(
         tags::PIXEL_PADDING_VALUE,
         VR::SS,
@@ -198,13 +232,7 @@ fn padding_is_set_to_the_image_minimum() {
     let raw: Vec<u16> = values.iter().map(|v| (*v + 1024) as u16).collect();
     put_u16_pixels(&mut o, &raw);
     let s = read_slice(&file(o, uids::EXPLICIT_VR_LITTLE_ENDIAN)).unwrap();
-    // -3024 HU (stored -2000) was padding; the minimum of the rest is -1024.
-    for v in values.iter_mut() {
-        if *v == -3024 {
-            *v = -1024;
-        }
-    }
-    assert_eq!(s.pixels, hu(&values));
+    assert_eq!(s.pixels[at(&values)], -1000.0);
 }
 
 #[test]

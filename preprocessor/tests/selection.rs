@@ -1,0 +1,92 @@
+//! Series selection on real files shipped by pydicom and nibabel: what is not a slice
+//! of a grey-scale volume is left out with its reason, and a series with nothing
+//! usable is "not a volume", with the same reasons `radflow volume` prints.
+
+mod common;
+
+use common::{TempDir, native, package_data};
+
+#[test]
+fn reports_colour_projections_and_objects_are_left_out() {
+    let (pydicom_data, nibabel_data) = package_data();
+    let t = TempDir::new("select-mixed");
+    let series = t.path("series");
+    let ct = pydicom_data.join("CT_small.dcm");
+    common::reference(
+        &[
+            "replicate",
+            ct.to_str().unwrap(),
+            series.to_str().unwrap(),
+            "5",
+            "1.5",
+        ],
+        None,
+    );
+    let others = [
+        pydicom_data.join("reportsi.dcm"), // structured report: no pixels
+        pydicom_data.join("waveform_ecg.dcm"), // waveform: no pixels
+        pydicom_data.join("examples_rgb_color.dcm"), // ultrasound, colour
+        pydicom_data.join("liver_1frame.dcm"), // segmentation, 1-bit
+        pydicom_data.join("rtdose.dcm"),   // RT dose grid, 15 frames
+        nibabel_data.join("slicethickness_empty_string.dcm"), // MR MIP (J2K)
+    ];
+    for f in &others {
+        std::fs::copy(f, series.join(f.file_name().unwrap())).unwrap();
+    }
+    let built = native(&series).unwrap();
+    assert_eq!(built.volume.grid.dims, [128, 128, 5]);
+    let notes = built.report.warnings.join(" | ");
+    for want in [
+        "2 image(s) without pixel data left out (Basic Text SR Storage, 12-lead ECG Waveform Storage)",
+        "not cross-sectional left out (Ultrasound Image Storage, Segmentation Storage, RT Dose Storage)",
+        "1 image(s) projection (MIP) left out (MR Image Storage)",
+    ] {
+        assert!(notes.contains(want), "{want:?} not in {notes}");
+    }
+}
+
+#[test]
+fn nothing_usable_is_not_a_volume() {
+    let (pydicom_data, nibabel_data) = package_data();
+    let t = TempDir::new("select-none");
+    let only = |name: &str, files: &[std::path::PathBuf]| {
+        let dir = t.dir(name);
+        for f in files {
+            std::fs::copy(f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+        native(&dir).unwrap_err()
+    };
+    let e = only(
+        "reports",
+        &[
+            pydicom_data.join("reportsi.dcm"),
+            pydicom_data.join("test-SR.dcm"),
+        ],
+    );
+    assert!(e.is_not_a_volume(), "{e}");
+    assert_eq!(e.code(), "no_images");
+    let e = only(
+        "mip",
+        &[nibabel_data.join("slicethickness_empty_string.dcm")],
+    );
+    assert_eq!(e.code(), "projection");
+    assert!(
+        e.to_string()
+            .starts_with("not a volume: none of its 1 image(s)"),
+        "{e}"
+    );
+    let e = only("colour", &[pydicom_data.join("examples_rgb_color.dcm")]);
+    assert_eq!(e.code(), "not_cross_sectional");
+    // One CT image is an image, not a volume.
+    let e = only("single", &[pydicom_data.join("CT_small.dcm")]);
+    assert!(e.is_not_a_volume(), "{e}");
+    assert_eq!(e.code(), "too_few_slices");
+    assert!(
+        e.to_string()
+            .contains("1 image(s) 128x128 axial at 1 position(s)"),
+        "{e}"
+    );
+    // A file whose pixels were stripped (nibabel's CSA test file) is no image either.
+    let e = only("stripped", &[nibabel_data.join("csa_slice_norm.dcm")]);
+    assert_eq!(e.code(), "no_images");
+}

@@ -97,6 +97,12 @@ pub struct SliceHeader {
     pub body_part: String,
     /// Series Description (0008,103E), may be empty.
     pub series_description: String,
+    /// Study Instance UID (0020,000D).
+    pub study_uid: String,
+    /// Series Instance UID (0020,000E).
+    pub series_uid: String,
+    /// Study Date (0008,0020) as `YYYYMMDD`, may be empty (selection by date).
+    pub study_date: String,
     /// Image Type (0008,0008) values, e.g. `["ORIGINAL", "PRIMARY", "AXIAL"]`; for a
     /// frame of an enhanced object, its Frame Type (0008,9007) when present.
     pub image_type: Vec<String>,
@@ -757,6 +763,9 @@ fn read_images(
         modality: text(obj, tags::MODALITY),
         body_part: text(obj, tags::BODY_PART_EXAMINED),
         series_description: text(obj, tags::SERIES_DESCRIPTION),
+        study_uid: text(obj, tags::STUDY_INSTANCE_UID),
+        series_uid: text(obj, tags::SERIES_INSTANCE_UID),
+        study_date: text(obj, tags::STUDY_DATE),
         image_type: strings(obj, tags::IMAGE_TYPE).unwrap_or_default(),
         photometric,
         samples_per_pixel: samples,

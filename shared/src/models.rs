@@ -74,10 +74,14 @@ pub struct ModelSpec {
     pub input: String,
     /// Name of the output tensor.
     pub output: String,
-    /// Memory layout of the input tensor. Only `NCDHW` is supported: batch, channel,
-    /// then the volume's slice (z), row (y) and column (x) axes.
-    #[serde(default = "default_layout")]
-    pub layout: String,
+    /// Memory layout of the input and output tensors: `NCDHW` (batch, channel, then
+    /// the volume's slice z, row y and column x axes) or channels-last `NDHWC`.
+    #[serde(default)]
+    pub layout: TensorLayout,
+    /// Element type of the input and output tensors: `float32` or `float16`
+    /// (half-precision exports; radflow converts on the way in and out).
+    #[serde(default)]
+    pub dtype: TensorDtype,
     /// Segmentation (per-voxel classes) or classification (per-volume classes).
     pub kind: ModelKind,
     /// Patch size in voxels, `[D, H, W]`; volumes larger than this are tiled.
@@ -88,21 +92,64 @@ pub struct ModelSpec {
     /// What fills a window where it reaches past the volume (small volumes, edges).
     #[serde(default)]
     pub padding: WindowPadding,
-    /// Windows per `session.run`.
+    /// Windows per `session.run` (segmentation), or jobs per `session.run`
+    /// (classification: jobs that arrive together are run as one batch).
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Classification: how long the first job of a batch waits for others, in
+    /// milliseconds, before the batch runs with the jobs it has.
+    #[serde(default = "default_batch_wait_ms")]
+    pub batch_wait_ms: u64,
+    /// Classification: how raw scores become probabilities before thresholds apply.
+    #[serde(default)]
+    pub activation: Activation,
     /// How the volume is prepared for this model.
     pub preset: Preset,
-    /// Output classes, by output channel index.
-    #[serde(default)]
+    /// Output classes, by output channel index (`[[model.classes]]` is accepted as
+    /// another name, for classification models).
+    #[serde(default, alias = "classes")]
     pub labels: Vec<LabelSpec>,
     /// Which series this model is run on.
     #[serde(default)]
     pub route: Route,
 }
 
-fn default_layout() -> String {
-    "NCDHW".into()
+fn default_batch_wait_ms() -> u64 {
+    20
+}
+
+/// Memory layout of a model's tensors.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum TensorLayout {
+    /// Batch, channel, depth (z), height (y), width (x).
+    #[default]
+    #[serde(rename = "NCDHW")]
+    Ncdhw,
+    /// Channels last: batch, depth, height, width, channel.
+    #[serde(rename = "NDHWC")]
+    Ndhwc,
+}
+
+/// Element type of a model's input and output tensors.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorDtype {
+    #[default]
+    Float32,
+    Float16,
+}
+
+/// How a classification model's scores become probabilities.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Mutually exclusive classes: softmax over the scores.
+    #[default]
+    Softmax,
+    /// Independent findings (multi-label): a sigmoid per score.
+    Sigmoid,
+    /// The model already outputs what the thresholds compare with.
+    None,
 }
 fn default_overlap() -> f64 {
     0.25
@@ -144,6 +191,58 @@ pub struct Preset {
     pub spacing: [f64; 3],
     /// Intensity normalization applied after resampling.
     pub normalization: Normalization,
+    /// Directions of the input's voxel axes `x, y, z` (the `W, H, D` of `NCDHW`) as
+    /// nibabel's axis codes, one letter per axis for the direction its index increases
+    /// towards: `RAS` (x to the patient's right, y anterior, z superior), `LPS`, `PIR`…
+    /// The volume is flipped and permuted to the closest such axes (an oblique scan
+    /// stays oblique). Without it the source's axes are kept: columns, rows, slices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orientation: Option<String>,
+    /// Input shape in voxels `[x, y, z]`: after resampling, the volume is cropped or
+    /// padded about its centre to this size. Without it the volume keeps its extent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<[usize; 3]>,
+    /// Value of voxels outside the scan (padding), in the volume's units before
+    /// normalization (HU for CT, e.g. -1024). Without it the nearest edge voxel is
+    /// repeated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_value: Option<f64>,
+    /// How values are resampled: `linear` (images) or `nearest` (masks, label maps).
+    #[serde(default, skip_serializing_if = "Interpolation::is_linear")]
+    pub interpolation: Interpolation,
+}
+
+/// Resampling interpolation of a preset.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// Trilinear, for images.
+    #[default]
+    Linear,
+    /// Nearest neighbour, for masks and label maps (no new values appear).
+    Nearest,
+}
+
+impl Interpolation {
+    fn is_linear(&self) -> bool {
+        *self == Interpolation::Linear
+    }
+}
+
+/// Whether `codes` are three axis codes, one of each pair L/R, A/P, S/I (any order).
+pub fn valid_axis_codes(codes: &str) -> bool {
+    let pairs = ["LR", "AP", "SI"];
+    let mut used = [false; 3];
+    codes.len() == 3
+        && codes
+            .chars()
+            .all(|c| match pairs.iter().position(|p| p.contains(c)) {
+                Some(i) if !used[i] => {
+                    used[i] = true;
+                    true
+                }
+                _ => false,
+            })
 }
 
 /// Intensity normalization presets.
@@ -316,13 +415,6 @@ impl Registry {
                     m.reference()
                 ));
             }
-            if m.layout != "NCDHW" {
-                return invalid(format!(
-                    "model {}: layout {:?} is not supported (only NCDHW)",
-                    m.reference(),
-                    m.layout
-                ));
-            }
             if m.patch.contains(&0) {
                 return invalid(format!("model {}: patch sizes must be > 0", m.reference()));
             }
@@ -332,8 +424,14 @@ impl Registry {
                     m.reference()
                 ));
             }
-            if m.batch_size == 0 {
-                return invalid(format!("model {}: batch_size must be > 0", m.reference()));
+            if !(1..=256).contains(&m.batch_size) {
+                return invalid(format!(
+                    "model {}: batch_size must be between 1 and 256",
+                    m.reference()
+                ));
+            }
+            if let Err(msg) = m.check_outputs() {
+                return invalid(format!("model {}: {msg}", m.reference()));
             }
             if !is_token(&m.preset.name, true) {
                 return invalid(format!(
@@ -349,6 +447,29 @@ impl Registry {
             {
                 return invalid(format!(
                     "model {}: preset spacing must be positive",
+                    m.reference()
+                ));
+            }
+            if let Some(codes) = &m.preset.orientation
+                && !valid_axis_codes(codes)
+            {
+                return invalid(format!(
+                    "model {}: preset orientation {codes:?} must be three letters, one of \
+                     each pair L/R, A/P, S/I (e.g. \"RAS\")",
+                    m.reference()
+                ));
+            }
+            if let Some(shape) = m.preset.shape
+                && shape.iter().any(|n| !(1..=32767).contains(n))
+            {
+                return invalid(format!(
+                    "model {}: preset shape {shape:?} must be between 1 and 32767 voxels per axis",
+                    m.reference()
+                ));
+            }
+            if m.preset.pad_value.is_some_and(|v| !v.is_finite()) {
+                return invalid(format!(
+                    "model {}: preset pad_value must be a finite number",
                     m.reference()
                 ));
             }
@@ -387,6 +508,52 @@ impl ModelSpec {
     /// `name@version`, the identity used in keys, subjects and message ids.
     pub fn reference(&self) -> String {
         format!("{}@{}", self.name, self.version)
+    }
+
+    /// Rules on the output description that depend on the kind: a classification
+    /// model lists its classes, thresholds belong to classes only, and a probability
+    /// threshold lies in `[0, 1]`; a fixed preset shape must be the patch.
+    fn check_outputs(&self) -> Result<(), String> {
+        match self.kind {
+            ModelKind::Segmentation => {
+                if let Some(l) = self.labels.iter().find(|l| l.threshold.is_some()) {
+                    return Err(format!(
+                        "label {} has a threshold, but thresholds apply to classification classes only",
+                        l.name
+                    ));
+                }
+            }
+            ModelKind::Classification => {
+                if self.labels.is_empty() {
+                    return Err("a classification model must list its classes".into());
+                }
+                let probability = self.activation != Activation::None;
+                for l in &self.labels {
+                    match l.threshold {
+                        Some(t) if !t.is_finite() => {
+                            return Err(format!("class {}: threshold must be a number", l.name));
+                        }
+                        Some(t) if probability && !(0.0..=1.0).contains(&t) => {
+                            return Err(format!(
+                                "class {}: threshold {t} is not a probability in [0, 1]",
+                                l.name
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+                let [d, h, w] = self.patch;
+                if let Some(shape) = self.preset.shape
+                    && shape != [w, h, d]
+                {
+                    return Err(format!(
+                        "the preset shape {shape:?} (x, y, z) differs from the patch {:?} (D, H, W) the model takes",
+                        self.patch
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Where the ONNX file is: a built-in name, or a path resolved against the registry.
@@ -508,6 +675,90 @@ mod tests {
         .unwrap();
         let err = Registry::parse(&text, None).unwrap_err().to_string();
         assert!(err.contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn preset_axis_order_shape_and_interpolation() {
+        let text = BUILTIN_REGISTRY.replace(
+            "normalization = { kind = \"ct_window\", center = 0.0, width = 2000.0 }",
+            "normalization = { kind = \"ct_window\", center = 0.0, width = 2000.0 }\n\
+             orientation = \"PIR\"\nshape = [96, 128, 64]\npad_value = -1024.0\n\
+             interpolation = \"nearest\"",
+        );
+        let r = Registry::parse(&text, None).unwrap();
+        let p = &r.models[0].preset;
+        assert_eq!(p.orientation.as_deref(), Some("PIR"));
+        assert_eq!(p.shape, Some([96, 128, 64]));
+        assert_eq!(p.pad_value, Some(-1024.0));
+        assert_eq!(p.interpolation, Interpolation::Nearest);
+        // The built-in preset has none of them and serialises as before.
+        let builtin = &Registry::builtin().models[0].preset;
+        assert_eq!(builtin.orientation, None);
+        assert_eq!(builtin.interpolation, Interpolation::Linear);
+        let json = serde_json::to_string(builtin).unwrap();
+        assert!(
+            !json.contains("orientation") && !json.contains("interpolation"),
+            "{json}"
+        );
+
+        for bad in ["RAR", "RA", "XYZ", "rAS"] {
+            let text = text.replace("\"PIR\"", &format!("{bad:?}"));
+            let err = Registry::parse(&text, None).unwrap_err().to_string();
+            assert!(err.contains("orientation"), "{bad}: {err}");
+        }
+        assert!(valid_axis_codes("LPS") && valid_axis_codes("SAR"));
+        let zero = text.replace("[96, 128, 64]", "[96, 0, 64]");
+        assert!(Registry::parse(&zero, None).is_err());
+    }
+
+    #[test]
+    fn classification_fields_and_rules() {
+        let text = BUILTIN_REGISTRY
+            .replace("kind = \"segmentation\"", "kind = \"classification\"\nactivation = \"sigmoid\"\nbatch_wait_ms = 50\ndtype = \"float16\"\nlayout = \"NDHWC\"")
+            .replace("[[model.labels]]", "[[model.classes]]")
+            .replace("name = \"fat\"", "name = \"fat\"\nthreshold = 0.5");
+        let r = Registry::parse(&text, None).unwrap();
+        let m = &r.models[0];
+        assert_eq!(m.kind, ModelKind::Classification);
+        assert_eq!(m.activation, Activation::Sigmoid);
+        assert_eq!((m.batch_wait_ms, m.dtype), (50, TensorDtype::Float16));
+        assert_eq!(m.layout, TensorLayout::Ndhwc);
+        assert_eq!(m.labels.len(), 4);
+        assert_eq!(m.labels[1].threshold, Some(0.5));
+        // The built-in model keeps the defaults.
+        let builtin = &Registry::builtin().models[0];
+        assert_eq!(builtin.layout, TensorLayout::Ncdhw);
+        assert_eq!(builtin.dtype, TensorDtype::Float32);
+
+        for (bad, why) in [
+            (
+                text.replace("threshold = 0.5", "threshold = 1.5"),
+                "probability",
+            ),
+            (
+                BUILTIN_REGISTRY.replace("name = \"fat\"", "name = \"fat\"\nthreshold = 0.5"),
+                "classification classes only",
+            ),
+            (
+                text.replace("layout = \"NDHWC\"", "layout = \"NHWC\""),
+                "NHWC",
+            ),
+            (
+                text.replace("batch_size = 1", "batch_size = 0"),
+                "batch_size",
+            ),
+        ] {
+            let err = Registry::parse(&bad, None).unwrap_err().to_string();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        let mut no_classes = m.clone();
+        no_classes.labels.clear();
+        assert!(
+            no_classes
+                .check_outputs()
+                .unwrap_err()
+                .contains("list its classes")
+        );
     }
 
     #[test]

@@ -4,15 +4,24 @@
 //!
 //! - [`runtime`]: finds the ONNX Runtime shared library and loads it once per process;
 //! - [`builtin`]: the model files compiled into the binary (the demo model);
-//! - [`session`]: one checked model ready to run, on CUDA or the CPU;
-//! - [`sliding_window`]: tiles a volume into model-sized patches and blends the
-//!   logits back together (MONAI's algorithm), then picks a label per voxel;
+//! - [`session`]: one checked model ready to run, on CUDA, TensorRT or the CPU, with
+//!   the provider really in use established by profiling its warm-up run;
+//! - [`sliding_window`]: tiles a volume into model-sized patches, runs them in
+//!   batches and blends the logits back together (MONAI's algorithm), then picks a
+//!   label per voxel;
+//! - [`classify`]: whole-volume classification, with jobs batched into one run;
+//! - [`gunzip`]: reads prepared volumes, inflating them on every core;
 //! - [`outputs`]: what a segmentation is turned into for people: label volumes in
 //!   millilitres and a PNG preview;
+//! - [`registry`]: the set of models served, loaded and warmed up, and its reload
+//!   when the registry file changes;
 //! - [`worker`]: the stage: jobs in, `labels.nii.gz`, `preview.png`, `summary.json` out.
 
 pub mod builtin;
+pub mod classify;
+pub mod gunzip;
 pub mod outputs;
+pub mod registry;
 pub mod runtime;
 pub mod session;
 pub mod sliding_window;

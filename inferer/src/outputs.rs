@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use radflow_preprocessor::volume::{Grid, Volume};
 use radflow_shared::models::{ModelSpec, Normalization, parse_color};
 use serde::{Deserialize, Serialize};
@@ -33,7 +35,12 @@ pub fn label_stats(labels: &Volume<u8>, spec: &ModelSpec) -> Vec<LabelStat> {
     for &l in &labels.data {
         counts[usize::from(l)] += 1;
     }
-    let ml_per_voxel = labels.grid.voxel_volume_mm3() / 1000.0;
+    stats_from_counts(&counts, &labels.grid, spec)
+}
+
+/// [`label_stats`] from the voxel count of every label value on `grid`.
+pub fn stats_from_counts(counts: &[u64; 256], grid: &Grid, spec: &ModelSpec) -> Vec<LabelStat> {
+    let ml_per_voxel = grid.voxel_volume_mm3() / 1000.0;
     let stat = |index: u8, name: String| LabelStat {
         index,
         name,
@@ -51,6 +58,103 @@ pub fn label_stats(labels: &Volume<u8>, spec: &ModelSpec) -> Vec<LabelStat> {
         }
     }
     stats
+}
+
+/// The label map moved onto `target` by nearest neighbour, exactly as
+/// `radflow_preprocessor::resample::resample_nearest` does it, and the voxel count of
+/// every label value there.
+///
+/// A model grid and its source grid usually differ only by spacing (and perhaps by
+/// axis order and direction): each target axis then reads one source axis, and the
+/// source index along it depends on that target index alone. For such grids the
+/// indices are computed once per axis and the map is a gather, counted as it is
+/// written, one plane per thread; other grids use the general resampler.
+pub fn labels_on_grid(labels: &Volume<u8>, target: &Grid) -> (Volume<u8>, [u64; 256]) {
+    let Some(tables) = axis_tables(&labels.grid, target) else {
+        let moved = radflow_preprocessor::resample::resample_nearest(labels, target);
+        let mut counts = [0u64; 256];
+        for &l in &moved.data {
+            counts[usize::from(l)] += 1;
+        }
+        return (moved, counts);
+    };
+    let source = labels.data.as_standard_layout();
+    let source = source.as_slice().expect("standard layout is contiguous");
+    let [tx, ty, tz] = target.dims;
+    let mut out = vec![0u8; tx * ty * tz];
+    let plane = (tx * ty).max(1);
+    let counts = out
+        .par_chunks_mut(plane)
+        .enumerate()
+        .map(|(k, slab)| {
+            let mut counts = [0u64; 256];
+            let zk = tables[2][k];
+            for (j, row) in slab.chunks_mut(tx.max(1)).enumerate() {
+                let base = zk + tables[1][j];
+                for (v, &xi) in row.iter_mut().zip(&tables[0]) {
+                    let l = source[base + xi];
+                    *v = l;
+                    counts[usize::from(l)] += 1;
+                }
+            }
+            counts
+        })
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+                a
+            },
+        );
+    let data = ndarray::Array3::from_shape_vec((tz, ty, tx), out).expect("target-sized buffer");
+    let moved = Volume {
+        grid: target.clone(),
+        data,
+    };
+    (moved, counts)
+}
+
+/// For each target axis, the source offset (in elements) of each of its indices, when
+/// every source axis follows exactly one target axis; `None` otherwise.
+fn axis_tables(src: &Grid, target: &Grid) -> Option<[Vec<usize>; 3]> {
+    let inv = src.inverse_affine()?;
+    let t = &target.affine;
+    // m = inv(src) · target: target index → source continuous index.
+    let m: [[f64; 4]; 3] =
+        std::array::from_fn(|r| std::array::from_fn(|c| (0..4).map(|k| inv[r][k] * t[k][c]).sum()));
+    // Source axis a reads target axis follows[a]; every other coefficient must be
+    // negligible over the whole grid (far below the 1e-6 voxel the resampler snaps).
+    let mut follows = [usize::MAX; 3];
+    for (row, follow) in m.iter().zip(&mut follows) {
+        let mut moving = (0..3).filter(|&c| row[c].abs() * target.dims[c] as f64 > 1e-9);
+        *follow = moving.next()?;
+        if moving.next().is_some() {
+            return None;
+        }
+    }
+    if (0..3).any(|c| follows.iter().filter(|&&f| f == c).count() != 1) {
+        return None;
+    }
+    let [nx, ny, _] = src.dims;
+    let stride = [1, nx, nx * ny];
+    let mut tables: [Vec<usize>; 3] = Default::default();
+    for a in 0..3 {
+        let c = follows[a];
+        tables[c] = (0..target.dims[c])
+            .map(|t| nearest(m[a][3] + t as f64 * m[a][c], src.dims[a]) * stride[a])
+            .collect();
+    }
+    Some(tables)
+}
+
+/// The resampler's nearest index: coordinates within 1e-6 of an integer snap to it,
+/// then round half away from zero, clamped into the axis.
+fn nearest(c: f64, n: usize) -> usize {
+    let r = c.round();
+    let c = if (c - r).abs() < 1e-6 { r } else { c };
+    c.round().clamp(0.0, (n - 1) as f64) as usize
 }
 
 /// Gap between the three panels, in pixels.

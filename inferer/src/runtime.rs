@@ -32,6 +32,10 @@ pub struct RuntimeInfo {
     pub library: PathBuf,
     /// Version string reported by the library itself, e.g. `1.31.1`.
     pub version: String,
+    /// Execution providers built into the library (`CPUExecutionProvider`, and
+    /// `CUDAExecutionProvider`, `TensorrtExecutionProvider` in onnxruntime-gpu). Built
+    /// in is not usable: CUDA still needs its libraries and a GPU.
+    pub providers: Vec<String>,
 }
 
 /// Why ONNX Runtime could not be made ready.
@@ -224,11 +228,18 @@ pub fn init(explicit: Option<&Path>) -> Result<RuntimeInfo, RuntimeError> {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    tracing::info!(library = %path.display(), %version, "ONNX Runtime loaded");
+    let providers = available_providers();
+    tracing::info!(
+        library = %path.display(),
+        %version,
+        providers = ?providers,
+        "ONNX Runtime loaded"
+    );
 
     let info = RuntimeInfo {
         library: path,
         version,
+        providers,
     };
     let runtime = Runtime {
         info: info.clone(),
@@ -269,6 +280,43 @@ fn already_loaded(rt: &Runtime, explicit: Option<&Path>) -> RuntimeInfo {
         }
     }
     rt.info.clone()
+}
+
+/// The execution providers built into the loaded library (`GetAvailableProviders`);
+/// empty if the library cannot say.
+fn available_providers() -> Vec<String> {
+    let api = ort::api();
+    let mut list: *mut *mut std::ffi::c_char = std::ptr::null_mut();
+    let mut len: std::ffi::c_int = 0;
+    // SAFETY: the library is loaded (`ort::init_from` succeeded); the call fills a
+    // library-owned array of `len` NUL-terminated strings, released below.
+    let status = unsafe { (api.GetAvailableProviders)(&mut list, &mut len) };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is owned by us and released once.
+        unsafe { (api.ReleaseStatus)(status.0) };
+        return Vec::new();
+    }
+    if list.is_null() {
+        return Vec::new();
+    }
+    let names = (0..usize::try_from(len).unwrap_or(0))
+        .filter_map(|i| {
+            // SAFETY: `i < len` entries of the array are valid C strings.
+            let name = unsafe { *list.add(i) };
+            (!name.is_null()).then(|| {
+                unsafe { CStr::from_ptr(name) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+        })
+        .collect();
+    // SAFETY: releases the array obtained above, with its length.
+    let status = unsafe { (api.ReleaseAvailableProviders)(list, len) };
+    if !status.0.is_null() {
+        // SAFETY: as above.
+        unsafe { (api.ReleaseStatus)(status.0) };
+    }
+    names
 }
 
 /// Whether a version string belongs to the supported series (`1.31` or `1.31.x`).

@@ -1,86 +1,53 @@
-//! The inferer stage: an inference job in, a label map, a summary and a preview out.
+//! The inferer stage: an inference job in, a label map (or class scores), a summary and
+//! a preview out.
 //!
 //! At start the registry's models are loaded (SHA-256 checked) and warmed up on a
-//! patch of their input shape; `/readyz` turns true only then. A model that fails to
-//! load is reported (log, metric) and the others keep serving; its jobs are retried
-//! and eventually dead-lettered with the load error.
+//! batch of their input shape; `/readyz` turns true only then, and turns false again
+//! while a changed registry's new models load and warm up. A model that fails to load
+//! is reported (log, metric) and the others keep serving; its jobs are retried and
+//! eventually dead-lettered with the load error.
 //!
-//! Each model has its own durable consumer (`inferer-<model>` on
+//! Each model name has its own durable consumer (`inferer-<model>` on
 //! `radflow.job.<model>`), so GPU and CPU models can be served by different
-//! deployments. `handle` reads the volume, runs the sliding window, puts the labels
-//! back on the source series' grid (nearest neighbour), writes `labels.nii.gz`,
-//! `preview.png` and, last, `summary.json` (its presence means "done"), publishes
-//! `InferenceCompleted` and only then acks.
+//! deployments; consumers start and stop as the registry changes. `handle` reads the
+//! volume, runs the sliding window (segmentation) or the job batcher (classification),
+//! puts the labels back on the source series' grid (nearest neighbour), writes
+//! `labels.nii.gz`, `preview.png` and, last, `summary.json` (its presence means
+//! "done"), publishes `InferenceCompleted` and only then acks. A job whose result is
+//! already complete (same series revision and model file: a redelivery after a lost
+//! ack) is answered from its `summary.json` without running the model again.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use radflow_preprocessor::nifti;
 use radflow_preprocessor::volume::Volume;
 use radflow_preprocessor::worker::VolumeMeta;
-use radflow_preprocessor::{nifti, resample};
 use radflow_shared::bus::{Bus, ConsumerSpec, Delivery, JOBS, publish_event};
-use radflow_shared::events::{self, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady};
+use radflow_shared::events::{
+    self, ClassScore, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady,
+};
 use radflow_shared::metrics::Metrics;
-use radflow_shared::models::{ModelKind, Registry};
+use radflow_shared::models::ModelKind;
 use radflow_shared::store::{Store, StoreError};
 use radflow_shared::util::now_ms;
 use radflow_shared::worker::{HandleError, Handler, Outcome, WorkerConfig};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::classify;
 use crate::outputs::{self, LabelStat};
-use crate::session::{self, ExecutionConfig, LoadedModel};
-use crate::sliding_window;
+use crate::registry::{ModelHub, RegistryWatch, ServedModel};
+use crate::session::LoadedModel;
+use crate::sliding_window::{self, WindowSettings};
 
 /// Stage name in metrics, logs and `radflow.dlq.inferer`.
 pub const STAGE: &str = "inferer";
-
-/// The loaded models, and the load errors of those that failed.
-#[derive(Default)]
-pub struct ModelSet {
-    pub loaded: HashMap<String, Arc<LoadedModel>>,
-    pub failed: HashMap<String, String>,
-}
-
-impl ModelSet {
-    /// Loads and warms up every model of the registry. Never fails as a whole.
-    pub fn load(registry: &Registry, exec: &ExecutionConfig, metrics: &Metrics) -> Self {
-        let mut set = Self::default();
-        for spec in &registry.models {
-            let reference = spec.reference();
-            let result = session::read_model(spec, registry.base_dir.as_deref())
-                .and_then(|bytes| session::load(spec, &bytes, exec))
-                .and_then(|model| warm_up(&model).map(|()| model));
-            match result {
-                Ok(model) => {
-                    metrics.provider(&spec.name, model.provider.as_str());
-                    set.loaded.insert(reference, Arc::new(model));
-                }
-                Err(e) => {
-                    metrics.model_load_failure(&spec.name);
-                    tracing::error!(model = %reference, error = %e, "model failed to load; the other models keep serving");
-                    set.failed.insert(reference, e.to_string());
-                }
-            }
-        }
-        set
-    }
-}
-
-/// Runs the model once on a patch of its input shape, so the first job does not pay
-/// for memory allocation and kernel selection (and a broken model fails at start).
-fn warm_up(model: &LoadedModel) -> Result<(), session::ModelError> {
-    let [d, h, w] = model.spec.patch;
-    let input = ndarray::Array5::<f32>::zeros((1, 1, d, h, w));
-    let started = Instant::now();
-    model.run_batch(input.view())?;
-    tracing::info!(model = %model.spec.reference(), provider = %model.provider, ms = started.elapsed().as_millis() as u64, "model warmed up");
-    Ok(())
-}
 
 /// `summary.json`: what was found, by which model, on what, and how long it took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,16 +59,40 @@ pub struct Summary {
     pub correlation_id: String,
     pub model: String,
     pub model_version: String,
+    /// SHA-256 of the ONNX file that produced the result.
     pub model_sha256: String,
-    /// Execution provider that really ran the model.
+    /// `segmentation` or `classification`.
+    pub kind: ModelKind,
+    /// Execution provider that really ran the model (`cpu`, `cuda`, `tensorrt`).
     pub provider: String,
+    /// Graph nodes per ONNX Runtime provider, as profiled during the warm-up.
+    #[serde(default)]
+    pub provider_nodes: BTreeMap<String, usize>,
+    /// Version of the ONNX Runtime library.
+    #[serde(default)]
+    pub onnxruntime: String,
+    /// Segmentation: volume per label on the source grid.
+    #[serde(default)]
     pub labels: Vec<LabelStat>,
+    /// Classification: score per class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassScore>,
     /// `[nx, ny, nz]` of the source series (the grid of `labels.nii.gz`).
     pub source_dims: [usize; 3],
     pub source_spacing_mm: [f64; 3],
     /// `[nx, ny, nz]` of the model input.
     pub input_dims: [usize; 3],
     pub input_spacing_mm: [f64; 3],
+    /// Sliding windows run (segmentation), or 1.
+    #[serde(default)]
+    pub windows: usize,
+    /// `session.run` calls for this job (for classification: 1, shared with the
+    /// other jobs of its batch).
+    #[serde(default)]
+    pub batches: usize,
+    /// Items per `session.run` (windows, or jobs sharing the run).
+    #[serde(default)]
+    pub batch_size: usize,
     pub timings_ms: Timings,
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -111,18 +102,33 @@ pub struct Summary {
 /// Time per phase, in milliseconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
-    pub fetch: u64,
-    pub inference: u64,
-    pub postprocess: u64,
-    pub write: u64,
-    pub total: u64,
+    /// Reading the volume and its metadata from the store.
+    pub fetch: f64,
+    /// Decompressing and parsing the volume.
+    pub decode: f64,
+    /// Running the model: the sliding window (gathering, `session.run`, blending and
+    /// the label of each voxel) or waiting for and running the classification batch.
+    pub inference: f64,
+    /// Of `inference`, the time inside ONNX Runtime's `session.run`.
+    #[serde(default)]
+    pub session_run: f64,
+    /// Preview, labels onto the source grid, label volumes and encoding
+    /// `labels.nii.gz` (classification: the preview).
+    pub postprocess: f64,
+    /// Writing the result files.
+    pub write: f64,
+    pub total: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// The inferer's dependencies.
 pub struct Inferer {
     pub store: Store,
     pub bus: Arc<dyn Bus>,
-    pub models: Arc<ModelSet>,
+    pub models: Arc<ModelHub>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -134,36 +140,138 @@ pub fn consumer(model: &str) -> ConsumerSpec {
     spec
 }
 
-/// Serves every model of the registry until `shutdown`; sets `ready` once the models
-/// are loaded and warm.
+/// A running consumer of one model name.
+struct Consumer {
+    concurrency: usize,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Starts consumers for the model names of the current set and stops those whose name
+/// left the registry (or whose concurrency changed: they restart).
+fn reconcile(
+    inferer: &Arc<Inferer>,
+    config: &WorkerConfig,
+    running: &mut BTreeMap<String, Consumer>,
+    shutdown: &CancellationToken,
+) {
+    let wanted = inferer
+        .models
+        .current()
+        .consumers(config.concurrency.max(1));
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(name, c)| wanted.get(*name) != Some(&c.concurrency))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in stale {
+        if let Some(c) = running.remove(&name) {
+            tracing::info!(model = %name, "stopping the consumer of a model that left the registry or changed");
+            c.stop.cancel();
+        }
+    }
+    for (name, concurrency) in wanted {
+        if running.contains_key(&name) {
+            continue;
+        }
+        // The model's consumer with the limits configured for this process, served
+        // stat first, then routine, then batch (archive scoring).
+        let mut cfg = config.clone();
+        cfg.consumer = consumer(&name);
+        cfg.consumer.ack_wait = config.consumer.ack_wait;
+        cfg.consumer.max_deliver = config.consumer.max_deliver;
+        cfg.consumer.max_ack_pending = config.consumer.max_ack_pending.max(concurrency);
+        cfg.concurrency = concurrency;
+        let cfg = cfg.with_lanes();
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(radflow_shared::worker::run(
+            inferer.bus.clone(),
+            inferer.clone(),
+            cfg,
+            inferer.metrics.clone(),
+            stop.clone(),
+        ));
+        running.insert(
+            name,
+            Consumer {
+                concurrency,
+                stop,
+                task,
+            },
+        );
+    }
+}
+
+/// Serves the models of `inferer` until `shutdown`; sets `ready` (the models are loaded
+/// and warm when this is called). With a `watch`, the registry file is re-read every
+/// `watch.interval` and a change is applied without a restart: `ready` is false while
+/// new models load and warm up, consumers follow the new set of model names.
 pub async fn run(
     inferer: Arc<Inferer>,
-    registry: &Registry,
     config: WorkerConfig,
+    watch: Option<RegistryWatch>,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let mut names: Vec<&str> = registry.models.iter().map(|m| m.name.as_str()).collect();
-    names.dedup();
+    let mut running = BTreeMap::new();
+    reconcile(&inferer, &config, &mut running, &shutdown);
     ready.store(true, Ordering::SeqCst);
-    let mut tasks = tokio::task::JoinSet::new();
-    for name in names {
-        let mut cfg = config.clone();
-        cfg.consumer = consumer(name);
-        let (bus, metrics, handler) = (
-            inferer.bus.clone(),
-            inferer.metrics.clone(),
-            inferer.clone(),
-        );
-        tasks.spawn(radflow_shared::worker::run(
-            bus,
-            handler,
-            cfg,
-            metrics,
-            shutdown.clone(),
-        ));
+
+    if let Some(mut watch) = watch {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(watch.interval) => {}
+            }
+            let current = inferer.models.current().registry.clone();
+            let (returned, change) = match tokio::task::spawn_blocking(move || {
+                let change = watch.poll(&current);
+                (watch, change)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::error!(error = %e, "the registry watch failed; no further reloads");
+                    break;
+                }
+            };
+            watch = returned;
+            match change {
+                None => {}
+                Some(Err(e)) => {
+                    inferer.metrics.registry_reload("invalid");
+                    tracing::error!(error = %e, "the changed model registry cannot be used; the models loaded keep serving");
+                }
+                Some(Ok(registry)) => {
+                    ready.store(false, Ordering::SeqCst);
+                    let hub = inferer.models.clone();
+                    let report = tokio::task::spawn_blocking(move || hub.reload(registry)).await;
+                    ready.store(true, Ordering::SeqCst);
+                    match report {
+                        Ok(report) => {
+                            inferer.metrics.registry_reload("applied");
+                            tracing::info!(
+                                kept = ?report.kept,
+                                loaded = ?report.loaded,
+                                removed = ?report.removed,
+                                failed = ?report.failed.iter().map(|(m, _)| m).collect::<Vec<_>>(),
+                                "model registry reloaded"
+                            );
+                        }
+                        Err(e) => tracing::error!(error = %e, "the registry reload failed"),
+                    }
+                    reconcile(&inferer, &config, &mut running, &shutdown);
+                }
+            }
+        }
+    } else {
+        shutdown.cancelled().await;
     }
-    while tasks.join_next().await.is_some() {}
+    for (_, c) in running {
+        c.stop.cancel();
+        let _ = c.task.await;
+    }
 }
 
 impl Inferer {
@@ -174,6 +282,143 @@ impl Inferer {
         self.metrics.store_error(STAGE);
         HandleError::Transient(e.into())
     }
+
+    async fn put(
+        &self,
+        job: &VolumeReady,
+        reference: &str,
+        name: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), HandleError> {
+        self.store
+            .put_result(&job.series_uid, reference, name, Bytes::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.store_err(e))
+    }
+
+    /// The summary of a result that is already complete for this job (a redelivery
+    /// after the outputs were written), if any.
+    async fn finished(&self, job: &VolumeReady, model: &LoadedModel) -> Option<Summary> {
+        let key = Store::result_key(&job.series_uid, &job.model_ref(), "summary.json");
+        let bytes = self.store.get(&key).await.ok()?;
+        let summary: Summary = serde_json::from_slice(&bytes).ok()?;
+        (summary.revision == job.revision && summary.model_sha256 == model.sha256)
+            .then_some(summary)
+    }
+
+    async fn publish(&self, summary: &Summary) -> Result<(), HandleError> {
+        let reference = format!("{}@{}", summary.model, summary.model_version);
+        let event = InferenceCompleted {
+            schema_version: SCHEMA_VERSION,
+            correlation_id: summary.correlation_id.clone(),
+            study_uid: summary.study_uid.clone(),
+            series_uid: summary.series_uid.clone(),
+            revision: summary.revision,
+            model: summary.model.clone(),
+            model_version: summary.model_version.clone(),
+            model_sha256: summary.model_sha256.clone(),
+            provider: summary.provider.clone(),
+            result_prefix: Store::result_prefix(&summary.series_uid, &reference),
+            labels: summary
+                .labels
+                .iter()
+                .map(|s| LabelVolume {
+                    index: s.index,
+                    name: s.name.clone(),
+                    voxels: s.voxels,
+                    volume_ml: s.volume_ml,
+                })
+                .collect(),
+            classes: summary.classes.clone(),
+        };
+        publish_event(&*self.bus, &event).await.map_err(|e| {
+            self.metrics.bus_error(STAGE);
+            HandleError::Transient(e.into())
+        })
+    }
+}
+
+/// The summary fields every result shares.
+fn summary_for(job: &VolumeReady, meta: &VolumeMeta, model: &LoadedModel) -> Summary {
+    Summary {
+        schema_version: SCHEMA_VERSION,
+        study_uid: job.study_uid.clone(),
+        series_uid: job.series_uid.clone(),
+        revision: job.revision,
+        correlation_id: job.correlation_id.clone(),
+        model: model.spec.name.clone(),
+        model_version: model.spec.version.clone(),
+        model_sha256: model.sha256.clone(),
+        kind: model.spec.kind,
+        provider: model.provider.as_str().to_owned(),
+        provider_nodes: model.placement.clone(),
+        onnxruntime: crate::runtime::info()
+            .map(|i| i.version)
+            .unwrap_or_default(),
+        labels: Vec::new(),
+        classes: Vec::new(),
+        source_dims: meta.source.dims,
+        source_spacing_mm: meta.source.spacing(),
+        input_dims: meta.volume.dims,
+        input_spacing_mm: meta.volume.spacing(),
+        windows: 1,
+        batches: 1,
+        batch_size: 1,
+        timings_ms: Timings::default(),
+        warnings: job.warnings.clone(),
+        created_at_ms: now_ms(),
+    }
+}
+
+/// What the blocking part of a segmentation job produced.
+struct Segmented {
+    labels_nii: Vec<u8>,
+    preview: Vec<u8>,
+    stats: Vec<LabelStat>,
+    windows: sliding_window::WindowStats,
+    decode: Duration,
+    inference: Duration,
+    postprocess: Duration,
+}
+
+/// Decodes the volume, runs the sliding window and turns the logits into outputs.
+fn segment(
+    model: &LoadedModel,
+    volume_bytes: &[u8],
+    meta: &VolumeMeta,
+) -> Result<Segmented, HandleError> {
+    let t = Instant::now();
+    let volume = crate::gunzip::read_volume::<f32>(volume_bytes)
+        .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
+    let decode = t.elapsed();
+
+    let t = Instant::now();
+    let settings = WindowSettings::of(&model.spec);
+    let (labels, windows) =
+        sliding_window::run_windows_labels(model, volume.data.view(), &settings)
+            .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
+    let inference = t.elapsed();
+
+    let t = Instant::now();
+    let labels = Volume {
+        grid: volume.grid.clone(),
+        data: labels,
+    };
+    let preview = outputs::preview_png(&volume, &labels, &model.spec);
+    let (on_source, counts) = outputs::labels_on_grid(&labels, &meta.source);
+    let stats = outputs::stats_from_counts(&counts, &on_source.grid, &model.spec);
+    let labels_nii =
+        nifti::write_nifti_gz(&on_source, &format!("radflow {}", model.spec.reference()));
+    Ok(Segmented {
+        labels_nii,
+        preview,
+        stats,
+        windows,
+        decode,
+        inference,
+        postprocess: t.elapsed(),
+    })
 }
 
 #[async_trait]
@@ -187,27 +432,16 @@ impl Handler for Inferer {
         let job: VolumeReady = events::decode(&delivery.payload)
             .map_err(|e| HandleError::permanent("bad_event", e.to_string()))?;
         let reference = job.model_ref();
-        let model = match self.models.loaded.get(&reference) {
-            Some(m) => m.clone(),
-            None => {
-                let why = self
-                    .models
-                    .failed
-                    .get(&reference)
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        format!("model {reference} is not in this inferer's registry")
-                    });
-                return Err(HandleError::Transient(anyhow::anyhow!(
-                    "model unavailable: {why}"
-                )));
-            }
-        };
-        if model.spec.kind != ModelKind::Segmentation {
-            return Err(HandleError::permanent(
-                "unsupported_model_kind",
-                format!("model {reference} is a classification model; only segmentation is served"),
-            ));
+        let served: Arc<ServedModel> =
+            self.models.current().get(&reference).map_err(|why| {
+                HandleError::Transient(anyhow::anyhow!("model unavailable: {why}"))
+            })?;
+        let model = served.model.clone();
+
+        if let Some(done) = self.finished(&job, &model).await {
+            tracing::info!(series_uid = %job.series_uid, model = %reference, "result already complete; publishing it again");
+            self.publish(&done).await?;
+            return Ok(Outcome::Done);
         }
 
         let t = Instant::now();
@@ -218,134 +452,108 @@ impl Handler for Inferer {
         .map_err(|e| self.store_err(e))?;
         let meta: VolumeMeta = serde_json::from_slice(&meta_bytes)
             .map_err(|e| HandleError::permanent("bad_meta", format!("{}: {e}", job.meta_key)))?;
-        let fetch_ms = t.elapsed().as_millis() as u64;
+        let fetch = t.elapsed();
+        let mut summary = summary_for(&job, &meta, &model);
 
-        let t = Instant::now();
-        let m = model.clone();
-        let (volume, logits) = tokio::task::spawn_blocking(move || {
-            let volume = nifti::read_nifti::<f32>(&volume_bytes)
-                .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
-            let logits = sliding_window::sliding_window(
-                &*m,
-                volume.data.view(),
-                m.spec.patch,
-                m.spec.overlap,
-                m.spec.batch_size,
-                m.spec.padding,
-            )
-            .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
-            Ok::<_, HandleError>((volume, logits))
-        })
-        .await
-        .map_err(|e| HandleError::Transient(e.into()))??;
-        let inference = t.elapsed();
-        self.metrics
-            .inference(&model.spec.name, inference.as_secs_f64(), 1);
-
-        let t = Instant::now();
-        let spec = model.spec.clone();
-        let source = meta.source.clone();
-        let (labels_nii, preview, stats) = tokio::task::spawn_blocking(move || {
-            let labels = Volume {
-                grid: volume.grid.clone(),
-                data: sliding_window::argmax_labels(logits.view()),
-            };
-            let preview = outputs::preview_png(&volume, &labels, &spec);
-            let on_source = resample::resample_nearest(&labels, &source);
-            let stats = outputs::label_stats(&on_source, &spec);
-            let nii = nifti::write_nifti_gz(&on_source, &format!("radflow {}", spec.reference()));
-            (nii, preview, stats)
-        })
-        .await
-        .map_err(|e| HandleError::Transient(e.into()))?;
-        let postprocess_ms = t.elapsed().as_millis() as u64;
-
-        let t = Instant::now();
-        self.store
-            .put_result(
-                &job.series_uid,
-                &reference,
-                "labels.nii.gz",
-                Bytes::from(labels_nii),
-            )
-            .await
-            .map_err(|e| self.store_err(e))?;
-        self.store
-            .put_result(
-                &job.series_uid,
-                &reference,
-                "preview.png",
-                Bytes::from(preview),
-            )
-            .await
-            .map_err(|e| self.store_err(e))?;
-        let mut summary = Summary {
-            schema_version: SCHEMA_VERSION,
-            study_uid: job.study_uid.clone(),
-            series_uid: job.series_uid.clone(),
-            revision: job.revision,
-            correlation_id: job.correlation_id.clone(),
-            model: model.spec.name.clone(),
-            model_version: model.spec.version.clone(),
-            model_sha256: model.sha256.clone(),
-            provider: model.provider.as_str().to_owned(),
-            labels: stats.clone(),
-            source_dims: meta.source.dims,
-            source_spacing_mm: meta.source.spacing(),
-            input_dims: meta.volume.dims,
-            input_spacing_mm: meta.volume.spacing(),
-            timings_ms: Timings {
-                fetch: fetch_ms,
-                inference: inference.as_millis() as u64,
-                postprocess: postprocess_ms,
-                write: 0,
-                total: 0,
-            },
-            warnings: job.warnings.clone(),
-            created_at_ms: now_ms(),
-        };
-        summary.timings_ms.write = t.elapsed().as_millis() as u64;
-        summary.timings_ms.total = started.elapsed().as_millis() as u64;
-        self.store
-            .put_result(
-                &job.series_uid,
-                &reference,
-                "summary.json",
-                Bytes::from(serde_json::to_vec_pretty(&summary).expect("summary serialises")),
-            )
-            .await
-            .map_err(|e| self.store_err(e))?;
-
-        let event = InferenceCompleted {
-            schema_version: SCHEMA_VERSION,
-            correlation_id: job.correlation_id.clone(),
-            study_uid: job.study_uid.clone(),
-            series_uid: job.series_uid.clone(),
-            revision: job.revision,
-            model: model.spec.name.clone(),
-            model_version: model.spec.version.clone(),
-            model_sha256: model.sha256.clone(),
-            provider: model.provider.as_str().to_owned(),
-            result_prefix: Store::result_prefix(&job.series_uid, &reference),
-            labels: stats
-                .iter()
-                .map(|s| LabelVolume {
-                    index: s.index,
-                    name: s.name.clone(),
-                    voxels: s.voxels,
-                    volume_ml: s.volume_ml,
+        let write_started;
+        match model.spec.kind {
+            ModelKind::Segmentation => {
+                let (m, meta2) = (model.clone(), meta.clone());
+                let out = tokio::task::spawn_blocking(move || segment(&m, &volume_bytes, &meta2))
+                    .await
+                    .map_err(|e| HandleError::Transient(e.into()))??;
+                for &(n, run) in &out.windows.batches {
+                    self.metrics
+                        .inference(&model.spec.name, run.as_secs_f64(), n);
+                }
+                summary.labels = out.stats;
+                summary.windows = out.windows.windows;
+                summary.batches = out.windows.batches.len();
+                summary.batch_size = model.spec.batch_size;
+                summary.timings_ms.decode = ms(out.decode);
+                summary.timings_ms.inference = ms(out.inference);
+                summary.timings_ms.session_run = ms(out.windows.run_time());
+                summary.timings_ms.postprocess = ms(out.postprocess);
+                write_started = Instant::now();
+                self.put(&job, &reference, "labels.nii.gz", out.labels_nii)
+                    .await?;
+                self.put(&job, &reference, "preview.png", out.preview)
+                    .await?;
+            }
+            ModelKind::Classification => {
+                let t = Instant::now();
+                let spec = model.spec.clone();
+                let (volume, input) = tokio::task::spawn_blocking(move || {
+                    let volume = crate::gunzip::read_volume::<f32>(&volume_bytes)
+                        .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
+                    let input =
+                        classify::fit_to_patch(volume.data.view(), spec.patch, spec.padding);
+                    Ok::<_, HandleError>((volume, input))
                 })
-                .collect(),
-        };
-        publish_event(&*self.bus, &event).await.map_err(|e| {
-            self.metrics.bus_error(STAGE);
-            HandleError::Transient(e.into())
-        })?;
+                .await
+                .map_err(|e| HandleError::Transient(e.into()))??;
+                summary.timings_ms.decode = ms(t.elapsed());
+
+                let t = Instant::now();
+                let scored = served
+                    .batcher(&self.metrics)
+                    .classify(input)
+                    .await
+                    .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
+                summary.timings_ms.inference = ms(t.elapsed());
+                summary.timings_ms.session_run = ms(scored.run_time);
+                summary.batch_size = scored.batch;
+
+                let t = Instant::now();
+                summary.classes = classify::class_scores(&scored.scores, &model.spec)
+                    .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
+                let spec = model.spec.clone();
+                let preview = tokio::task::spawn_blocking(move || {
+                    let none = Volume {
+                        grid: volume.grid.clone(),
+                        data: ndarray::Array3::<u8>::zeros(volume.data.dim()),
+                    };
+                    outputs::preview_png(&volume, &none, &spec)
+                })
+                .await
+                .map_err(|e| HandleError::Transient(e.into()))?;
+                summary.timings_ms.postprocess = ms(t.elapsed());
+                write_started = Instant::now();
+                self.put(&job, &reference, "preview.png", preview).await?;
+            }
+        }
+        summary.timings_ms.fetch = ms(fetch);
+        summary.created_at_ms = now_ms();
+        summary.timings_ms.write = ms(write_started.elapsed());
+        summary.timings_ms.total = ms(started.elapsed());
+        self.put(
+            &job,
+            &reference,
+            "summary.json",
+            serde_json::to_vec_pretty(&summary).expect("summary serialises"),
+        )
+        .await?;
+        summary.timings_ms.write = ms(write_started.elapsed());
+
+        let t = &summary.timings_ms;
+        for (phase, value) in [
+            ("fetch", t.fetch),
+            ("decode", t.decode),
+            ("inference", t.inference),
+            ("session_run", t.session_run),
+            ("postprocess", t.postprocess),
+            ("write", t.write),
+        ] {
+            self.metrics.phase_time(STAGE, phase, value / 1000.0);
+        }
+        self.publish(&summary).await?;
         tracing::info!(
             series_uid = %job.series_uid,
             model = %reference,
             provider = %model.provider,
+            windows = summary.windows,
             inference_ms = summary.timings_ms.inference,
+            session_run_ms = summary.timings_ms.session_run,
             total_ms = summary.timings_ms.total,
             "inference completed"
         );

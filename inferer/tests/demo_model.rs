@@ -32,8 +32,8 @@ fn demo_spec() -> ModelSpec {
 fn cpu() -> ExecutionConfig {
     ExecutionConfig {
         provider: ProviderRequest::Cpu,
-        require_gpu: false,
         intra_threads: Some(1),
+        ..ExecutionConfig::default()
     }
 }
 
@@ -66,6 +66,11 @@ fn the_pinned_runtime_is_found_and_loaded_once() {
             .starts_with("libonnxruntime.so.1.31"),
         "{info:?}"
     );
+    // The CPU wheel has the CPU provider; a GPU build lists CUDA (and TensorRT) too.
+    assert!(
+        info.providers.iter().any(|p| p == "CPUExecutionProvider"),
+        "{info:?}"
+    );
     assert_eq!(runtime::init(None).unwrap(), info);
     assert_eq!(runtime::info(), Some(info));
 }
@@ -75,6 +80,16 @@ fn the_registry_checksum_matches_the_embedded_model() {
     let model = load_demo(&cpu());
     assert_eq!(model.sha256, demo_spec().sha256);
     assert_eq!(model.provider, Provider::Cpu);
+    // The warm-up run was profiled: every node of the demo graph ran on the CPU.
+    assert_eq!(
+        model.placement.get("CPUExecutionProvider"),
+        Some(&3),
+        "{:?}",
+        model.placement
+    );
+    assert_eq!(model.placement.len(), 1, "{:?}", model.placement);
+    assert_eq!(model.counts().runs, 1, "one warm-up run");
+    assert!(!model.fixed_batch());
 }
 
 #[test]
@@ -217,14 +232,12 @@ fn an_unknown_builtin_or_bad_bytes_are_errors_not_panics() {
 /// CUDA works, its output must equal the CPU's.
 #[test]
 fn cuda_is_used_or_the_fallback_is_recorded_and_require_gpu_refuses() {
-    let cuda = ExecutionConfig {
-        provider: ProviderRequest::Cuda {
-            device_id: 0,
-            memory_limit_bytes: Some(1 << 30),
-        },
-        require_gpu: false,
-        intra_threads: None,
+    let mut cuda = ExecutionConfig {
+        provider: ProviderRequest::Cuda,
+        ..ExecutionConfig::default()
     };
+    cuda.cuda.memory_limit_bytes = Some(1 << 30);
+    cuda.cuda.conv_algo_search = "heuristic".parse().unwrap();
     let model = load_demo(&cuda);
     let spec = demo_spec();
     let bytes = read_model(&spec, None).unwrap();
@@ -237,19 +250,34 @@ fn cuda_is_used_or_the_fallback_is_recorded_and_require_gpu_refuses() {
             let err = load(&spec, &bytes, &strict).unwrap_err();
             assert!(matches!(err, ModelError::GpuUnavailable { .. }), "{err}");
             let auto = ExecutionConfig {
-                provider: ProviderRequest::Auto,
                 require_gpu: true,
-                intra_threads: None,
+                ..ExecutionConfig::default()
             };
             let err = load(&spec, &bytes, &auto).unwrap_err();
             assert!(matches!(err, ModelError::GpuUnavailable { .. }), "{err}");
+            // TensorRT falls back through CUDA to the CPU, and says why for each.
+            let trt = ExecutionConfig {
+                provider: ProviderRequest::TensorRt,
+                require_gpu: true,
+                ..ExecutionConfig::default()
+            };
+            let err = load(&spec, &bytes, &trt).unwrap_err().to_string();
+            assert!(err.contains("tensorrt:") && err.contains("cuda:"), "{err}");
+            let trt = ExecutionConfig {
+                require_gpu: false,
+                ..trt
+            };
+            assert_eq!(load(&spec, &bytes, &trt).unwrap().provider, Provider::Cpu);
         }
+        Provider::TensorRt => unreachable!("TensorRT was not requested"),
         Provider::Cuda => {
             let input = Array5::from_shape_vec(
                 (1, 1, 20, 24, 28),
                 random_values(3, 20 * 24 * 28, 0.0, 1.0),
             )
             .unwrap();
+            assert!(model.fixed_batch());
+            assert!(model.placement["CUDAExecutionProvider"] > 0);
             let on_gpu = model.run_batch(input.view()).unwrap();
             let on_cpu = load_demo(&cpu()).run_batch(input.view()).unwrap();
             let diff = max_abs_diff(on_gpu.as_slice().unwrap(), on_cpu.as_slice().unwrap());

@@ -10,10 +10,12 @@ implementations check each other.
 Usage: monai_reference.py DIR
 
 DIR/params.json: {"mode": "fake" | "onnx" | "run", "shape": [D, H, W], "roi": [..],
-"overlap": f, "batch_size": n, "model": path (onnx, run), "fake": {...} (fake)}
+"overlap": f, "batch_size": n, "model": path (onnx, run), "fake": {...} (fake),
+"dtype": "float32" | "float16" (the model's tensors; default float32)}
 DIR/image.f32: the image, float32 little-endian, C order.
 "sliding window" modes write DIR/output.f32 ([C, D, H, W]); "run" runs the model once on
-DIR/image.f32 as a [N, 1, D, H, W] batch (shape given as 5 values) and writes its output.
+DIR/image.f32 as one batch of the shape given (any rank, e.g. [N, 1, D, H, W] or
+channels-last [N, D, H, W, 1]) and writes its output as float32.
 DIR/output.json holds the output shape.
 """
 
@@ -131,25 +133,26 @@ def fake_predictor(params):
     return run
 
 
-def onnx_predictor(model):
+def onnx_predictor(model, dtype="float32"):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
+    return lambda batch: session.run(None, {name: batch.astype(dtype)})[0].astype(np.float32)
 
 
 def main():
     folder = Path(sys.argv[1])
     params = json.loads((folder / "params.json").read_text())
     image = np.fromfile(folder / "image.f32", dtype="<f4").reshape(params["shape"])
+    dtype = params.get("dtype", "float32")
     if params["mode"] == "run":
-        out = onnx_predictor(params["model"])(image)
+        out = onnx_predictor(params["model"], dtype)(image)
     else:
         if params["mode"] == "fake":
             predictor = fake_predictor(params["fake"])
         else:
-            predictor = onnx_predictor(params["model"])
+            predictor = onnx_predictor(params["model"], dtype)
         out = sliding_window(
             image,
             params["roi"],

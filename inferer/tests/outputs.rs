@@ -194,3 +194,75 @@ fn label_stats_count_voxels_and_millilitres() {
     assert_eq!(json["name"], "fat");
     assert_eq!(json["volume_ml"], 0.1);
 }
+
+/// A label volume with a value that changes along every axis.
+fn ramp(g: &Grid) -> Volume<u8> {
+    let [nx, ny, nz] = g.dims;
+    let data = Array3::from_shape_fn((nz, ny, nx), |(k, j, i)| {
+        ((i * 7 + j * 3 + k * 5) % 11) as u8
+    });
+    Volume::new(g.clone(), data).unwrap()
+}
+
+#[test]
+fn labels_on_grid_equals_the_nearest_resampler_and_counts_the_labels() {
+    use radflow_inferer::outputs::labels_on_grid;
+    use radflow_preprocessor::resample::resample_nearest;
+
+    let src = Grid {
+        dims: [31, 27, 19],
+        affine: [
+            [-1.5, 0.0, 0.0, 40.0],
+            [0.0, -1.5, 0.0, 30.0],
+            [0.0, 0.0, 1.5, -180.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+    };
+    let labels = ramp(&src);
+    let mut targets = vec![
+        // A finer source grid of the same orientation, as from the preprocessor.
+        Grid {
+            dims: [66, 58, 28],
+            affine: [
+                [-0.703125, 0.0, 0.0, 40.3],
+                [0.0, -0.703125, 0.0, 30.2],
+                [0.0, 0.0, 1.0, -180.25],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        },
+        // Axes permuted and flipped (another orientation of the same space), and
+        // reaching past the source (clamped).
+        Grid {
+            dims: [20, 35, 40],
+            affine: [
+                [0.0, 0.0, -1.2, 44.0],
+                [0.0, 1.3, 0.0, -12.0],
+                [-1.1, 0.0, 0.0, -150.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        },
+    ];
+    // An oblique grid: the general resampler.
+    let (c, s) = (0.3f64.cos(), 0.3f64.sin());
+    targets.push(Grid {
+        dims: [25, 25, 15],
+        affine: [
+            [-c, -s, 0.0, 30.0],
+            [-s, c, 0.0, 10.0],
+            [0.0, 0.0, 1.7, -178.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+    });
+    for target in targets {
+        let (moved, counts) = labels_on_grid(&labels, &target);
+        let expected = resample_nearest(&labels, &target);
+        assert_eq!(moved.grid, expected.grid);
+        assert_eq!(moved.data, expected.data, "{target:?}");
+        let mut direct = [0u64; 256];
+        for &l in &expected.data {
+            direct[usize::from(l)] += 1;
+        }
+        assert_eq!(counts, direct);
+        assert!(counts.iter().filter(|&&n| n > 0).count() > 5);
+    }
+}

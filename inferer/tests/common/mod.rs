@@ -101,3 +101,200 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         })
         .fold(0.0, f32::max)
 }
+
+/// A model written by `scripts/make_unet_model.py` into its own scratch folder (removed
+/// with it).
+pub struct GeneratedModel {
+    pub scratch: Scratch,
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// Runs the U-Net generator with `args` (after the output path); `tag` names the
+/// scratch folder.
+pub fn generate_model(tag: &str, args: &[&str]) -> GeneratedModel {
+    let scratch = Scratch::new(&format!("model-{tag}"));
+    let path = scratch.0.join(format!("{tag}.onnx"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make_unet_model.py");
+    let out = Command::new(radflow_shared::testing::python())
+        .arg(&script)
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 for the model generator ({e})"));
+    assert!(
+        out.status.success(),
+        "the model generator failed (it needs numpy and onnx==1.23.2):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let sha256 = radflow_inferer::session::sha256_hex(&bytes);
+    GeneratedModel {
+        scratch,
+        path,
+        sha256,
+    }
+}
+
+/// A registry entry for a generated model: the demo model's entry (preset, routing)
+/// with this file, `classes` labels, the patch and the kind.
+pub fn generated_spec(
+    model: &GeneratedModel,
+    name: &str,
+    classes: u8,
+    patch: [usize; 3],
+    kind: radflow_shared::models::ModelKind,
+) -> radflow_shared::models::ModelSpec {
+    let mut spec = radflow_shared::models::Registry::builtin().models[0].clone();
+    spec.name = name.to_owned();
+    spec.version = "0.1.0".into();
+    spec.file = model.path.display().to_string();
+    spec.sha256 = model.sha256.clone();
+    spec.kind = kind;
+    spec.patch = patch;
+    spec.padding = radflow_shared::models::WindowPadding::Constant;
+    let colors = [
+        "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    ];
+    spec.labels = (0..classes)
+        .map(|i| radflow_shared::models::LabelSpec {
+            index: i,
+            name: format!("class_{i}"),
+            color: colors[usize::from(i) % colors.len()].into(),
+            threshold: None,
+        })
+        .collect();
+    spec
+}
+
+/// Stage-level helpers: jobs, volumes and results in a store, deliveries for `handle`.
+pub mod stage {
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use radflow_inferer::worker::Summary;
+    use radflow_preprocessor::volume::{Grid, Volume};
+    use radflow_preprocessor::worker::VolumeMeta;
+    use radflow_shared::bus::{Acker, BusError, Delivery, Outgoing};
+    use radflow_shared::events::{SCHEMA_VERSION, VolumeReady};
+    use radflow_shared::models::ModelSpec;
+    use radflow_shared::store::{Store, VolumeFile};
+
+    /// An acker that does nothing: for calling `handle` directly.
+    pub struct NoAck;
+
+    #[async_trait::async_trait]
+    impl Acker for NoAck {
+        async fn ack(&self) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn nak(&self, _delay: Duration) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn term(&self) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn progress(&self) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    /// A first delivery of `job`.
+    pub fn delivery(job: &VolumeReady) -> Delivery {
+        let out = Outgoing::event(job);
+        Delivery {
+            subject: out.subject,
+            payload: out.payload,
+            correlation_id: Some(out.correlation_id),
+            attempt: 1,
+            acker: Box::new(NoAck),
+        }
+    }
+
+    /// An axis-aligned grid of `dims` (`[nx, ny, nz]`) and `spacing` mm.
+    pub fn grid(dims: [usize; 3], spacing: f64) -> Grid {
+        Grid {
+            dims,
+            affine: [
+                [-spacing, 0.0, 0.0, 0.0],
+                [0.0, -spacing, 0.0, 0.0],
+                [0.0, 0.0, spacing, 0.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        }
+    }
+
+    /// Puts `volume` (already the model input; the source grid is the same) and its
+    /// `meta.json` into the store, and returns the job for `spec`.
+    pub async fn put_job(
+        store: &Store,
+        series: &str,
+        revision: u32,
+        spec: &ModelSpec,
+        volume: &Volume<f32>,
+    ) -> VolumeReady {
+        let preset = &spec.preset.name;
+        let volume_key = Store::volume_key(series, preset, VolumeFile::Volume);
+        let meta_key = Store::volume_key(series, preset, VolumeFile::Meta);
+        let meta = VolumeMeta {
+            schema_version: SCHEMA_VERSION,
+            study_uid: "1.2.3".into(),
+            series_uid: series.into(),
+            revision,
+            correlation_id: format!("corr-{series}-{revision}"),
+            modality: "CT".into(),
+            preset: spec.preset.clone(),
+            source: volume.grid.clone(),
+            volume: volume.grid.clone(),
+            slices: volume.grid.dims[2],
+            warnings: vec![],
+            suspect_incomplete: None,
+        };
+        let nii = radflow_preprocessor::nifti::write_nifti_gz(volume, "test");
+        store.put(&volume_key, Bytes::from(nii)).await.unwrap();
+        store
+            .put(&meta_key, Bytes::from(serde_json::to_vec(&meta).unwrap()))
+            .await
+            .unwrap();
+        VolumeReady {
+            schema_version: SCHEMA_VERSION,
+            correlation_id: meta.correlation_id.clone(),
+            study_uid: meta.study_uid.clone(),
+            series_uid: series.into(),
+            revision,
+            model: spec.name.clone(),
+            model_version: spec.version.clone(),
+            preset: preset.clone(),
+            volume_key,
+            meta_key,
+            warnings: vec![],
+            suspect_incomplete: None,
+            lane: Default::default(),
+        }
+    }
+
+    /// Waits for `summary.json` of `series` and `model_ref` (and `revision`, if given).
+    pub async fn wait_summary(
+        store: &Store,
+        series: &str,
+        model_ref: &str,
+        revision: Option<u32>,
+        timeout: Duration,
+    ) -> Summary {
+        let key = Store::result_key(series, model_ref, "summary.json");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(bytes) = store.get(&key).await {
+                let summary: Summary = serde_json::from_slice(&bytes).unwrap();
+                if revision.is_none_or(|r| summary.revision == r) {
+                    return summary;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no summary.json for {series} {model_ref} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -44,6 +44,16 @@ done
 step "manifests: strict schemas (Kubernetes $kubernetes_version, k8s/schemas for custom resources) and policy"
 "$python" scripts/deploy_checks.py manifests --kubernetes-version "$kubernetes_version" "${rendered[@]}" || fail "manifest checks"
 
+step "ci: GitHub Actions workflows (actionlint)"
+if command -v actionlint >/dev/null; then
+  actionlint .github/workflows/*.yml || fail "actionlint"
+else
+  fail "actionlint missing: run .ci/setup (requirements-dev.txt)"
+fi
+
+step "gitops: Argo CD project and application set (schemas in k8s/schemas)"
+"$python" scripts/deploy_checks.py manifests --kubernetes-version "$kubernetes_version" k8s/argocd/*.yaml || fail "Argo CD manifests"
+
 step "compose: compose specification (check-jsonschema vendor.compose-spec)"
 check-jsonschema --builtin-schema vendor.compose-spec compose.yaml compose.local.yaml || fail "compose schema"
 if command -v docker-compose >/dev/null; then

@@ -176,7 +176,10 @@ spec:
         "automountServiceAccountToken is not false",
         "no PodDisruptionBudget selects its pods",
     ] {
-        assert!(err.contains(finding), "missing finding {finding:?} in:\n{err}");
+        assert!(
+            err.contains(finding),
+            "missing finding {finding:?} in:\n{err}"
+        );
     }
     // Init containers cannot have probes: none is demanded of them.
     assert!(!err.contains("container init: no readinessProbe"), "{err}");
@@ -216,6 +219,14 @@ spec:
         stream: RADFLOW_JOBS
         consumer: inferer-demo-tissue
         lagThreshold: 4
+---
+apiVersion: argoproj.io/v1alpha1
+kind: Application
+metadata: {{name: radflow-dev, namespace: argocd}}
+spec:
+  project: radflow
+  source: {{repoURL: "https://example.org/radflow.git", targetRevison: main, path: k8s/overlays/dev}}
+  destination: {{server: "https://kubernetes.default.svc", namespace: radflow}}
 "#
     );
     let output = check_manifests(&dir.0, "prod", &yaml);
@@ -227,8 +238,12 @@ spec:
         "Service/svc: spec: Additional properties are not allowed ('selectr' was unexpected)",
         "ScaledObject/inferer: spec: Additional properties are not allowed ('pollingIntervall' was unexpected)",
         "ScaledObject/inferer: spec.triggers.0.metadata.lagThreshold: 4 is not of type 'string'",
+        "Application/radflow-dev: spec.source: Additional properties are not allowed ('targetRevison' was unexpected)",
     ] {
-        assert!(err.contains(finding), "missing finding {finding:?} in:\n{err}");
+        assert!(
+            err.contains(finding),
+            "missing finding {finding:?} in:\n{err}"
+        );
     }
 }
 

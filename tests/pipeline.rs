@@ -60,9 +60,10 @@ fn distributed_pipeline_with_nats_and_storescu() {
         cmd.args(["--nats-url", &nats.url(), "--store-url", &store_url])
             .args(["--http-port", &http.to_string()]);
     };
+    let (listener_http, pre_http) = (free_port(), free_port());
     let mut listener = radflow();
     listener.arg("listener");
-    common(&mut listener, free_port());
+    common(&mut listener, listener_http);
     listener.args([
         "--dicom-port",
         &dicom_port.to_string(),
@@ -72,7 +73,7 @@ fn distributed_pipeline_with_nats_and_storescu() {
     let mut listener = Proc::spawn("listener", listener, work.path());
     let mut pre = radflow();
     pre.arg("preprocessor");
-    common(&mut pre, free_port());
+    common(&mut pre, pre_http);
     let mut pre = Proc::spawn("preprocessor", pre, work.path());
     let inferer_http = free_port();
     let mut inf = radflow();
@@ -109,6 +110,17 @@ fn distributed_pipeline_with_nats_and_storescu() {
             .unwrap()
             .count();
     assert_eq!(stored, 40);
+
+    // Every component's metrics pass promtool.
+    for (who, port) in [
+        ("listener", listener_http),
+        ("preprocessor", pre_http),
+        ("inferer", inferer_http),
+    ] {
+        let (code, text) = http_get(port, "/metrics").expect("metrics");
+        assert_eq!(code, 200);
+        promtool_check(&text, who);
+    }
 
     // One correlation id joins the logs of all three stages.
     let corr = summary["correlation_id"].as_str().unwrap().to_owned();

@@ -128,6 +128,9 @@ pub struct TelemetryArgs {
     /// Log filter in RUST_LOG syntax.
     #[arg(long, env = "RADFLOW_LOG", default_value = "info,ort=warn")]
     pub log: String,
+    /// OTLP/HTTP collector to export spans to (e.g. http://otel-collector:4318).
+    #[arg(long, env = "RADFLOW_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The model registry.

@@ -5,6 +5,11 @@
 //! every component of the process said it is ready (e.g. models warmed up) and the
 //! process is not draining: it is what compose health checks and Kubernetes readiness
 //! probes use, and it turns false first on SIGTERM.
+//!
+//! A process that holds the bus also answers `/status` and `/dlq` (JSON; what `radflow
+//! status` and `radflow dlq list` show), so the embedded mode, whose bus lives in the
+//! process, can be inspected from outside. `POST /dlq/replay[?seq=N]` is only served
+//! when enabled (embedded mode), since it changes state.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +29,7 @@ pub struct Health {
     bus: Option<Arc<dyn Bus>>,
     store: Option<Store>,
     draining: AtomicBool,
+    admin: AtomicBool,
     components: std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>,
 }
 
@@ -33,6 +39,7 @@ impl Health {
             bus,
             store,
             draining: AtomicBool::new(false),
+            admin: AtomicBool::new(false),
             components: Default::default(),
         })
     }
@@ -45,6 +52,11 @@ impl Health {
             .unwrap()
             .push((name.to_owned(), flag.clone()));
         flag
+    }
+
+    /// Serves `POST /dlq/replay` (embedded mode, where no other path to the bus exists).
+    pub fn enable_admin(&self) {
+        self.admin.store(true, Ordering::SeqCst);
     }
 
     /// Marks the process as draining: `/readyz` turns false.
@@ -111,6 +123,9 @@ pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics_handler))
+        .route("/status", axum::routing::get(status_handler))
+        .route("/dlq", axum::routing::get(dlq_handler))
+        .route("/dlq/replay", axum::routing::post(replay_handler))
         .with_state(AppState { health, metrics })
 }
 
@@ -128,12 +143,82 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
+fn json_response(code: StatusCode, body: serde_json::Value) -> axum::response::Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn status_handler(State(s): State<AppState>) -> axum::response::Response {
+    let Some(bus) = &s.health.bus else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "no bus in this process"}),
+        );
+    };
+    match crate::status::collect(&**bus, 10).await {
+        Ok(r) => json_response(StatusCode::OK, serde_json::to_value(r).unwrap_or_default()),
+        Err(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string()}),
+        ),
+    }
+}
+
+async fn dlq_handler(State(s): State<AppState>) -> axum::response::Response {
+    let Some(bus) = &s.health.bus else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "no bus in this process"}),
+        );
+    };
+    match crate::status::dead_letters(&**bus, 10_000).await {
+        Ok(list) => json_response(
+            StatusCode::OK,
+            serde_json::to_value(list).unwrap_or_default(),
+        ),
+        Err(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string()}),
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReplayQuery {
+    seq: Option<u64>,
+}
+
+async fn replay_handler(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ReplayQuery>,
+) -> axum::response::Response {
+    let Some(bus) = s
+        .health
+        .bus
+        .as_ref()
+        .filter(|_| s.health.admin.load(Ordering::SeqCst))
+    else {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "replay is served by embedded processes only; use radflow dlq replay --nats-url"}),
+        );
+    };
+    match crate::status::replay(&**bus, q.seq).await {
+        Ok(n) => json_response(StatusCode::OK, json!({"replayed": n})),
+        Err(e) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string()}),
+        ),
+    }
+}
+
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         s.metrics.render(),
     )
 }

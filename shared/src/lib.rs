@@ -8,6 +8,8 @@
 //! - [`models`]: the model registry (`models.toml`) both workers read.
 //! - [`worker`]: the consume → handle → ack / retry / dead-letter loop.
 //! - [`http`], [`metrics`], [`telemetry`]: health, Prometheus metrics and logs.
+//! - [`status`]: the operator's view (queues, assembly, results, dead letters) and
+//!   dead-letter replay.
 //! - [`config`]: command-line option groups with their environment variables.
 //! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 
@@ -19,6 +21,7 @@ pub mod metrics;
 pub mod models;
 pub mod secret;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod testing;

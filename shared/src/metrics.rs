@@ -42,8 +42,66 @@ pub struct Metrics {
     inference_batch: Family<Labels, Histogram, fn() -> Histogram>,
     execution_provider: Family<Labels, Gauge>,
     model_load_failures: Family<Labels, Counter>,
+    registry_reloads: Family<Labels, Counter>,
+    models_loaded: Gauge,
     store_errors: Family<Labels, Counter>,
     bus_errors: Family<Labels, Counter>,
+    queue_pending: Family<Labels, Gauge>,
+    queue_in_flight: Family<Labels, Gauge>,
+    queue_oldest: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Messages in hand and the time of the last one, for workers that exit when idle.
+    pub activity: Activity,
+}
+
+/// Whether a worker process is doing anything: messages in hand, and when the last
+/// one was taken or settled.
+#[derive(Debug)]
+pub struct Activity {
+    in_hand: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            in_hand: Default::default(),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+    }
+
+    /// A message was taken.
+    pub fn begin(&self) {
+        self.in_hand
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.touch();
+    }
+
+    /// A message was settled.
+    pub fn end(&self) {
+        self.in_hand
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.touch();
+    }
+
+    /// How long nothing has been in hand (zero while something is).
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.in_hand.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return std::time::Duration::ZERO;
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed()
+    }
 }
 
 impl Metrics {
@@ -143,6 +201,18 @@ impl Metrics {
             "Models that failed to load, per model",
             model_load_failures.clone(),
         );
+        let registry_reloads = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_registry_reloads",
+            "Model registry changes seen by an inferer, by result (applied, invalid)",
+            registry_reloads.clone(),
+        );
+        let models_loaded = Gauge::default();
+        registry.register(
+            "radflow_models_loaded",
+            "Models loaded, warmed up and serving in this process",
+            models_loaded.clone(),
+        );
         let store_errors = Family::<Labels, Counter>::default();
         registry.register(
             "radflow_store_errors",
@@ -154,6 +224,24 @@ impl Metrics {
             "radflow_bus_errors",
             "Bus operations that failed, per stage",
             bus_errors.clone(),
+        );
+        let queue_pending = Family::<Labels, Gauge>::default();
+        registry.register(
+            "radflow_queue_pending_messages",
+            "Messages waiting for a durable consumer (not yet delivered)",
+            queue_pending.clone(),
+        );
+        let queue_in_flight = Family::<Labels, Gauge>::default();
+        registry.register(
+            "radflow_queue_in_flight_messages",
+            "Messages delivered to a durable consumer and not yet acknowledged",
+            queue_in_flight.clone(),
+        );
+        let queue_oldest = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "radflow_queue_oldest_pending_age_seconds",
+            "Age of the oldest message a durable consumer has not finished",
+            queue_oldest.clone(),
         );
         Arc::new(Self {
             registry,
@@ -172,16 +260,24 @@ impl Metrics {
             inference_batch,
             execution_provider,
             model_load_failures,
+            registry_reloads,
+            models_loaded,
             store_errors,
             bus_errors,
+            queue_pending,
+            queue_in_flight,
+            queue_oldest,
+            activity: Activity::default(),
         })
     }
 
     /// The text exposition of every metric.
+    /// The Prometheus text exposition format (0.0.4), which every scraper and
+    /// `promtool check metrics` read.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        openmetrics_to_text(&out)
     }
 
     pub fn message(&self, stage: &str, outcome: &str) {
@@ -245,6 +341,26 @@ impl Metrics {
             .set(1);
     }
 
+    /// A model stopped serving (removed or replaced): its provider gauge drops to 0.
+    pub fn provider_unset(&self, model: &str, provider: &str) {
+        self.execution_provider
+            .get_or_create(&vec![
+                ("model", model.to_owned()),
+                ("provider", provider.to_owned()),
+            ])
+            .set(0);
+    }
+
+    pub fn registry_reload(&self, result: &str) {
+        self.registry_reloads
+            .get_or_create(&vec![("result", result.to_owned())])
+            .inc();
+    }
+
+    pub fn models_loaded(&self, count: usize) {
+        self.models_loaded.set(count as i64);
+    }
+
     pub fn model_load_failure(&self, model: &str) {
         self.model_load_failures
             .get_or_create(&vec![("model", model.to_owned())])
@@ -257,11 +373,60 @@ impl Metrics {
             .inc();
     }
 
+    /// Lag of one durable consumer.
+    pub fn queue(&self, consumer: &str, pending: u64, in_flight: u64, oldest_age_s: f64) {
+        let labels = vec![("consumer", consumer.to_owned())];
+        self.queue_pending
+            .get_or_create(&labels)
+            .set(pending as i64);
+        self.queue_in_flight
+            .get_or_create(&labels)
+            .set(in_flight as i64);
+        self.queue_oldest.get_or_create(&labels).set(oldest_age_s);
+    }
+
     pub fn bus_error(&self, stage: &str) {
         self.bus_errors
             .get_or_create(&vec![("stage", stage.to_owned())])
             .inc();
     }
+}
+
+/// Content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text (what `prometheus-client` encodes) as the classic
+/// Prometheus text format: a counter family's `HELP`/`TYPE` lines carry the `_total`
+/// name of its samples, and the OpenMetrics-only `UNIT` and `EOF` lines go.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    let mut counters = std::collections::HashSet::new();
+    for line in &lines {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    for line in lines {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(name) {
+                out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -278,6 +443,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("radflow_stage_duration_seconds_bucket"));
-        assert!(text.trim_end().ends_with("# EOF"));
+        assert!(
+            text.contains("# TYPE radflow_messages_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP radflow_messages_total "), "{text}");
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -156,3 +156,41 @@ async fn publish_fails_while_nats_is_down_and_works_after() {
     }
     assert!(ok, "publish did not recover after NATS came back");
 }
+
+#[tokio::test]
+async fn fetch_pulls_only_what_is_asked_for() {
+    let server = NatsServer::start().expect("nats-server");
+    let bus = connect(&server).await;
+    let spec = ConsumerSpec::new(JOBS, "batch-lane");
+    let none = bus.fetch(&spec, 1, Duration::ZERO).await.unwrap();
+    assert!(none.is_empty());
+    let started = std::time::Instant::now();
+    let none = bus
+        .fetch(&spec, 1, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    for i in 0..3 {
+        bus.publish(msg("radflow.job.m", &format!("f{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let one = bus.fetch(&spec, 1, Duration::ZERO).await.unwrap();
+    assert_eq!(one.len(), 1);
+    // Only the fetched message is in flight; the others wait on the server.
+    let streams = bus.streams().await.unwrap();
+    let jobs = streams.iter().find(|s| s.name == JOBS.name).unwrap();
+    let c = jobs
+        .consumers
+        .iter()
+        .find(|c| c.name == "batch-lane")
+        .unwrap();
+    assert_eq!((c.ack_pending, c.pending), (1, 2), "{c:?}");
+    one[0].acker.ack().await.unwrap();
+    let rest = bus
+        .fetch(&spec, 5, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+}

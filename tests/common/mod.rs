@@ -309,3 +309,33 @@ print(json.dumps({
     let out = run_ok(cmd, "nibabel/pydicom check");
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `promtool check metrics` on a /metrics text; panics with promtool's complaints.
+pub fn promtool_check(metrics: &str, who: &str) {
+    let promtool = Path::new("/usr/bin/promtool");
+    assert!(
+        promtool.is_file(),
+        "promtool is missing: apt-get install prometheus (see .ci/setup)"
+    );
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejects the metrics of {who}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

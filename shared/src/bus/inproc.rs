@@ -15,8 +15,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Acker, Bus, BusError, ConsumerSpec, DUPLICATE_WINDOW, Delivery, Kv, KvEntry, Outgoing,
-    StreamSpec, Subscription, TOPOLOGY, subject_matches,
+    Acker, Bus, BusError, ConsumerSpec, ConsumerStatus, DUPLICATE_WINDOW, Delivery, Kv, KvEntry,
+    Outgoing, StoredMessage, StreamSpec, StreamStatus, Subscription, TOPOLOGY, subject_matches,
 };
 
 /// Retained-stream messages kept at most, so a long-running embedded process does not
@@ -55,6 +55,7 @@ struct Stored {
     payload: Bytes,
     correlation_id: String,
     at: Instant,
+    at_ms: u64,
 }
 
 struct ConsumerState {
@@ -87,6 +88,46 @@ impl InProcBus {
                     consumers: HashMap::new(),
                 }),
         )
+    }
+
+    /// Creates the durable consumer on first use (delivering what the stream already
+    /// holds, like a JetStream consumer with `DeliverPolicy::All`).
+    fn join(&self, spec: &ConsumerSpec) -> Sub {
+        let mut state = self.inner.state.lock().unwrap();
+        let stream = state
+            .streams
+            .entry(spec.stream.name)
+            .or_insert_with(|| StreamState {
+                spec: spec.stream,
+                next_seq: 1,
+                messages: BTreeMap::new(),
+                dedup: HashMap::new(),
+                consumers: HashMap::new(),
+            });
+        if !stream.consumers.contains_key(&spec.durable) {
+            let ready = stream
+                .messages
+                .iter()
+                .filter(|(_, m)| subject_matches(&spec.filter, &m.subject))
+                .map(|(seq, _)| *seq)
+                .collect();
+            stream.consumers.insert(
+                spec.durable.clone(),
+                ConsumerState {
+                    filter: spec.filter.clone(),
+                    ack_wait: spec.ack_wait,
+                    ready,
+                    delayed: Vec::new(),
+                    inflight: HashMap::new(),
+                    attempts: HashMap::new(),
+                },
+            );
+        }
+        Sub {
+            inner: self.inner.clone(),
+            stream: spec.stream.name,
+            durable: spec.durable.clone(),
+        }
     }
 
     /// Messages waiting (not yet acknowledged) for a consumer; for tests and status.
@@ -174,6 +215,7 @@ impl Bus for InProcBus {
                     payload: msg.payload,
                     correlation_id: msg.correlation_id,
                     at: now,
+                    at_ms: crate::util::now_ms(),
                 },
             );
             for c in stream.consumers.values_mut() {
@@ -187,47 +229,32 @@ impl Bus for InProcBus {
     }
 
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError> {
-        {
-            let mut state = self.inner.state.lock().unwrap();
-            let stream = state
-                .streams
-                .entry(spec.stream.name)
-                .or_insert_with(|| StreamState {
-                    spec: spec.stream,
-                    next_seq: 1,
-                    messages: BTreeMap::new(),
-                    dedup: HashMap::new(),
-                    consumers: HashMap::new(),
-                });
-            if !stream.consumers.contains_key(&spec.durable) {
-                let ready = stream
-                    .messages
-                    .iter()
-                    .filter(|(_, m)| subject_matches(&spec.filter, &m.subject))
-                    .map(|(seq, _)| *seq)
-                    .collect();
-                stream.consumers.insert(
-                    spec.durable.clone(),
-                    ConsumerState {
-                        filter: spec.filter.clone(),
-                        ack_wait: spec.ack_wait,
-                        ready,
-                        delayed: Vec::new(),
-                        inflight: HashMap::new(),
-                        attempts: HashMap::new(),
-                    },
-                );
-            }
-        }
-        let sub = Sub {
-            inner: self.inner.clone(),
-            stream: spec.stream.name,
-            durable: spec.durable.clone(),
-        };
+        let sub = self.join(spec);
         Ok(Box::pin(futures::stream::unfold(sub, |sub| async move {
             let delivery = sub.next().await;
             Some((Ok(delivery), sub))
         })))
+    }
+
+    async fn fetch(
+        &self,
+        spec: &ConsumerSpec,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let sub = self.join(spec);
+        let mut out = Vec::new();
+        let Some(first) = sub.next_until(Some(Instant::now() + wait)).await else {
+            return Ok(out);
+        };
+        out.push(first);
+        while out.len() < max {
+            match sub.poll() {
+                Ok(d) => out.push(d),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
     }
 
     async fn kv(&self, bucket: &str) -> Result<Arc<dyn Kv>, BusError> {
@@ -243,6 +270,95 @@ impl Bus for InProcBus {
     fn kind(&self) -> &'static str {
         "in-process"
     }
+
+    async fn streams(&self) -> Result<Vec<StreamStatus>, BusError> {
+        let state = self.inner.state.lock().unwrap();
+        let now_ms = crate::util::now_ms();
+        Ok(TOPOLOGY
+            .iter()
+            .map(|spec| match state.streams.get(spec.name) {
+                None => StreamStatus {
+                    name: spec.name.to_owned(),
+                    messages: 0,
+                    bytes: 0,
+                    first_seq: 0,
+                    last_seq: 0,
+                    consumers: Vec::new(),
+                },
+                Some(st) => {
+                    let mut consumers: Vec<ConsumerStatus> = st
+                        .consumers
+                        .iter()
+                        .map(|(name, c)| {
+                            let oldest = c
+                                .ready
+                                .iter()
+                                .chain(c.inflight.keys())
+                                .chain(c.delayed.iter().map(|(_, seq)| seq))
+                                .filter_map(|seq| st.messages.get(seq))
+                                .map(|m| m.at_ms)
+                                .min();
+                            ConsumerStatus {
+                                name: name.clone(),
+                                filter: c.filter.clone(),
+                                pending: c.ready.len() as u64,
+                                ack_pending: (c.inflight.len() + c.delayed.len()) as u64,
+                                redelivered: c.attempts.values().filter(|a| **a > 1).count() as u64,
+                                oldest_pending_age_ms: oldest.map(|t| now_ms.saturating_sub(t)),
+                            }
+                        })
+                        .collect();
+                    consumers.sort_by(|a, b| a.name.cmp(&b.name));
+                    StreamStatus {
+                        name: spec.name.to_owned(),
+                        messages: st.messages.len() as u64,
+                        bytes: st.messages.values().map(|m| m.payload.len() as u64).sum(),
+                        first_seq: st.messages.keys().next().copied().unwrap_or(0),
+                        last_seq: st.next_seq.saturating_sub(1),
+                        consumers,
+                    }
+                }
+            })
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        stream: StreamSpec,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, BusError> {
+        let state = self.inner.state.lock().unwrap();
+        Ok(state
+            .streams
+            .get(stream.name)
+            .map(|st| {
+                st.messages
+                    .range(from_seq..)
+                    .take(max)
+                    .map(|(seq, m)| StoredMessage {
+                        seq: *seq,
+                        subject: m.subject.clone(),
+                        payload: m.payload.clone(),
+                        time_ms: m.at_ms,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn remove(&self, stream: StreamSpec, seq: u64) -> Result<bool, BusError> {
+        let mut state = self.inner.state.lock().unwrap();
+        let Some(st) = state.streams.get_mut(stream.name) else {
+            return Ok(false);
+        };
+        for c in st.consumers.values_mut() {
+            c.ready.retain(|s| *s != seq);
+            c.delayed.retain(|(_, s)| *s != seq);
+            c.inflight.remove(&seq);
+        }
+        Ok(st.messages.remove(&seq).is_some())
+    }
 }
 
 struct Sub {
@@ -252,64 +368,77 @@ struct Sub {
 }
 
 impl Sub {
-    async fn next(&self) -> Delivery {
+    /// Takes the next ready delivery, if any; otherwise says when to look again.
+    fn poll(&self) -> Result<Delivery, Option<Instant>> {
+        let mut state = self.inner.state.lock().unwrap();
+        let now = Instant::now();
+        let stream = state
+            .streams
+            .get_mut(self.stream)
+            .expect("subscribed stream");
+        let c = stream
+            .consumers
+            .get_mut(&self.durable)
+            .expect("subscribed consumer");
+        // Expired ack waits and elapsed nak delays become ready again.
+        let expired: Vec<u64> = c
+            .inflight
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            c.inflight.remove(&seq);
+            c.ready.push_back(seq);
+        }
+        let (due, later): (Vec<_>, Vec<_>) = c.delayed.drain(..).partition(|(at, _)| *at <= now);
+        c.delayed = later;
+        c.ready.extend(due.into_iter().map(|(_, seq)| seq));
+
+        while let Some(seq) = c.ready.pop_front() {
+            let Some(m) = stream.messages.get(&seq) else {
+                continue; // pruned meanwhile
+            };
+            let attempt = c.attempts.entry(seq).or_insert(0);
+            *attempt += 1;
+            c.inflight.insert(seq, now + c.ack_wait);
+            return Ok(Delivery {
+                subject: m.subject.clone(),
+                payload: m.payload.clone(),
+                correlation_id: (!m.correlation_id.is_empty()).then(|| m.correlation_id.clone()),
+                attempt: *attempt,
+                acker: Box::new(InProcAcker {
+                    inner: self.inner.clone(),
+                    stream: self.stream,
+                    durable: self.durable.clone(),
+                    seq,
+                }),
+            });
+        }
+        Err(c
+            .delayed
+            .iter()
+            .map(|(at, _)| *at)
+            .chain(c.inflight.values().copied())
+            .min())
+    }
+
+    /// The next delivery, waiting until one is ready or `deadline` passes.
+    async fn next_until(&self, deadline: Option<Instant>) -> Option<Delivery> {
         loop {
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let wake_at = {
-                let mut state = self.inner.state.lock().unwrap();
-                let now = Instant::now();
-                let stream = state
-                    .streams
-                    .get_mut(self.stream)
-                    .expect("subscribed stream");
-                let c = stream
-                    .consumers
-                    .get_mut(&self.durable)
-                    .expect("subscribed consumer");
-                // Expired ack waits and elapsed nak delays become ready again.
-                let expired: Vec<u64> = c
-                    .inflight
-                    .iter()
-                    .filter(|(_, deadline)| **deadline <= now)
-                    .map(|(seq, _)| *seq)
-                    .collect();
-                for seq in expired {
-                    c.inflight.remove(&seq);
-                    c.ready.push_back(seq);
-                }
-                let (due, later): (Vec<_>, Vec<_>) =
-                    c.delayed.drain(..).partition(|(at, _)| *at <= now);
-                c.delayed = later;
-                c.ready.extend(due.into_iter().map(|(_, seq)| seq));
-
-                while let Some(seq) = c.ready.pop_front() {
-                    let Some(m) = stream.messages.get(&seq) else {
-                        continue; // pruned meanwhile
-                    };
-                    let attempt = c.attempts.entry(seq).or_insert(0);
-                    *attempt += 1;
-                    c.inflight.insert(seq, now + c.ack_wait);
-                    return Delivery {
-                        subject: m.subject.clone(),
-                        payload: m.payload.clone(),
-                        correlation_id: (!m.correlation_id.is_empty())
-                            .then(|| m.correlation_id.clone()),
-                        attempt: *attempt,
-                        acker: Box::new(InProcAcker {
-                            inner: self.inner.clone(),
-                            stream: self.stream,
-                            durable: self.durable.clone(),
-                            seq,
-                        }),
-                    };
-                }
-                c.delayed
-                    .iter()
-                    .map(|(at, _)| *at)
-                    .chain(c.inflight.values().copied())
-                    .min()
+            let wake_at = match self.poll() {
+                Ok(d) => return Some(d),
+                Err(wake_at) => wake_at,
+            };
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return None;
+            }
+            let wake_at = match (wake_at, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             match wake_at {
                 Some(at) => {
@@ -321,6 +450,12 @@ impl Sub {
                 None => notified.await,
             }
         }
+    }
+
+    async fn next(&self) -> Delivery {
+        self.next_until(None)
+            .await
+            .expect("waiting without a deadline ends with a delivery")
     }
 }
 
@@ -535,6 +670,56 @@ mod tests {
         let d = sub.next().await.unwrap().unwrap();
         d.acker.ack().await.unwrap();
         assert_eq!(bus.stream_messages(RESULTS.name).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn status_shows_pending_in_flight_and_oldest_age() {
+        let bus = InProcBus::new();
+        let mut sub = bus
+            .subscribe(&ConsumerSpec::new(JOBS, "inferer"))
+            .await
+            .unwrap();
+        for id in ["a", "b", "c"] {
+            bus.publish(msg("radflow.job.m", id, id)).await.unwrap();
+        }
+        let held = sub.next().await.unwrap().unwrap();
+        let streams = bus.streams().await.unwrap();
+        let jobs = streams.iter().find(|s| s.name == JOBS.name).unwrap();
+        assert_eq!((jobs.messages, jobs.first_seq, jobs.last_seq), (3, 1, 3));
+        let c = &jobs.consumers[0];
+        assert_eq!(
+            (c.name.as_str(), c.pending, c.ack_pending),
+            ("inferer", 2, 1)
+        );
+        assert!(c.oldest_pending_age_ms.is_some());
+        held.acker.ack().await.unwrap();
+
+        let last = crate::bus::last_messages(&bus, JOBS, 1).await.unwrap();
+        assert_eq!((last[0].seq, &last[0].payload[..]), (3, &b"c"[..]));
+        assert!(bus.remove(JOBS, 3).await.unwrap());
+        assert_eq!(bus.read(JOBS, 1, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn fetch_takes_what_is_there_and_waits_at_most_the_given_time() {
+        let bus = InProcBus::new();
+        let spec = ConsumerSpec::new(JOBS, "batch");
+        let none = bus
+            .fetch(&spec, 5, Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        for id in ["a", "b", "c"] {
+            bus.publish(msg("radflow.job.m", id, id)).await.unwrap();
+        }
+        let got = bus.fetch(&spec, 2, Duration::ZERO).await.unwrap();
+        assert_eq!(got.len(), 2);
+        for d in got {
+            d.acker.ack().await.unwrap();
+        }
+        let rest = bus.fetch(&spec, 5, Duration::ZERO).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(&rest[0].payload[..], b"c");
     }
 
     #[tokio::test]

@@ -108,6 +108,16 @@ pub struct ConsumerSpec {
 }
 
 impl ConsumerSpec {
+    /// The same consumer for another lane: `<durable>-stat` on `<filter>.stat`, … with
+    /// the same ack wait and limits (see [`crate::events::Lane`]).
+    pub fn in_lane(&self, lane: crate::events::Lane) -> Self {
+        Self {
+            durable: format!("{}{}", self.durable, lane.durable_suffix()),
+            filter: format!("{}{}", self.filter, lane.suffix()),
+            ..self.clone()
+        }
+    }
+
     /// A consumer of the whole stream with defaults that suit radflow's stages.
     pub fn new(stream: StreamSpec, durable: &str) -> Self {
         Self {
@@ -200,6 +210,42 @@ pub trait Kv: Send + Sync {
     async fn delete(&self, key: &str, revision: u64) -> Result<bool, BusError>;
 }
 
+/// State of one durable consumer, for status views and lag metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub filter: String,
+    /// Messages not yet delivered.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged (in flight).
+    pub ack_pending: u64,
+    /// Messages delivered more than once.
+    pub redelivered: u64,
+    /// Age of the oldest message the consumer has not finished, if any.
+    pub oldest_pending_age_ms: Option<u64>,
+}
+
+/// State of one stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+/// A message as kept by a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub payload: Bytes,
+    /// Unix milliseconds when the stream stored it.
+    pub time_ms: u64,
+}
+
 /// The bus.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -207,12 +253,58 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, msg: Outgoing) -> Result<(), BusError>;
     /// Joins a durable consumer (created on first use).
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError>;
+    /// Pulls up to `max` deliveries of a durable consumer (created on first use),
+    /// waiting at most `wait` for the first; empty when none is waiting. Unlike
+    /// [`Bus::subscribe`] nothing is prefetched, so a worker can serve several
+    /// consumers by priority without holding messages it does not work on.
+    async fn fetch(
+        &self,
+        spec: &ConsumerSpec,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError>;
     /// Opens a key-value bucket (created on first use).
     async fn kv(&self, bucket: &str) -> Result<Arc<dyn Kv>, BusError>;
     /// Whether the bus is reachable now (for `/readyz`).
     async fn check(&self) -> Result<(), BusError>;
     /// `nats` or `in-process`, for logs and status.
     fn kind(&self) -> &'static str;
+    /// Every radflow stream with its consumers.
+    async fn streams(&self) -> Result<Vec<StreamStatus>, BusError>;
+    /// Up to `max` messages of a stream with sequence ≥ `from_seq`, in order.
+    async fn read(
+        &self,
+        stream: StreamSpec,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, BusError>;
+    /// Removes one message from a stream (after a dead letter was replayed).
+    async fn remove(&self, stream: StreamSpec, seq: u64) -> Result<bool, BusError>;
+}
+
+/// The last `n` messages of a stream, oldest first.
+pub async fn last_messages(
+    bus: &dyn Bus,
+    stream: StreamSpec,
+    n: usize,
+) -> Result<Vec<StoredMessage>, BusError> {
+    let Some(state) = bus
+        .streams()
+        .await?
+        .into_iter()
+        .find(|s| s.name == stream.name)
+    else {
+        return Ok(Vec::new());
+    };
+    if state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let from = state
+        .last_seq
+        .saturating_sub(n as u64)
+        .saturating_add(1)
+        .max(state.first_seq);
+    bus.read(stream, from, n).await
 }
 
 /// Publishes a typed event.

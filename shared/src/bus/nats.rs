@@ -21,8 +21,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{
-    Acker, Bus, BusError, CORRELATION_HEADER, ConsumerSpec, DUPLICATE_WINDOW, Delivery, Kv,
-    KvEntry, Outgoing, StreamSpec, Subscription, TOPOLOGY,
+    Acker, Bus, BusError, CORRELATION_HEADER, ConsumerSpec, ConsumerStatus, DUPLICATE_WINDOW,
+    Delivery, Kv, KvEntry, Outgoing, StoredMessage, StreamSpec, StreamStatus, Subscription,
+    TOPOLOGY,
 };
 use crate::secret::Secret;
 
@@ -48,6 +49,7 @@ pub struct NatsBus {
     js: jetstream::Context,
     replicas: usize,
     buckets: Mutex<HashMap<String, Arc<NatsKv>>>,
+    consumers: Mutex<HashMap<String, jetstream::consumer::Consumer<pull::Config>>>,
 }
 
 impl NatsBus {
@@ -84,6 +86,7 @@ impl NatsBus {
             js,
             replicas: opts.replicas.max(1),
             buckets: Mutex::new(HashMap::new()),
+            consumers: Mutex::new(HashMap::new()),
         };
         bus.ensure_topology().await?;
         Ok(bus)
@@ -115,6 +118,44 @@ impl NatsBus {
         &self.js
     }
 
+    /// The durable pull consumer of a spec, created on first use and cached.
+    async fn consumer(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+        if let Some(c) = self.consumers.lock().unwrap().get(&spec.durable) {
+            return Ok(c.clone());
+        }
+        let stream = self
+            .js
+            .get_stream(spec.stream.name)
+            .await
+            .map_err(BusError::unavailable)?;
+        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(
+                &spec.durable,
+                pull::Config {
+                    durable_name: Some(spec.durable.clone()),
+                    filter_subject: spec.filter.clone(),
+                    ack_policy: AckPolicy::Explicit,
+                    deliver_policy: DeliverPolicy::All,
+                    ack_wait: spec.ack_wait,
+                    // The worker dead-letters at `max_deliver`; the server limit is a
+                    // backstop one higher so the last delivery can still be parked.
+                    max_deliver: spec.max_deliver as i64 + 1,
+                    max_ack_pending: spec.max_ack_pending as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(BusError::unavailable)?;
+        self.consumers
+            .lock()
+            .unwrap()
+            .insert(spec.durable.clone(), consumer.clone());
+        Ok(consumer)
+    }
+
     async fn ensure_topology(&self) -> Result<(), BusError> {
         for spec in TOPOLOGY {
             self.js
@@ -140,9 +181,68 @@ impl NatsBus {
             storage: StorageType::File,
             duplicate_window: DUPLICATE_WINDOW,
             num_replicas: self.replicas,
+            // Lets status views read the oldest unfinished message of a consumer.
+            allow_direct: true,
             ..Default::default()
         }
     }
+
+    async fn consumer_status(
+        stream: &jetstream::stream::Stream,
+        info: jetstream::consumer::Info,
+        now_ms: u64,
+    ) -> ConsumerStatus {
+        let filter = if info.config.filter_subject.is_empty() {
+            ">".to_owned()
+        } else {
+            info.config.filter_subject.clone()
+        };
+        let unfinished = info.num_pending > 0 || info.num_ack_pending > 0;
+        let oldest_pending_age_ms = if unfinished {
+            stream
+                .direct_get_next_for_subject(
+                    filter.clone(),
+                    Some(info.ack_floor.stream_sequence + 1),
+                )
+                .await
+                .ok()
+                .map(|m| now_ms.saturating_sub(unix_ms(m.time)))
+        } else {
+            None
+        };
+        ConsumerStatus {
+            name: info.name,
+            filter,
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending as u64,
+            redelivered: info.num_redelivered as u64,
+            oldest_pending_age_ms,
+        }
+    }
+}
+
+/// A JetStream message as a bus delivery.
+fn delivery(m: jetstream::Message) -> Delivery {
+    let attempt = m.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+    let correlation_id = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(CORRELATION_HEADER))
+        .map(|v| v.as_str().to_owned());
+    let subject = m.subject.to_string();
+    let payload = m.payload.clone();
+    let (_, acker) = m.split();
+    Delivery {
+        subject,
+        payload,
+        correlation_id,
+        attempt,
+        acker: Box::new(NatsAcker(acker)),
+    }
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> u64 {
+    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
 
 #[async_trait]
@@ -168,49 +268,51 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Subscription, BusError> {
-        let stream = self
-            .js
-            .get_stream(spec.stream.name)
-            .await
-            .map_err(BusError::unavailable)?;
-        let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(
-                &spec.durable,
-                pull::Config {
-                    durable_name: Some(spec.durable.clone()),
-                    filter_subject: spec.filter.clone(),
-                    ack_policy: AckPolicy::Explicit,
-                    deliver_policy: DeliverPolicy::All,
-                    ack_wait: spec.ack_wait,
-                    // The worker dead-letters at `max_deliver`; the server limit is a
-                    // backstop one higher so the last delivery can still be parked.
-                    max_deliver: spec.max_deliver as i64 + 1,
-                    max_ack_pending: spec.max_ack_pending as i64,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(BusError::unavailable)?;
+        let consumer = self.consumer(spec).await?;
         let messages = consumer.messages().await.map_err(BusError::unavailable)?;
-        Ok(Box::pin(messages.map(|m| {
-            let m = m.map_err(BusError::unavailable)?;
-            let attempt = m.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
-            let correlation_id = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(CORRELATION_HEADER))
-                .map(|v| v.as_str().to_owned());
-            let subject = m.subject.to_string();
-            let payload = m.payload.clone();
-            let (_, acker) = m.split();
-            Ok(Delivery {
-                subject,
-                payload,
-                correlation_id,
-                attempt,
-                acker: Box::new(NatsAcker(acker)),
-            })
-        })))
+        Ok(Box::pin(
+            messages.map(|m| Ok(delivery(m.map_err(BusError::unavailable)?))),
+        ))
+    }
+
+    async fn fetch(
+        &self,
+        spec: &ConsumerSpec,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let consumer = self.consumer(spec).await?;
+        let max = max.max(1);
+        let mut out = Vec::new();
+        if wait.is_zero() {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(BusError::unavailable)?;
+            while let Some(m) = batch.next().await {
+                out.push(delivery(m.map_err(BusError::unavailable)?));
+            }
+        } else {
+            // The server needs some time to answer an empty pull; below a second it
+            // may answer "request timeout" instead of an empty batch.
+            let mut batch = consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait.max(Duration::from_millis(100)))
+                .messages()
+                .await
+                .map_err(BusError::unavailable)?;
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => out.push(delivery(m)),
+                    Err(e) if out.is_empty() && e.to_string().contains("timed out") => break,
+                    Err(e) => return Err(BusError::unavailable(e)),
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn kv(&self, bucket: &str) -> Result<Arc<dyn Kv>, BusError> {
@@ -253,6 +355,91 @@ impl Bus for NatsBus {
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+
+    async fn streams(&self) -> Result<Vec<StreamStatus>, BusError> {
+        let now_ms = crate::util::now_ms();
+        let mut out = Vec::new();
+        for spec in TOPOLOGY {
+            let mut stream = self
+                .js
+                .get_stream(spec.name)
+                .await
+                .map_err(BusError::unavailable)?;
+            let state = stream
+                .info()
+                .await
+                .map_err(BusError::unavailable)?
+                .state
+                .clone();
+            let mut infos = Vec::new();
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers.next().await {
+                infos.push(info.map_err(BusError::unavailable)?);
+            }
+            let mut statuses = Vec::new();
+            for info in infos {
+                statuses.push(Self::consumer_status(&stream, info, now_ms).await);
+            }
+            statuses.sort_by(|a, b| a.name.cmp(&b.name));
+            out.push(StreamStatus {
+                name: spec.name.to_owned(),
+                messages: state.messages,
+                bytes: state.bytes,
+                first_seq: state.first_sequence,
+                last_seq: state.last_sequence,
+                consumers: statuses,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        stream: StreamSpec,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, BusError> {
+        let mut js_stream = self
+            .js
+            .get_stream(stream.name)
+            .await
+            .map_err(BusError::unavailable)?;
+        let last = js_stream
+            .info()
+            .await
+            .map_err(BusError::unavailable)?
+            .state
+            .last_sequence;
+        let mut out = Vec::new();
+        let mut seq = from_seq.max(1);
+        while seq <= last && out.len() < max {
+            match js_stream.get_raw_message(seq).await {
+                Ok(m) => out.push(StoredMessage {
+                    seq: m.sequence,
+                    subject: m.subject.to_string(),
+                    payload: m.payload,
+                    time_ms: unix_ms(m.time),
+                }),
+                // Deleted or expired messages leave gaps in the sequence.
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(BusError::unavailable(e)),
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, stream: StreamSpec, seq: u64) -> Result<bool, BusError> {
+        let js_stream = self
+            .js
+            .get_stream(stream.name)
+            .await
+            .map_err(BusError::unavailable)?;
+        js_stream
+            .delete_message(seq)
+            .await
+            .map_err(BusError::unavailable)
     }
 }
 

@@ -1,0 +1,130 @@
+//! The operator commands: `status` and `dlq`.
+//!
+//! Both read either NATS directly (`--nats-url`) or a running radflow's HTTP port
+//! (`--url`, which is how the embedded mode is inspected); the report itself is built
+//! by `radflow_shared::status` in both cases.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use radflow_shared::bus::Bus;
+use radflow_shared::status::{self, Failure, StatusReport};
+use radflow_shared::util::now_ms;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{DlqArgs, DlqCommand, SourceArgs, StatusArgs};
+
+enum Source {
+    Nats(std::sync::Arc<radflow_shared::bus::NatsBus>),
+    Http(String),
+}
+
+async fn open(args: &SourceArgs) -> Result<Source> {
+    if let Some(url) = &args.url {
+        return Ok(Source::Http(url.trim_end_matches('/').to_owned()));
+    }
+    if args.bus.nats_url.is_none() {
+        bail!(
+            "say where to look: --nats-url nats://… (distributed) or --url http://host:8080 (a running radflow)"
+        );
+    }
+    let cancel = CancellationToken::new();
+    let connect = args.bus.connect_nats("radflow-ops", &cancel);
+    let bus = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .context("NATS did not answer within 10 s")??;
+    Ok(Source::Nats(bus))
+}
+
+async fn http_json<T: serde::de::DeserializeOwned>(
+    method: reqwest::Method,
+    url: String,
+) -> Result<T> {
+    let resp = reqwest::Client::new()
+        .request(method, &url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let code = resp.status();
+    let body = resp.text().await?;
+    if !code.is_success() {
+        bail!("{url}: {code}: {body}");
+    }
+    serde_json::from_str(&body).with_context(|| format!("{url}: unexpected answer"))
+}
+
+async fn report(source: &Source, args: &StatusArgs) -> Result<StatusReport> {
+    let mut report = match source {
+        Source::Nats(bus) => status::collect(&**bus as &dyn Bus, args.recent).await?,
+        Source::Http(url) => http_json(reqwest::Method::GET, format!("{url}/status")).await?,
+    };
+    if let Some(monitor) = &args.nats_monitor_url {
+        match status::server_info(monitor).await {
+            Ok(info) => report.server = Some(info),
+            Err(e) => eprintln!("warning: NATS monitoring endpoint: {e}"),
+        }
+    }
+    Ok(report)
+}
+
+/// `radflow status`
+pub async fn status(args: StatusArgs) -> Result<()> {
+    let source = open(&args.source).await?;
+    loop {
+        let r = report(&source, &args).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            if args.watch.is_some() {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", status::render(&r));
+        }
+        let Some(every) = args.watch else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs_f64(every.max(0.2))) => {}
+        }
+    }
+}
+
+/// `radflow dlq list|replay`
+pub async fn dlq(args: DlqArgs) -> Result<()> {
+    match args.command {
+        DlqCommand::List { source, json } => {
+            let list: Vec<Failure> = match open(&source).await? {
+                Source::Nats(bus) => status::dead_letters(&*bus, 10_000).await?,
+                Source::Http(url) => http_json(reqwest::Method::GET, format!("{url}/dlq")).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no dead letters");
+            } else {
+                let now = now_ms();
+                for f in &list {
+                    println!("{}", status::render_failure(f, now));
+                }
+            }
+        }
+        DlqCommand::Replay { source, seq, all } => {
+            debug_assert!(all || seq.is_some());
+            let n = match open(&source).await? {
+                Source::Nats(bus) => status::replay(&*bus, seq).await?,
+                Source::Http(url) => {
+                    let q = seq.map(|s| format!("?seq={s}")).unwrap_or_default();
+                    let v: serde_json::Value =
+                        http_json(reqwest::Method::POST, format!("{url}/dlq/replay{q}")).await?;
+                    v["replayed"].as_u64().unwrap_or(0) as usize
+                }
+            };
+            println!("replayed {n} dead letter(s)");
+            if n == 0 && seq.is_some() {
+                bail!("no dead letter with that sequence number");
+            }
+        }
+    }
+    Ok(())
+}

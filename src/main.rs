@@ -4,6 +4,8 @@
 //! `ARCHITECTURE.md` for the code map.
 
 mod cli;
+mod ops;
+mod score;
 mod tools;
 
 use std::sync::Arc;
@@ -11,15 +13,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as _, FromArgMatches, Parser};
-use radflow_inferer::session::{ExecutionConfig, ProviderRequest};
-use radflow_inferer::worker::{Inferer, ModelSet};
+use radflow_inferer::registry::{ModelHub, RegistryWatch};
+use radflow_inferer::worker::Inferer;
 use radflow_listener::assembly::AssemblyConfig;
+use radflow_listener::ingest::AdmissionConfig;
 use radflow_listener::scp::ScpConfig;
 use radflow_listener::service::{self, ListenerDeps};
-use radflow_preprocessor::geometry::GeometryOptions;
 use radflow_preprocessor::worker::Preprocessor;
 use radflow_shared::bus::{Bus, ConsumerSpec};
 use radflow_shared::config::{HttpArgs, TelemetryArgs};
+use radflow_shared::events::Lane;
 use radflow_shared::http::Health;
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::Registry;
@@ -43,13 +46,16 @@ fn main() -> std::process::ExitCode {
                     RunArgs::augment_args(clap::Command::new("run")).get_matches_from(["radflow"]);
                 run_embedded(RunArgs::from_arg_matches(&matches)?).await
             }
-            Some(Command::Run(args)) => run_embedded(args).await,
+            Some(Command::Run(args)) => run_embedded(*args).await,
             Some(Command::Listener(args)) => run_listener(args).await,
             Some(Command::Preprocessor(args)) => run_preprocessor(args).await,
             Some(Command::Inferer(args)) => run_inferer(args).await,
             Some(Command::Synth(args)) => tools::synth(args),
             Some(Command::Send(args)) => tools::send(args).await,
             Some(Command::Volume(args)) => tools::volume(args),
+            Some(Command::Status(args)) => ops::status(args).await,
+            Some(Command::Dlq(args)) => ops::dlq(args).await,
+            Some(Command::Score(args)) => score::score(args).await,
         }
     });
     match result {
@@ -61,8 +67,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logs(t: &TelemetryArgs) {
-    radflow_shared::telemetry::init(t.log_format, &t.log);
+fn init_logs(t: &TelemetryArgs, service: &str) -> radflow_shared::telemetry::TelemetryGuard {
+    radflow_shared::telemetry::init(t.log_format, &t.log, t.otlp_endpoint.as_deref(), service)
 }
 
 async fn start_http(
@@ -88,6 +94,40 @@ async fn start_http(
     }))
 }
 
+/// A durable consumer's name in each lane: `name-stat`, `name`, `name-batch`.
+fn with_lanes(name: &str) -> Vec<String> {
+    [Lane::Stat, Lane::Routine, Lane::Batch]
+        .iter()
+        .map(|lane| format!("{name}{}", lane.durable_suffix()))
+        .collect()
+}
+
+/// The inferer's consumers: one per model name and lane.
+fn inferer_consumers(registry: &Registry) -> Vec<String> {
+    let names: std::collections::BTreeSet<&str> =
+        registry.models.iter().map(|m| m.name.as_str()).collect();
+    names
+        .into_iter()
+        .flat_map(|name| with_lanes(&format!("inferer-{name}")))
+        .collect()
+}
+
+/// Exports the lag of this process's consumers as metrics.
+fn spawn_lag_reporter(
+    bus: &Arc<dyn Bus>,
+    consumers: Vec<String>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) {
+    tokio::spawn(radflow_shared::status::report_lag(
+        bus.clone(),
+        consumers,
+        metrics.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+}
+
 /// Turns `/readyz` false as soon as shutdown is requested, before anything stops.
 fn drain_on_shutdown(
     health: &Arc<Health>,
@@ -100,14 +140,48 @@ fn drain_on_shutdown(
     })
 }
 
-fn scp_config(args: &ListenerArgs) -> ScpConfig {
-    ScpConfig {
+fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
+    let allowed_callers = args
+        .allowed_callers
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.parse())
+        .collect::<Result<Vec<_>, _>>()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(radflow_listener::tls::server_config(
+            &radflow_listener::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            },
+        )?),
+        _ => None,
+    };
+    Ok(ScpConfig {
         ae_titles: args.ae_title.iter().map(|s| s.trim().to_owned()).collect(),
+        allowed_callers,
+        private_sop_classes: args
+            .private_sop_classes
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
         max_pdu: args.max_pdu,
         max_associations: args.max_associations,
         max_instance_bytes: args.max_instance_bytes,
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        artim_timeout: Duration::from_secs(args.artim_timeout_secs.max(1)),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        stream_threshold: args.stream_threshold.max(8 << 20),
+        tls,
         ..ScpConfig::default()
+    })
+}
+
+fn admission_config(args: &ListenerArgs) -> AdmissionConfig {
+    AdmissionConfig {
+        max_series_backlog: args.max_series_backlog,
+        ..AdmissionConfig::default()
     }
 }
 
@@ -115,32 +189,22 @@ fn assembly_config(args: &ListenerArgs) -> AssemblyConfig {
     AssemblyConfig {
         quiet: args.quiet(),
         short_quiet: args.release_quiet(),
+        stat_calling_aes: args.stat_calling_ae.clone(),
         ..AssemblyConfig::default()
     }
-}
-
-fn exec_config(args: &InfererArgs) -> Result<ExecutionConfig> {
-    let provider = match args.provider.to_ascii_lowercase().as_str() {
-        "auto" => ProviderRequest::Auto,
-        "cpu" => ProviderRequest::Cpu,
-        "cuda" | "gpu" => ProviderRequest::Cuda {
-            device_id: args.cuda_device,
-            memory_limit_bytes: args.cuda_memory_limit,
-        },
-        other => anyhow::bail!("--provider {other:?}: use auto, cpu or cuda"),
-    };
-    Ok(ExecutionConfig {
-        provider,
-        require_gpu: args.require_gpu,
-        intra_threads: args.intra_threads,
-    })
 }
 
 fn worker_config(consumer: ConsumerSpec, args: &WorkerArgs) -> WorkerConfig {
     let mut config = WorkerConfig::new(consumer);
     config.concurrency = args.concurrency.max(1);
     config.consumer.max_deliver = args.max_deliver.max(1);
+    config.consumer.ack_wait = Duration::from_secs(args.ack_wait_secs.max(1));
     config
+}
+
+/// The preprocessor's worker: the routine consumer with its stat and batch lanes.
+fn preprocessor_config(args: &WorkerArgs) -> WorkerConfig {
+    worker_config(radflow_preprocessor::worker::consumer(), args).with_lanes()
 }
 
 fn load_registry(models: &radflow_shared::config::ModelsArgs) -> Result<Arc<Registry>> {
@@ -165,12 +229,15 @@ async fn load_models(
     registry: Arc<Registry>,
     args: &InfererArgs,
     metrics: Arc<Metrics>,
-) -> Result<Arc<ModelSet>> {
+) -> Result<Arc<ModelHub>> {
     let info = radflow_inferer::runtime::init(args.ort_lib.as_deref())?;
     tracing::info!(library = %info.library.display(), version = %info.version, "ONNX Runtime loaded");
-    let exec = exec_config(args)?;
-    let set =
-        tokio::task::spawn_blocking(move || ModelSet::load(&registry, &exec, &metrics)).await?;
+    let exec = args.execution();
+    let hub = tokio::task::spawn_blocking(move || {
+        ModelHub::load(Registry::clone(&registry), exec, metrics)
+    })
+    .await?;
+    let set = hub.current();
     if set.loaded.is_empty() {
         anyhow::bail!(
             "no model could be loaded: {}",
@@ -181,12 +248,23 @@ async fn load_models(
                 .join("; ")
         );
     }
-    Ok(Arc::new(set))
+    Ok(Arc::new(hub))
+}
+
+/// The watch of `--models` for changes, unless reloading is off or the registry is
+/// the built-in one.
+fn registry_watch(
+    models: &radflow_shared::config::ModelsArgs,
+    args: &InfererArgs,
+) -> Option<RegistryWatch> {
+    let path = models.models.clone()?;
+    args.reload_interval()
+        .map(|interval| RegistryWatch::new(path, interval))
 }
 
 /// `radflow run`: every component in this process.
 async fn run_embedded(args: RunArgs) -> Result<()> {
-    init_logs(&args.telemetry);
+    let _telemetry = init_logs(&args.telemetry, "radflow");
     let shutdown = radflow_shared::shutdown::on_signals();
     let store = args.store.open()?;
     let bus: Arc<dyn Bus> = args.bus.connect_or_inproc("radflow", &shutdown).await?;
@@ -195,6 +273,11 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let health = Health::new(Some(bus.clone()), Some(store.clone()));
     let inferer_ready = health.component("inferer");
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
+    health.enable_admin();
+    let mut consumers = vec!["assembler".to_owned()];
+    consumers.extend(with_lanes("preprocessor"));
+    consumers.extend(inferer_consumers(&registry));
+    spawn_lag_reporter(&bus, consumers, &metrics, &shutdown);
 
     let models = load_models(registry.clone(), &args.inferer, metrics.clone()).await?;
     let dicom = bind_dicom(&args.listener).await?;
@@ -226,11 +309,13 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let listener = tokio::spawn(service::run(
         dicom,
         ListenerDeps {
-            scp: scp_config(&args.listener),
+            scp: scp_config(&args.listener)?,
             assembly: assembly_config(&args.listener),
+            admission: admission_config(&args.listener),
             store: store.clone(),
             bus: bus.clone(),
             metrics: metrics.clone(),
+            health: Some(health.clone()),
         },
         shutdown.clone(),
     ));
@@ -239,11 +324,11 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         bus: bus.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
-        geometry: GeometryOptions::default(),
+        geometry: tools::geometry_options(&args.geometry),
     });
     let preprocessing = tokio::spawn(radflow_preprocessor::worker::run(
         pre,
-        worker_config(radflow_preprocessor::worker::consumer(), &args.worker),
+        preprocessor_config(&args.worker),
         shutdown.clone(),
     ));
     let inferer = Arc::new(Inferer {
@@ -252,17 +337,13 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         models,
         metrics,
     });
-    let inferer_shutdown = shutdown.clone();
-    let inferring = tokio::spawn(async move {
-        radflow_inferer::worker::run(
-            inferer,
-            &registry,
-            worker_config(radflow_inferer::worker::consumer("all"), &args.worker),
-            inferer_ready,
-            inferer_shutdown,
-        )
-        .await
-    });
+    let inferring = tokio::spawn(radflow_inferer::worker::run(
+        inferer,
+        worker_config(radflow_inferer::worker::consumer("all"), &args.worker),
+        registry_watch(&args.models, &args.inferer),
+        inferer_ready,
+        shutdown.clone(),
+    ));
     let draining = drain_on_shutdown(&health, &shutdown);
     let listener_result = listener.await?;
     let _ = tokio::join!(preprocessing, inferring, draining);
@@ -272,24 +353,27 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
 
 /// `radflow listener`
 async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
-    init_logs(&args.telemetry);
+    let _telemetry = init_logs(&args.telemetry, "radflow-listener");
     let shutdown = radflow_shared::shutdown::on_signals();
     let store = args.store.open()?;
     let bus: Arc<dyn Bus> = args.bus.connect_nats("radflow-listener", &shutdown).await?;
     let metrics = Metrics::new();
     let health = Health::new(Some(bus.clone()), Some(store.clone()));
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
+    spawn_lag_reporter(&bus, vec!["assembler".into()], &metrics, &shutdown);
     let dicom = bind_dicom(&args.listener).await?;
     tracing::info!(dicom = %dicom.local_addr()?, store = %store.url(), "listener running");
     let draining = drain_on_shutdown(&health, &shutdown);
     let result = service::run(
         dicom,
         ListenerDeps {
-            scp: scp_config(&args.listener),
+            scp: scp_config(&args.listener)?,
             assembly: assembly_config(&args.listener),
+            admission: admission_config(&args.listener),
             store,
             bus,
             metrics,
+            health: Some(health.clone()),
         },
         shutdown,
     )
@@ -301,7 +385,7 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
 
 /// `radflow preprocessor`
 async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
-    init_logs(&args.telemetry);
+    let _telemetry = init_logs(&args.telemetry, "radflow-preprocessor");
     let shutdown = radflow_shared::shutdown::on_signals();
     let store = args.store.open()?;
     let bus: Arc<dyn Bus> = args
@@ -312,20 +396,23 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
     let metrics = Metrics::new();
     let health = Health::new(Some(bus.clone()), Some(store.clone()));
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
+    spawn_lag_reporter(&bus, with_lanes("preprocessor"), &metrics, &shutdown);
+    if let Some(idle) = args.worker.exit_when_idle() {
+        tokio::spawn(radflow_shared::worker::exit_when_idle(
+            metrics.clone(),
+            idle,
+            shutdown.clone(),
+        ));
+    }
     let pre = Arc::new(Preprocessor {
         store,
         bus,
         registry,
         metrics,
-        geometry: GeometryOptions::default(),
+        geometry: tools::geometry_options(&args.geometry),
     });
     let draining = drain_on_shutdown(&health, &shutdown);
-    radflow_preprocessor::worker::run(
-        pre,
-        worker_config(radflow_preprocessor::worker::consumer(), &args.worker),
-        shutdown,
-    )
-    .await;
+    radflow_preprocessor::worker::run(pre, preprocessor_config(&args.worker), shutdown).await;
     let _ = draining.await;
     let _ = http.await;
     Ok(())
@@ -333,7 +420,7 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
 
 /// `radflow inferer`
 async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
-    init_logs(&args.telemetry);
+    let _telemetry = init_logs(&args.telemetry, "radflow-inferer");
     let shutdown = radflow_shared::shutdown::on_signals();
     let store: Store = args.store.open()?;
     let bus: Arc<dyn Bus> = args.bus.connect_nats("radflow-inferer", &shutdown).await?;
@@ -342,7 +429,15 @@ async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
     let health = Health::new(Some(bus.clone()), Some(store.clone()));
     let ready = health.component("models");
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
+    spawn_lag_reporter(&bus, inferer_consumers(&registry), &metrics, &shutdown);
     let models = load_models(registry.clone(), &args.inferer, metrics.clone()).await?;
+    if let Some(idle) = args.worker.exit_when_idle() {
+        tokio::spawn(radflow_shared::worker::exit_when_idle(
+            metrics.clone(),
+            idle,
+            shutdown.clone(),
+        ));
+    }
     let inferer = Arc::new(Inferer {
         store,
         bus,
@@ -352,8 +447,8 @@ async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
     let draining = drain_on_shutdown(&health, &shutdown);
     radflow_inferer::worker::run(
         inferer,
-        &registry,
         worker_config(radflow_inferer::worker::consumer("all"), &args.worker),
+        registry_watch(&args.models, &args.inferer),
         ready,
         shutdown,
     )

@@ -45,7 +45,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
 }
 
 /// Files under the given paths, recursively, sorted.
-fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let meta = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
         if meta.is_dir() {
@@ -100,7 +100,7 @@ pub async fn send(args: SendArgs) -> Result<()> {
 }
 
 /// The geometry flags as options of the converter.
-fn geometry_options(args: &GeometryArgs) -> GeometryOptions {
+pub fn geometry_options(args: &GeometryArgs) -> GeometryOptions {
     GeometryOptions {
         min_slices: args.min_slices,
         spacing_tolerance: args.spacing_tolerance,

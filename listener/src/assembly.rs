@@ -28,7 +28,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use radflow_shared::bus::{Bus, BusError, Delivery, Kv, SERIES_STATE_BUCKET, publish_event};
-use radflow_shared::events::{self, InstanceStored, ReadyReason, SCHEMA_VERSION, SeriesReady};
+use radflow_shared::events::{
+    self, InstanceStored, Lane, ReadyReason, SCHEMA_VERSION, SeriesReady,
+};
 use radflow_shared::metrics::Metrics;
 use radflow_shared::util::now_ms;
 use radflow_shared::worker::{HandleError, Handler, Outcome};
@@ -56,6 +58,24 @@ pub struct AssemblyConfig {
     /// Emitted series are forgotten after this long (a later instance then starts
     /// again at revision 1; outputs are keyed by series, so nothing duplicates).
     pub forget_after: Duration,
+    /// Calling AE titles whose series travel in the stat lane (ahead of routine work).
+    pub stat_calling_aes: Vec<String>,
+}
+
+impl AssemblyConfig {
+    /// The lane of a series sent by `calling_ae`.
+    pub fn lane(&self, calling_ae: &str) -> Lane {
+        let ae = calling_ae.trim();
+        if self
+            .stat_calling_aes
+            .iter()
+            .any(|s| s.trim().eq_ignore_ascii_case(ae))
+        {
+            Lane::Stat
+        } else {
+            Lane::Routine
+        }
+    }
 }
 
 impl Default for AssemblyConfig {
@@ -64,6 +84,7 @@ impl Default for AssemblyConfig {
             quiet: Duration::from_secs(10),
             short_quiet: Duration::from_secs(2),
             forget_after: Duration::from_secs(24 * 3600),
+            stat_calling_aes: Vec::new(),
         }
     }
 }
@@ -356,6 +377,8 @@ impl ReadyScanner {
                 calling_ae: state.calling_ae.clone(),
                 reason,
                 ready_at_ms: now,
+                lane: self.config.lane(&state.calling_ae),
+                models: Vec::new(),
             };
             publish_event(&*self.bus, &event).await?;
             if self.mark_emitted(&key, &state).await? {
@@ -431,6 +454,7 @@ fn reason_label(r: ReadyReason) -> &'static str {
         ReadyReason::Released => "released",
         ReadyReason::Complete => "complete",
         ReadyReason::Recovered => "recovered",
+        ReadyReason::Scored => "scored",
     }
 }
 
@@ -463,7 +487,16 @@ mod tests {
             quiet: Duration::from_millis(10_000),
             short_quiet: Duration::from_millis(2_000),
             forget_after: Duration::from_secs(3600),
+            stat_calling_aes: vec!["ER-CT".into()],
         }
+    }
+
+    #[test]
+    fn stat_lane_by_calling_ae() {
+        assert_eq!(cfg().lane("ER-CT"), Lane::Stat);
+        assert_eq!(cfg().lane("er-ct "), Lane::Stat);
+        assert_eq!(cfg().lane("CT1"), Lane::Routine);
+        assert_eq!(AssemblyConfig::default().lane("ER-CT"), Lane::Routine);
     }
 
     #[test]

@@ -204,7 +204,24 @@ impl Handler for Preprocessor {
             called_ae: &ev.called_ae,
             slices: built.report.slices,
         };
-        let models = self.registry.route(&facts);
+        // A request for named models (`radflow score`) bypasses the routing rules.
+        let models = if ev.models.is_empty() {
+            self.registry.route(&facts)
+        } else {
+            let mut named = Vec::with_capacity(ev.models.len());
+            for reference in &ev.models {
+                match self.registry.find(reference) {
+                    Some(model) => named.push(model),
+                    None => {
+                        return Err(HandleError::permanent(
+                            "unknown_model",
+                            format!("no model {reference:?} in this preprocessor's registry"),
+                        ));
+                    }
+                }
+            }
+            named
+        };
         if models.is_empty() {
             return Ok(Outcome::Skipped(format!(
                 "no model routes a {} series of {} slices",
@@ -282,6 +299,7 @@ impl Handler for Preprocessor {
                 meta_key,
                 warnings: warnings.clone(),
                 suspect_incomplete: suspect_incomplete.clone(),
+                lane: ev.lane,
             };
             publish_event(&*self.bus, &job).await.map_err(|e| {
                 self.metrics.bus_error(STAGE);
@@ -291,6 +309,7 @@ impl Handler for Preprocessor {
         tracing::info!(
             series_uid = %ev.series_uid,
             revision = ev.revision,
+            lane = %ev.lane,
             slices = built.report.slices,
             models = models.len(),
             suspect_incomplete = suspect_incomplete.is_some(),

@@ -62,6 +62,8 @@ async fn send(store: &Store, bus: &dyn Bus, series: &str, files: Vec<Vec<u8>>) {
         calling_ae: "TEST".into(),
         reason: ReadyReason::Quiet,
         ready_at_ms: 0,
+        lane: Default::default(),
+        models: vec![],
     };
     publish_event(bus, &ev).await.unwrap();
 }

@@ -85,6 +85,57 @@ pub enum ReadyReason {
     Complete,
     /// Re-queued at start-up because it had no result yet (embedded recovery).
     Recovered,
+    /// Queued by `radflow score` for a series already in the store.
+    Scored,
+}
+
+/// Priority of work. Each lane has its own subjects and durable consumers; workers
+/// take `stat` first, `routine` next and `batch` only while both are empty, so
+/// archive scoring never delays a study from a scanner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lane {
+    /// Urgent live work (e.g. from an emergency scanner's AE title).
+    Stat,
+    /// Live work from the listener.
+    #[default]
+    Routine,
+    /// Bulk re-scoring of stored series.
+    Batch,
+}
+
+impl Lane {
+    /// The subject suffix of the lane: nothing for routine work, `.stat`, `.batch`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Lane::Stat => ".stat",
+            Lane::Routine => "",
+            Lane::Batch => ".batch",
+        }
+    }
+
+    /// The suffix of the lane's durable consumer names (`preprocessor-stat`, …).
+    pub fn durable_suffix(self) -> &'static str {
+        match self {
+            Lane::Stat => "-stat",
+            Lane::Routine => "",
+            Lane::Batch => "-batch",
+        }
+    }
+
+    pub fn is_routine(&self) -> bool {
+        *self == Lane::Routine
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lane::Stat => "stat",
+            Lane::Routine => "routine",
+            Lane::Batch => "batch",
+        })
+    }
 }
 
 /// A series revision has all the instances it is going to get (as far as anyone can
@@ -109,14 +160,30 @@ pub struct SeriesReady {
     pub reason: ReadyReason,
     /// Unix milliseconds.
     pub ready_at_ms: u64,
+    /// The lane the series and its jobs travel in.
+    #[serde(default, skip_serializing_if = "Lane::is_routine")]
+    pub lane: Lane,
+    /// Models to run (`name` or `name@version`), bypassing routing; empty: the routing
+    /// rules of the registry decide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 impl Event for SeriesReady {
     fn subject(&self) -> String {
-        format!("{SUBJECT_PREFIX}.series.ready")
+        format!("{SUBJECT_PREFIX}.series.ready{}", self.lane.suffix())
     }
     fn msg_id(&self) -> String {
-        format!("series:{}:r{}", self.series_uid, self.revision)
+        if self.models.is_empty() {
+            format!("series:{}:r{}", self.series_uid, self.revision)
+        } else {
+            format!(
+                "series:{}:r{}:{}",
+                self.series_uid,
+                self.revision,
+                self.models.join("+")
+            )
+        }
     }
     fn correlation_id(&self) -> &str {
         &self.correlation_id
@@ -141,6 +208,13 @@ pub struct VolumeReady {
     /// Problems that did not stop the volume (e.g. "suspect incomplete: gap at …").
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why the series may be missing slices (a gap against its regular slice spacing),
+    /// if it may; the volume was still built, and consumers decide what to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_incomplete: Option<String>,
+    /// The lane of the series this job comes from.
+    #[serde(default, skip_serializing_if = "Lane::is_routine")]
+    pub lane: Lane,
 }
 
 impl VolumeReady {
@@ -151,7 +225,7 @@ impl VolumeReady {
 
 impl Event for VolumeReady {
     fn subject(&self) -> String {
-        format!("{SUBJECT_PREFIX}.job.{}", self.model)
+        format!("{SUBJECT_PREFIX}.job.{}{}", self.model, self.lane.suffix())
     }
     fn msg_id(&self) -> String {
         format!(
@@ -173,6 +247,18 @@ pub struct LabelVolume {
     pub volume_ml: f64,
 }
 
+/// Result of one class of a classification model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassScore {
+    pub index: u8,
+    pub name: String,
+    /// Probability (after the model's activation) or raw score.
+    pub score: f64,
+    /// Whether the score reached the class threshold; absent when the class has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positive: Option<bool>,
+}
+
 /// A model ran on a series and its outputs are in the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceCompleted {
@@ -184,12 +270,16 @@ pub struct InferenceCompleted {
     pub model: String,
     pub model_version: String,
     pub model_sha256: String,
-    /// Execution provider that really ran the model (`cpu`, `cuda`).
+    /// Execution provider that really ran the model (`cpu`, `cuda`, `tensorrt`).
     pub provider: String,
     /// Store prefix holding `summary.json`, `labels.nii.gz`, `preview.png`.
     pub result_prefix: String,
+    /// Segmentation: volume per label.
     #[serde(default)]
     pub labels: Vec<LabelVolume>,
+    /// Classification: score per class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassScore>,
 }
 
 impl Event for InferenceCompleted {
@@ -291,6 +381,8 @@ mod tests {
             calling_ae: "CT1".into(),
             reason: ReadyReason::Quiet,
             ready_at_ms: 1,
+            lane: Lane::Routine,
+            models: vec![],
         }
     }
 
@@ -331,8 +423,39 @@ mod tests {
             volume_key: "k".into(),
             meta_key: "m".into(),
             warnings: vec![],
+            suspect_incomplete: None,
+            lane: Lane::Routine,
         };
         assert_eq!(job.subject(), "radflow.job.demo-tissue");
         assert_eq!(job.msg_id(), "job:1.2:r1:demo-tissue@1.0.0");
+        let batch = VolumeReady {
+            lane: Lane::Batch,
+            ..job
+        };
+        assert_eq!(batch.subject(), "radflow.job.demo-tissue.batch");
+        // The same job in another lane is still the same job.
+        assert_eq!(batch.msg_id(), "job:1.2:r1:demo-tissue@1.0.0");
+    }
+
+    #[test]
+    fn lanes_have_their_own_subjects_and_routine_events_keep_their_shape() {
+        let routine = ready();
+        let json = serde_json::to_value(&routine).unwrap();
+        assert!(json.get("lane").is_none() && json.get("models").is_none());
+        let stat = SeriesReady {
+            lane: Lane::Stat,
+            ..ready()
+        };
+        assert_eq!(stat.subject(), "radflow.series.ready.stat");
+        let scored = SeriesReady {
+            lane: Lane::Batch,
+            models: vec!["demo-tissue@1.0.0".into()],
+            reason: ReadyReason::Scored,
+            ..ready()
+        };
+        assert_eq!(scored.subject(), "radflow.series.ready.batch");
+        assert_eq!(scored.msg_id(), "series:1.2.3:r2:demo-tissue@1.0.0");
+        let back: SeriesReady = decode(&encode(&scored)).unwrap();
+        assert_eq!(back, scored);
     }
 }

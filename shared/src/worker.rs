@@ -74,6 +74,12 @@ pub struct WorkerConfig {
     pub backoff: Vec<Duration>,
     /// How long a draining worker waits for the messages it holds.
     pub drain: Duration,
+    /// A consumer served before `consumer` (stat work); its ack wait and delivery
+    /// limit are those of `consumer`.
+    pub stat: Option<ConsumerSpec>,
+    /// A consumer served only while `consumer` and `stat` have nothing waiting
+    /// (batch scoring), so archive work never delays live studies.
+    pub batch: Option<ConsumerSpec>,
 }
 
 impl WorkerConfig {
@@ -88,6 +94,109 @@ impl WorkerConfig {
                 Duration::from_secs(60),
             ],
             drain: Duration::from_secs(25),
+            stat: None,
+            batch: None,
+        }
+    }
+
+    /// Adds the stat and batch lanes of `consumer` (see [`ConsumerSpec::in_lane`]).
+    pub fn with_lanes(mut self) -> Self {
+        self.stat = Some(self.consumer.in_lane(crate::events::Lane::Stat));
+        self.batch = Some(self.consumer.in_lane(crate::events::Lane::Batch));
+        self
+    }
+
+    /// The consumers in the order they are served.
+    fn lanes(&self) -> Vec<&ConsumerSpec> {
+        self.stat
+            .iter()
+            .chain(std::iter::once(&self.consumer))
+            .chain(self.batch.iter())
+            .collect()
+    }
+}
+
+/// How long an idle priority worker waits on its main consumer before it looks at
+/// the other lanes again (the extra latency a stat message can see).
+const LANE_POLL: Duration = Duration::from_millis(250);
+
+/// Takes the next delivery by priority: stat, then the main consumer (waiting up to
+/// [`LANE_POLL`]), then batch. `None` when nothing was waiting.
+async fn next_by_priority(
+    bus: &dyn Bus,
+    config: &WorkerConfig,
+) -> Result<Option<Delivery>, crate::bus::BusError> {
+    if let Some(stat) = &config.stat
+        && let Some(d) = bus.fetch(stat, 1, Duration::ZERO).await?.pop()
+    {
+        return Ok(Some(d));
+    }
+    let wait = if config.batch.is_some() {
+        Duration::ZERO
+    } else {
+        LANE_POLL
+    };
+    if let Some(d) = bus.fetch(&config.consumer, 1, wait).await?.pop() {
+        return Ok(Some(d));
+    }
+    if let Some(batch) = &config.batch {
+        if let Some(d) = bus.fetch(batch, 1, Duration::ZERO).await?.pop() {
+            return Ok(Some(d));
+        }
+        // Nothing anywhere: wait on the main lane for a while before polling again.
+        return Ok(bus.fetch(&config.consumer, 1, LANE_POLL).await?.pop());
+    }
+    Ok(None)
+}
+
+/// The consume loop of a worker with several lanes: one message at a time per
+/// permit, pulled by priority, nothing prefetched.
+async fn run_lanes(
+    bus: Arc<dyn Bus>,
+    handler: Arc<dyn Handler>,
+    config: WorkerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let stage = handler.stage();
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    let names: Vec<&str> = config.lanes().iter().map(|c| c.durable.as_str()).collect();
+    tracing::info!(stage, consumers = ?names, "consuming by priority");
+    let mut retry = Duration::from_millis(500);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = next_by_priority(&*bus, &config) => n,
+        };
+        match next {
+            Ok(Some(delivery)) => {
+                retry = Duration::from_millis(500);
+                let (bus, handler, config, metrics) = (
+                    bus.clone(),
+                    handler.clone(),
+                    config.clone(),
+                    metrics.clone(),
+                );
+                tracker.spawn(async move {
+                    process(&*bus, &*handler, &config, &metrics, delivery).await;
+                    drop(permit);
+                });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics.bus_error(stage);
+                tracing::warn!(stage, error = %e, "cannot pull; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(10));
+            }
         }
     }
 }
@@ -104,6 +213,17 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
     let mut retry = Duration::from_millis(500);
+    if config.stat.is_some() || config.batch.is_some() {
+        run_lanes(
+            bus.clone(),
+            handler.clone(),
+            config.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            &tracker,
+        )
+        .await;
+    }
     'outer: while !shutdown.is_cancelled() {
         let mut sub = match bus.subscribe(&config.consumer).await {
             Ok(sub) => {
@@ -188,6 +308,7 @@ pub async fn process(
         subject = %delivery.subject,
         attempt = delivery.attempt
     );
+    metrics.activity.begin();
     async {
         metrics.message(stage, "received");
         let started = Instant::now();
@@ -242,7 +363,24 @@ pub async fn process(
         }
     }
     .instrument(span)
-    .await
+    .await;
+    metrics.activity.end();
+}
+
+/// Cancels `shutdown` once the process has had no message in hand for `idle` (the
+/// work-queue pattern of a Kubernetes Job: workers exit when the queue is drained).
+pub async fn exit_when_idle(metrics: Arc<Metrics>, idle: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if metrics.activity.idle_for() >= idle {
+            tracing::info!(idle_secs = idle.as_secs_f64(), "no work left; stopping");
+            shutdown.cancel();
+            return;
+        }
+    }
 }
 
 async fn dead_letter(
@@ -342,6 +480,74 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
         bus
+    }
+
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Handler for Recorder {
+        fn stage(&self) -> &'static str {
+            "test"
+        }
+        async fn handle(&self, d: &Delivery) -> Result<Outcome, HandleError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&d.payload).into_owned());
+            Ok(Outcome::Done)
+        }
+    }
+
+    #[tokio::test]
+    async fn lanes_are_served_stat_first_and_batch_last() {
+        let bus = InProcBus::new();
+        let publish = |subject: &'static str, body: &'static str| {
+            let bus = bus.clone();
+            async move {
+                bus.publish(Outgoing {
+                    subject: subject.into(),
+                    msg_id: body.into(),
+                    correlation_id: String::new(),
+                    payload: bytes::Bytes::from_static(body.as_bytes()),
+                })
+                .await
+                .unwrap()
+            }
+        };
+        publish("radflow.job.m.batch", "batch-1").await;
+        publish("radflow.job.m.batch", "batch-2").await;
+        publish("radflow.job.m", "routine-1").await;
+        publish("radflow.job.m.stat", "stat-1").await;
+        publish("radflow.job.m", "routine-2").await;
+        let lane = |name: &str, filter: &str| {
+            let mut c = ConsumerSpec::new(JOBS, name);
+            c.filter = filter.into();
+            c
+        };
+        let mut config = WorkerConfig::new(lane("w", "radflow.job.m"));
+        config.stat = Some(lane("w-stat", "radflow.job.m.stat"));
+        config.batch = Some(lane("w-batch", "radflow.job.m.batch"));
+        let recorder = Arc::new(Recorder(Default::default()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::new(bus.clone()),
+            recorder.clone(),
+            config,
+            Metrics::new(),
+            stop.clone(),
+        ));
+        for _ in 0..300 {
+            if recorder.0.lock().unwrap().len() == 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            ["stat-1", "routine-1", "routine-2", "batch-1", "batch-2"]
+        );
     }
 
     #[tokio::test]

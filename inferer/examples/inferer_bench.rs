@@ -284,6 +284,7 @@ fn e2e(
                 warnings: vec![],
                 suspect_incomplete: None,
                 lane: Default::default(),
+                shadow: false,
             };
             let out = Outgoing::event(&job);
             let delivery = Delivery {

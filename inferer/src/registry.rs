@@ -14,11 +14,13 @@
 //! set, and the models that did not change never stop serving. A registry that does
 //! not parse is reported and ignored.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use radflow_shared::events::VolumeReady;
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::{ModelKind, Registry, RegistryError};
 
@@ -79,6 +81,31 @@ impl ModelSet {
             .get(reference)
             .cloned()
             .unwrap_or_else(|| format!("model {reference} is not in this inferer's registry")))
+    }
+
+    /// The model that runs a job: the version it names or, when that version was
+    /// retired (the registry serves a newer version of the name, with the same input
+    /// preset), the serving version, so that jobs queued before a rollout still get
+    /// a result. A job for a version newer than any this inferer has is not served
+    /// yet: the registry reload that brings it is on its way.
+    pub fn serve(&self, job: &VolumeReady) -> Result<Arc<ServedModel>, String> {
+        let requested = job.model_ref();
+        let retired = !self.registry.models.iter().any(|m| m.reference() == requested);
+        if retired
+            && let Some(serving) = self.registry.serving(&job.model)
+            && serving.preset.name == job.preset
+            && version_order(&job.model_version, &serving.version) == Some(Ordering::Less)
+        {
+            let model = self.get(&serving.reference())?;
+            tracing::warn!(
+                series_uid = %job.series_uid,
+                requested = %requested,
+                serving = %serving.reference(),
+                "the job's model version was retired; running the serving version"
+            );
+            return Ok(model);
+        }
+        self.get(&requested)
     }
 
     /// The job subjects to consume (model names) with the messages each consumer
@@ -270,5 +297,26 @@ impl RegistryWatch {
             Ok(registry) if registry == *current => None,
             other => Some(other),
         }
+    }
+}
+
+/// Orders dotted versions (`1.10.0` after `1.9.2`) part by part, numerically where
+/// both parts are numbers; `None` when they cannot be compared that way.
+pub fn version_order(a: &str, b: &str) -> Option<Ordering> {
+    let parts = |v: &str| -> Option<Vec<u64>> { v.split(['.', '-', '_']).map(|p| p.parse().ok()).collect() };
+    let (a, b) = (parts(a)?, parts(b)?);
+    Some(a.cmp(&b))
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert_eq!(version_order("1.0.0", "1.1.0"), Some(Ordering::Less));
+        assert_eq!(version_order("1.10.0", "1.9.2"), Some(Ordering::Greater));
+        assert_eq!(version_order("2", "2"), Some(Ordering::Equal));
+        assert_eq!(version_order("1.0-rc1", "1.0"), None);
     }
 }

@@ -61,6 +61,9 @@ pub struct Summary {
     pub model_version: String,
     /// SHA-256 of the ONNX file that produced the result.
     pub model_sha256: String,
+    /// A version on trial whose results are stored but not forwarded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
     /// `segmentation` or `classification`.
     pub kind: ModelKind,
     /// Execution provider that really ran the model (`cpu`, `cuda`, `tensorrt`).
@@ -300,10 +303,12 @@ impl Inferer {
     /// The summary of a result that is already complete for this job (a redelivery
     /// after the outputs were written), if any.
     async fn finished(&self, job: &VolumeReady, model: &LoadedModel) -> Option<Summary> {
-        let key = Store::result_key(&job.series_uid, &job.model_ref(), "summary.json");
+        let key = Store::result_key(&job.series_uid, &model.spec.reference(), "summary.json");
         let bytes = self.store.get(&key).await.ok()?;
         let summary: Summary = serde_json::from_slice(&bytes).ok()?;
-        (summary.revision == job.revision && summary.model_sha256 == model.sha256)
+        (summary.revision == job.revision
+            && summary.model_sha256 == model.sha256
+            && summary.shadow == job.shadow)
             .then_some(summary)
     }
 
@@ -331,6 +336,7 @@ impl Inferer {
                 })
                 .collect(),
             classes: summary.classes.clone(),
+            shadow: summary.shadow,
         };
         publish_event(&*self.bus, &event).await.map_err(|e| {
             self.metrics.bus_error(STAGE);
@@ -350,6 +356,7 @@ fn summary_for(job: &VolumeReady, meta: &VolumeMeta, model: &LoadedModel) -> Sum
         model: model.spec.name.clone(),
         model_version: model.spec.version.clone(),
         model_sha256: model.sha256.clone(),
+        shadow: job.shadow,
         kind: model.spec.kind,
         provider: model.provider.as_str().to_owned(),
         provider_nodes: model.placement.clone(),
@@ -431,12 +438,11 @@ impl Handler for Inferer {
         let started = Instant::now();
         let job: VolumeReady = events::decode(&delivery.payload)
             .map_err(|e| HandleError::permanent("bad_event", e.to_string()))?;
-        let reference = job.model_ref();
-        let served: Arc<ServedModel> =
-            self.models.current().get(&reference).map_err(|why| {
-                HandleError::Transient(anyhow::anyhow!("model unavailable: {why}"))
-            })?;
+        let served: Arc<ServedModel> = self.models.current().serve(&job).map_err(|why| {
+            HandleError::Transient(anyhow::anyhow!("model unavailable: {why}"))
+        })?;
         let model = served.model.clone();
+        let reference = model.spec.reference();
 
         if let Some(done) = self.finished(&job, &model).await {
             tracing::info!(series_uid = %job.series_uid, model = %reference, "result already complete; publishing it again");

@@ -300,6 +300,7 @@ impl Handler for Preprocessor {
                 warnings: warnings.clone(),
                 suspect_incomplete: suspect_incomplete.clone(),
                 lane: ev.lane,
+                shadow: model.shadow,
             };
             publish_event(&*self.bus, &job).await.map_err(|e| {
                 self.metrics.bus_error(STAGE);

@@ -215,6 +215,9 @@ pub struct VolumeReady {
     /// The lane of the series this job comes from.
     #[serde(default, skip_serializing_if = "Lane::is_routine")]
     pub lane: Lane,
+    /// Routed to a version on trial: its result is stored but announced as a shadow.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 impl VolumeReady {
@@ -280,11 +283,16 @@ pub struct InferenceCompleted {
     /// Classification: score per class.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<ClassScore>,
+    /// Produced by a version on trial (`shadow = true` in the registry): announced on
+    /// `radflow.result.<model>.shadow`, so whatever forwards results ignores it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
 }
 
 impl Event for InferenceCompleted {
     fn subject(&self) -> String {
-        format!("{SUBJECT_PREFIX}.result.{}", self.model)
+        let shadow = if self.shadow { ".shadow" } else { "" };
+        format!("{SUBJECT_PREFIX}.result.{}{shadow}", self.model)
     }
     fn msg_id(&self) -> String {
         format!(
@@ -425,6 +433,7 @@ mod tests {
             warnings: vec![],
             suspect_incomplete: None,
             lane: Lane::Routine,
+            shadow: false,
         };
         assert_eq!(job.subject(), "radflow.job.demo-tissue");
         assert_eq!(job.msg_id(), "job:1.2:r1:demo-tissue@1.0.0");

@@ -112,6 +112,12 @@ pub struct ModelSpec {
     /// Which series this model is run on.
     #[serde(default)]
     pub route: Route,
+    /// A version on trial: it scores the same series as the serving version of its
+    /// name, and its results are stored beside theirs and announced on
+    /// `radflow.result.<name>.shadow`, never on the subject that results are
+    /// forwarded from.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 fn default_batch_wait_ms() -> u64 {
@@ -358,19 +364,20 @@ impl Registry {
         }
     }
 
-    /// Finds a model by `name@version`, or by `name` alone when that is unambiguous.
+    /// Finds a model by `name@version`, or by `name` alone: its serving version.
     pub fn find(&self, reference: &str) -> Option<&ModelSpec> {
         match reference.split_once('@') {
             Some((name, version)) => self
                 .models
                 .iter()
                 .find(|m| m.name == name && m.version == version),
-            None => {
-                let mut it = self.models.iter().filter(|m| m.name == reference);
-                let first = it.next()?;
-                it.next().is_none().then_some(first)
-            }
+            None => self.serving(reference),
         }
+    }
+
+    /// The serving (not shadow) version of a model name.
+    pub fn serving(&self, name: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.name == name && !m.shadow)
     }
 
     /// Models whose routing rules select a series, in registry order.
@@ -404,6 +411,12 @@ impl Registry {
                 return invalid(format!(
                     "model {}: version {:?} must be letters, digits, '.', '-' or '_'",
                     m.name, m.version
+                ));
+            }
+            if !m.shadow && self.models.iter().any(|o| o.name == m.name && !o.shadow && o.version != m.version) {
+                return invalid(format!(
+                    "model {} has more than one serving version; mark the version on trial `shadow = true`",
+                    m.name
                 ));
             }
             if !seen.insert(m.reference()) {
@@ -759,6 +772,37 @@ mod tests {
                 .unwrap_err()
                 .contains("list its classes")
         );
+    }
+
+    #[test]
+    fn one_serving_version_per_name_and_shadows_beside_it() {
+        let v2 = BUILTIN_REGISTRY
+            .split("[[model]]")
+            .nth(1)
+            .unwrap()
+            .replace("version = \"1.0.0\"", "version = \"1.1.0\"");
+        let two = format!("{BUILTIN_REGISTRY}\n[[model]]{v2}");
+        let err = Registry::parse(&two, None).unwrap_err().to_string();
+        assert!(err.contains("more than one serving version"), "{err}");
+
+        let shadowed = format!(
+            "{BUILTIN_REGISTRY}\n[[model]]{}",
+            v2.replacen("kind = ", "shadow = true\nkind = ", 1)
+        );
+        let r = Registry::parse(&shadowed, None).unwrap();
+        assert_eq!(r.find("demo-tissue").unwrap().version, "1.0.0");
+        assert_eq!(r.serving("demo-tissue").unwrap().version, "1.0.0");
+        assert!(r.find("demo-tissue@1.1.0").unwrap().shadow);
+        // Both versions are routed to the same series.
+        let facts = SeriesFacts {
+            modality: "CT",
+            body_part: "",
+            series_description: "",
+            called_ae: "RADFLOW",
+            slices: 100,
+        };
+        let routed: Vec<String> = r.route(&facts).iter().map(|m| m.reference()).collect();
+        assert_eq!(routed, ["demo-tissue@1.0.0", "demo-tissue@1.1.0"]);
     }
 
     #[test]

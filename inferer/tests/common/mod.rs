@@ -270,6 +270,7 @@ pub mod stage {
             warnings: vec![],
             suspect_incomplete: None,
             lane: Default::default(),
+            shadow: false,
         }
     }
 

@@ -22,11 +22,8 @@ fn radflow_json(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-#[test]
-fn metrics_pass_promtool_and_prometheus_scrapes_a_stage_counter() {
-    let work = TempDir::new("metrics");
-    let series = work.path().join("series");
-    let truth = synth(&series, 64, 16, &[]);
+/// `radflow run` with its data in `work`; returns it with its DICOM and HTTP ports.
+fn embedded(work: &TempDir, quiet_secs: &str) -> (Proc, u16, u16) {
     let (dicom_port, http_port) = (free_port(), free_port());
     let mut cmd = radflow();
     cmd.arg("run")
@@ -34,9 +31,18 @@ fn metrics_pass_promtool_and_prometheus_scrapes_a_stage_counter() {
         .arg(work.path().join("data"))
         .args(["--dicom-port", &dicom_port.to_string()])
         .args(["--http-port", &http_port.to_string()])
-        .args(["--series-quiet-secs", "2"]);
+        .args(["--series-quiet-secs", quiet_secs]);
     let mut run = Proc::spawn("run", cmd, work.path());
     wait_port(dicom_port, &mut [&mut run]);
+    (run, dicom_port, http_port)
+}
+
+#[test]
+fn metrics_pass_promtool_and_prometheus_scrapes_a_stage_counter() {
+    let work = TempDir::new("metrics");
+    let series = work.path().join("series");
+    let truth = synth(&series, 64, 16, &[]);
+    let (mut run, dicom_port, http_port) = embedded(&work, "2");
 
     // A real Prometheus scraping the process every second.
     let prom_port = free_port();
@@ -271,16 +277,7 @@ fn status_shows_a_stuck_consumer_and_a_poisoned_series_is_replayed_after_the_fix
 #[test]
 fn embedded_status_over_http() {
     let work = TempDir::new("embedded-status");
-    let (dicom_port, http_port) = (free_port(), free_port());
-    let mut cmd = radflow();
-    cmd.arg("run")
-        .arg("--data")
-        .arg(work.path().join("data"))
-        .args(["--dicom-port", &dicom_port.to_string()])
-        .args(["--http-port", &http_port.to_string()])
-        .args(["--series-quiet-secs", "30"]);
-    let mut run = Proc::spawn("run", cmd, work.path());
-    wait_port(dicom_port, &mut [&mut run]);
+    let (_run, dicom_port, http_port) = embedded(&work, "30");
     let series = work.path().join("series");
     let truth = synth(&series, 32, 4, &[]);
     let out = storescu(dicom_port, "RADFLOW", &dicom_files(&series));

@@ -149,6 +149,24 @@ async fn next_by_priority(
     Ok(None)
 }
 
+/// Handles a delivery on its own task, holding `permit` until it is settled.
+fn spawn_process(
+    tracker: &TaskTracker,
+    bus: &Arc<dyn Bus>,
+    handler: &Arc<dyn Handler>,
+    config: &WorkerConfig,
+    metrics: &Arc<Metrics>,
+    delivery: Delivery,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (bus, handler, config, metrics) =
+        (bus.clone(), handler.clone(), config.clone(), metrics.clone());
+    tracker.spawn(async move {
+        process(&*bus, &*handler, &config, &metrics, delivery).await;
+        drop(permit);
+    });
+}
+
 /// The consume loop of a worker with several lanes: one message at a time per
 /// permit, pulled by priority, nothing prefetched.
 async fn run_lanes(
@@ -176,16 +194,7 @@ async fn run_lanes(
         match next {
             Ok(Some(delivery)) => {
                 retry = Duration::from_millis(500);
-                let (bus, handler, config, metrics) = (
-                    bus.clone(),
-                    handler.clone(),
-                    config.clone(),
-                    metrics.clone(),
-                );
-                tracker.spawn(async move {
-                    process(&*bus, &*handler, &config, &metrics, delivery).await;
-                    drop(permit);
-                });
+                spawn_process(tracker, &bus, &handler, &config, &metrics, delivery, permit);
             }
             Ok(None) => {}
             Err(e) => {
@@ -253,16 +262,7 @@ pub async fn run(
             };
             match next {
                 Some(Ok(delivery)) => {
-                    let (bus, handler, config, metrics) = (
-                        bus.clone(),
-                        handler.clone(),
-                        config.clone(),
-                        metrics.clone(),
-                    );
-                    tracker.spawn(async move {
-                        process(&*bus, &*handler, &config, &metrics, delivery).await;
-                        drop(permit);
-                    });
+                    spawn_process(&tracker, &bus, &handler, &config, &metrics, delivery, permit);
                 }
                 Some(Err(e)) => {
                     metrics.bus_error(stage);

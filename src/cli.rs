@@ -41,6 +41,8 @@ pub enum Command {
     Dlq(DlqArgs),
     /// Score stored series (or a folder) with a model, in the batch lane, with a report.
     Score(ScoreArgs),
+    /// Export image and label pairs of a model version's results, for retraining.
+    ExportDataset(crate::export::ExportArgs),
 }
 
 /// `radflow score`

@@ -4,6 +4,7 @@
 //! `ARCHITECTURE.md` for the code map.
 
 mod cli;
+mod export;
 mod ops;
 mod score;
 mod tools;
@@ -56,6 +57,7 @@ fn main() -> std::process::ExitCode {
             Some(Command::Status(args)) => ops::status(args).await,
             Some(Command::Dlq(args)) => ops::dlq(args).await,
             Some(Command::Score(args)) => score::score(args).await,
+            Some(Command::ExportDataset(args)) => export::export_dataset(args).await,
         }
     });
     match result {

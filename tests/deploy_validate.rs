@@ -293,7 +293,15 @@ fn gpu_overlay_puts_the_cuda_inferer_on_gpu_nodes_and_prod_does_not() {
     ] {
         assert!(text.contains(want), "{want:?} missing");
     }
-    assert!(!prod.contains("nvidia.com/gpu"));
+    // In prod only the training Job template (components/training) asks for GPUs; the
+    // inferer and everything else stay on CPU nodes.
+    for doc in prod.split("\n---\n") {
+        let training = doc.contains("kind: CronJob\n") && doc.contains("\n  name: radflow-train\n");
+        assert!(
+            training || !doc.contains("nvidia.com/gpu"),
+            "a prod object other than the training template asks for GPUs:\n{doc}"
+        );
+    }
     assert!(!prod.contains("kind: Secret\n"));
     // KEDA owns the inferer's HPA: no second one may target it.
     let hpas = prod.matches("kind: HorizontalPodAutoscaler").count();

@@ -78,7 +78,12 @@ fn a_new_model_version_rolls_out_with_a_shadow_phase_and_no_study_lost() {
         .args(["--nats-url", &nats.url(), "--store-url", &store_url])
         .args(["--http-port", &free_port().to_string()]);
     listener.args(["--dicom-port", &dicom_port.to_string()]);
-    listener.args(["--series-quiet-secs", "2", "--series-release-quiet-secs", "1"]);
+    listener.args([
+        "--series-quiet-secs",
+        "2",
+        "--series-release-quiet-secs",
+        "1",
+    ]);
     let mut listener = Proc::spawn("listener", listener, work.path());
     let mut pre = Proc::spawn("preprocessor-1", component("preprocessor"), work.path());
     let mut inferer = component("inferer");
@@ -93,7 +98,11 @@ fn a_new_model_version_rolls_out_with_a_shadow_phase_and_no_study_lost() {
     };
     let send = |dir: &Path| {
         let out = storescu(dicom_port, "RADFLOW", &dicom_files(dir));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let reloads = |inf: &Proc| inf.logs().matches("model registry reloaded").count();
     let wait_results = |series: &str, n: usize, procs: &mut [&mut Proc]| {
@@ -158,6 +167,10 @@ fn a_new_model_version_rolls_out_with_a_shadow_phase_and_no_study_lost() {
     }
     // Nothing was dead-lettered on the way.
     for p in [&listener, &pre, &inf] {
-        assert!(!p.logs().contains("giving up; dead-lettering"), "{}", p.logs());
+        assert!(
+            !p.logs().contains("giving up; dead-lettering"),
+            "{}",
+            p.logs()
+        );
     }
 }

@@ -90,7 +90,11 @@ impl ModelSet {
     /// yet: the registry reload that brings it is on its way.
     pub fn serve(&self, job: &VolumeReady) -> Result<Arc<ServedModel>, String> {
         let requested = job.model_ref();
-        let retired = !self.registry.models.iter().any(|m| m.reference() == requested);
+        let retired = !self
+            .registry
+            .models
+            .iter()
+            .any(|m| m.reference() == requested);
         if retired
             && let Some(serving) = self.registry.serving(&job.model)
             && serving.preset.name == job.preset
@@ -303,7 +307,9 @@ impl RegistryWatch {
 /// Orders dotted versions (`1.10.0` after `1.9.2`) part by part, numerically where
 /// both parts are numbers; `None` when they cannot be compared that way.
 pub fn version_order(a: &str, b: &str) -> Option<Ordering> {
-    let parts = |v: &str| -> Option<Vec<u64>> { v.split(['.', '-', '_']).map(|p| p.parse().ok()).collect() };
+    let parts = |v: &str| -> Option<Vec<u64>> {
+        v.split(['.', '-', '_']).map(|p| p.parse().ok()).collect()
+    };
     let (a, b) = (parts(a)?, parts(b)?);
     Some(a.cmp(&b))
 }

@@ -438,9 +438,10 @@ impl Handler for Inferer {
         let started = Instant::now();
         let job: VolumeReady = events::decode(&delivery.payload)
             .map_err(|e| HandleError::permanent("bad_event", e.to_string()))?;
-        let served: Arc<ServedModel> = self.models.current().serve(&job).map_err(|why| {
-            HandleError::Transient(anyhow::anyhow!("model unavailable: {why}"))
-        })?;
+        let served: Arc<ServedModel> =
+            self.models.current().serve(&job).map_err(|why| {
+                HandleError::Transient(anyhow::anyhow!("model unavailable: {why}"))
+            })?;
         let model = served.model.clone();
         let reference = model.spec.reference();
 

@@ -413,7 +413,12 @@ impl Registry {
                     m.name, m.version
                 ));
             }
-            if !m.shadow && self.models.iter().any(|o| o.name == m.name && !o.shadow && o.version != m.version) {
+            if !m.shadow
+                && self
+                    .models
+                    .iter()
+                    .any(|o| o.name == m.name && !o.shadow && o.version != m.version)
+            {
                 return invalid(format!(
                     "model {} has more than one serving version; mark the version on trial `shadow = true`",
                     m.name

@@ -159,8 +159,12 @@ fn spawn_process(
     delivery: Delivery,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let (bus, handler, config, metrics) =
-        (bus.clone(), handler.clone(), config.clone(), metrics.clone());
+    let (bus, handler, config, metrics) = (
+        bus.clone(),
+        handler.clone(),
+        config.clone(),
+        metrics.clone(),
+    );
     tracker.spawn(async move {
         process(&*bus, &*handler, &config, &metrics, delivery).await;
         drop(permit);
@@ -262,7 +266,9 @@ pub async fn run(
             };
             match next {
                 Some(Ok(delivery)) => {
-                    spawn_process(&tracker, &bus, &handler, &config, &metrics, delivery, permit);
+                    spawn_process(
+                        &tracker, &bus, &handler, &config, &metrics, delivery, permit,
+                    );
                 }
                 Some(Err(e)) => {
                     metrics.bus_error(stage);

@@ -221,11 +221,27 @@ impl ModelHub {
                 report.removed.push(reference.clone());
                 self.metrics
                     .provider_unset(&served.model.spec.name, served.model.provider.as_str());
+                let spec = &served.model.spec;
+                self.metrics.model_info(
+                    &spec.name,
+                    &spec.version,
+                    &served.model.sha256,
+                    spec.shadow,
+                    false,
+                );
             }
         }
         for served in loaded.values() {
             self.metrics
                 .provider(&served.model.spec.name, served.model.provider.as_str());
+            let spec = &served.model.spec;
+            self.metrics.model_info(
+                &spec.name,
+                &spec.version,
+                &served.model.sha256,
+                spec.shadow,
+                true,
+            );
         }
         self.metrics.models_loaded(loaded.len());
         let set = Arc::new(ModelSet {

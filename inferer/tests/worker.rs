@@ -237,13 +237,16 @@ async fn phantom_preview_shows_each_label_where_its_structure_is() {
     assert_eq!(event.model_sha256, spec.sha256);
     assert_eq!(event.provider, "cpu");
     assert_eq!(event.labels.len(), 4);
+    let text = running.inferer.metrics.render();
     assert!(
-        running
-            .inferer
-            .metrics
-            .render()
-            .contains(r#"radflow_execution_provider{model="demo-tissue",provider="cpu"} 1"#)
+        text.contains(r#"radflow_execution_provider{model="demo-tissue",provider="cpu"} 1"#),
+        "{text}"
     );
+    let info = format!(
+        r#"radflow_model_info{{model="demo-tissue",version="1.0.0",role="serving",sha256="{}"}} 1"#,
+        spec.sha256
+    );
+    assert!(text.contains(&info), "{text}");
 
     // The preview: each structure in its label's colour over the grey image.
     let meta: VolumeMeta = serde_json::from_slice(

@@ -41,6 +41,7 @@ pub struct Metrics {
     inference_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     inference_batch: Family<Labels, Histogram, fn() -> Histogram>,
     execution_provider: Family<Labels, Gauge>,
+    model_info: Family<Labels, Gauge>,
     model_load_failures: Family<Labels, Counter>,
     registry_reloads: Family<Labels, Counter>,
     models_loaded: Gauge,
@@ -195,6 +196,12 @@ impl Metrics {
             "1 for the execution provider each loaded model really runs on",
             execution_provider.clone(),
         );
+        let model_info = Family::<Labels, Gauge>::default();
+        registry.register(
+            "radflow_model_info",
+            "1 for each model version served (with its role and SHA-256), 0 once retired",
+            model_info.clone(),
+        );
         let model_load_failures = Family::<Labels, Counter>::default();
         registry.register(
             "radflow_model_load_failures",
@@ -259,6 +266,7 @@ impl Metrics {
             inference_seconds,
             inference_batch,
             execution_provider,
+            model_info,
             model_load_failures,
             registry_reloads,
             models_loaded,
@@ -339,6 +347,25 @@ impl Metrics {
                 ("provider", provider.to_owned()),
             ])
             .set(1);
+    }
+
+    /// A model version started (`serving`) or stopped serving.
+    pub fn model_info(
+        &self,
+        model: &str,
+        version: &str,
+        sha256: &str,
+        shadow: bool,
+        serving: bool,
+    ) {
+        self.model_info
+            .get_or_create(&vec![
+                ("model", model.to_owned()),
+                ("version", version.to_owned()),
+                ("role", if shadow { "shadow" } else { "serving" }.to_owned()),
+                ("sha256", sha256.to_owned()),
+            ])
+            .set(i64::from(serving));
     }
 
     /// A model stopped serving (removed or replaced): its provider gauge drops to 0.

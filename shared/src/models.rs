@@ -685,6 +685,7 @@ mod tests {
 
         let mut other = base.clone();
         other.version = "9".into();
+        other.shadow = true;
         other.preset.spacing = [2.0, 2.0, 2.0];
         let text = toml::to_string(&Registry {
             models: vec![base, other],

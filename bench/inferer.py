@@ -62,8 +62,9 @@ def main() -> None:
         check=True,
         cwd=ROOT,
     )
-    radflow = str(ROOT / "target" / "release" / "radflow")
-    bench = str(ROOT / "target" / "release" / "examples" / "inferer_bench")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    radflow = str(target / "release" / "radflow")
+    bench = str(target / "release" / "examples" / "inferer_bench")
     py = python()
     reference = str(ROOT / "bench" / "inferer_reference.py")
 

@@ -350,7 +350,9 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
                 }
             }
             row.provider = summary["provider"].as_str().map(str::to_owned);
-            row.total_ms = summary["timings_ms"]["total"].as_u64();
+            row.total_ms = summary["timings_ms"]["total"]
+                .as_f64()
+                .map(|ms| ms.round() as u64);
         }
     }
     write_report(&args.report, &store, &reference, &rows).await?;

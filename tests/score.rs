@@ -154,6 +154,15 @@ fn score_survives_a_killed_inferer_and_resumes() {
     );
     let jsonl = std::fs::read_to_string(work.path().join("report-2.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), SERIES);
+    for line in jsonl.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(row["total_ms"].as_u64().is_some(), "no time in {row}");
+        assert_eq!(row["provider"], "cpu", "{row}");
+        assert!(
+            row["label_volumes_ml"]["soft_tissue"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+    }
     let stored_reports = std::fs::read_dir(store.join(format!("reports/{MODEL}")))
         .unwrap()
         .count();

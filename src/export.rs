@@ -177,16 +177,7 @@ pub async fn export_dataset(args: ExportArgs) -> Result<()> {
 
     let mut candidates = store.list_series().await?;
     if let Some(file) = &args.uids {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let wanted: HashSet<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        candidates.retain(|(study, series)| {
-            wanted.contains(series.as_str()) || wanted.contains(study.as_str())
-        });
+        crate::tools::keep_listed(&mut candidates, file)?;
     }
 
     let out = args.out.clone();

@@ -178,16 +178,7 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
         candidates.retain(|(study, series)| format!("{study}/{series}").starts_with(prefix));
     }
     if let Some(file) = &args.uids {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?;
-        let wanted: std::collections::HashSet<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        candidates.retain(|(study, series)| {
-            wanted.contains(series.as_str()) || wanted.contains(study.as_str())
-        });
+        crate::tools::keep_listed(&mut candidates, file)?;
     }
 
     // 2. Filters that need a header.

@@ -44,6 +44,22 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     Ok(())
 }
 
+/// Keeps the `(study, series)` pairs whose series or study UID is listed in `file`
+/// (one UID per line; blank lines ignored).
+pub fn keep_listed(series: &mut Vec<(String, String)>, file: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let wanted: std::collections::HashSet<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    series.retain(|(study, series)| {
+        wanted.contains(series.as_str()) || wanted.contains(study.as_str())
+    });
+    Ok(())
+}
+
 /// Files under the given paths, recursively, sorted.
 pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

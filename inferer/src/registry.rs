@@ -182,6 +182,19 @@ impl ModelHub {
         &self.exec
     }
 
+    /// The provider and version gauges of a model that starts (`on`) or stops serving.
+    fn serving_metrics(&self, served: &ServedModel, on: bool) {
+        let (model, spec) = (&served.model, &served.model.spec);
+        if on {
+            self.metrics.provider(&spec.name, model.provider.as_str());
+        } else {
+            self.metrics
+                .provider_unset(&spec.name, model.provider.as_str());
+        }
+        self.metrics
+            .model_info(&spec.name, &spec.version, &model.sha256, spec.shadow, on);
+    }
+
     /// Moves to `registry`: keeps unchanged models, loads the others (blocking), then
     /// swaps the set.
     pub fn reload(&self, registry: Registry) -> ReloadReport {
@@ -219,29 +232,11 @@ impl ModelHub {
                 .is_some_and(|now| Arc::ptr_eq(now, served));
             if !still {
                 report.removed.push(reference.clone());
-                self.metrics
-                    .provider_unset(&served.model.spec.name, served.model.provider.as_str());
-                let spec = &served.model.spec;
-                self.metrics.model_info(
-                    &spec.name,
-                    &spec.version,
-                    &served.model.sha256,
-                    spec.shadow,
-                    false,
-                );
+                self.serving_metrics(served, false);
             }
         }
         for served in loaded.values() {
-            self.metrics
-                .provider(&served.model.spec.name, served.model.provider.as_str());
-            let spec = &served.model.spec;
-            self.metrics.model_info(
-                &spec.name,
-                &spec.version,
-                &served.model.sha256,
-                spec.shadow,
-                true,
-            );
+            self.serving_metrics(served, true);
         }
         self.metrics.models_loaded(loaded.len());
         let set = Arc::new(ModelSet {

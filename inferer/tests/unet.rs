@@ -12,7 +12,9 @@ use radflow_inferer::sliding_window::{WindowSettings, run_windows, window_count}
 use radflow_shared::models::{ModelKind, TensorDtype, TensorLayout, WindowPadding};
 use serde_json::json;
 
-use common::{generate_model, generated_spec, max_abs_diff, random_values, run_reference};
+use common::{
+    generate_model, generated_spec, max_abs_diff, random_values, run_reference, tiny_classifier,
+};
 
 fn cpu() -> ExecutionConfig {
     radflow_inferer::runtime::init(None).unwrap_or_else(|e| panic!("{e}"));
@@ -204,27 +206,7 @@ fn float16_and_channels_last_models_equal_python_onnxruntime() {
 
 #[test]
 fn classifier_scores_equal_python_onnxruntime_and_batches_are_independent() {
-    let generated = generate_model(
-        "classifier",
-        &[
-            "--seed",
-            "3",
-            "--base",
-            "4",
-            "--levels",
-            "2",
-            "--classes",
-            "3",
-            "--classifier",
-        ],
-    );
-    let mut spec = generated_spec(
-        &generated,
-        "cls",
-        3,
-        [16, 16, 16],
-        ModelKind::Classification,
-    );
+    let (generated, mut spec) = tiny_classifier("classifier", "cls", "3");
     spec.batch_size = 3;
     let bytes = std::fs::read(&generated.path).unwrap();
     let model = load(&spec, &bytes, &cpu()).unwrap_or_else(|e| panic!("{e}"));

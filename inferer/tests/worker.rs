@@ -28,7 +28,7 @@ use radflow_shared::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 use common::stage::{grid, put_job, wait_summary};
-use common::{Scratch, generate_model, generated_spec, random_values};
+use common::{Scratch, generate_model, generated_spec, random_values, tiny_classifier};
 
 fn cpu() -> ExecutionConfig {
     radflow_inferer::runtime::init(None).unwrap_or_else(|e| panic!("{e}"));
@@ -377,27 +377,7 @@ async fn several_models_and_classification_jobs_batched_into_one_run() {
     let store = Store::memory();
     let inproc = InProcBus::new();
     let bus: Arc<dyn Bus> = Arc::new(inproc.clone());
-    let generated = generate_model(
-        "worker-classifier",
-        &[
-            "--seed",
-            "5",
-            "--base",
-            "4",
-            "--levels",
-            "2",
-            "--classes",
-            "3",
-            "--classifier",
-        ],
-    );
-    let mut classifier = generated_spec(
-        &generated,
-        "tiny-classifier",
-        3,
-        [16, 16, 16],
-        ModelKind::Classification,
-    );
+    let (_generated, mut classifier) = tiny_classifier("worker-classifier", "tiny-classifier", "5");
     classifier.batch_size = 4;
     classifier.batch_wait_ms = 5_000;
     classifier.labels[1].threshold = Some(0.3);

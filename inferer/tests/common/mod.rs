@@ -167,6 +167,36 @@ pub fn generated_spec(
     spec
 }
 
+/// A small generated 3-class classifier (16³ patch) and its registry entry.
+pub fn tiny_classifier(
+    tag: &str,
+    name: &str,
+    seed: &str,
+) -> (GeneratedModel, radflow_shared::models::ModelSpec) {
+    let generated = generate_model(
+        tag,
+        &[
+            "--seed",
+            seed,
+            "--base",
+            "4",
+            "--levels",
+            "2",
+            "--classes",
+            "3",
+            "--classifier",
+        ],
+    );
+    let spec = generated_spec(
+        &generated,
+        name,
+        3,
+        [16, 16, 16],
+        radflow_shared::models::ModelKind::Classification,
+    );
+    (generated, spec)
+}
+
 /// Stage-level helpers: jobs, volumes and results in a store, deliveries for `handle`.
 pub mod stage {
     use std::time::{Duration, Instant};

@@ -288,44 +288,9 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// One of the value representations of the standard (PS3.5 Table 6.2-1).
 fn is_known_vr(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"AE"
-            | b"AS"
-            | b"AT"
-            | b"CS"
-            | b"DA"
-            | b"DS"
-            | b"DT"
-            | b"FL"
-            | b"FD"
-            | b"IS"
-            | b"LO"
-            | b"LT"
-            | b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"PN"
-            | b"SH"
-            | b"SL"
-            | b"SQ"
-            | b"SS"
-            | b"ST"
-            | b"SV"
-            | b"TM"
-            | b"UC"
-            | b"UI"
-            | b"UL"
-            | b"UN"
-            | b"UR"
-            | b"US"
-            | b"UT"
-            | b"UV"
-    )
+    dicom_core::VR::from_binary(vr).is_some()
 }
 
 /// VRs whose explicit encoding has two reserved bytes and a 32-bit length.

@@ -168,6 +168,51 @@ fn score_survives_a_killed_inferer_and_resumes() {
         .count();
     assert!(stored_reports >= 2, "the report is also in the store");
 
+    // Selection: a UID list, and filters on the headers (the phantom is an abdominal
+    // CT of today); nothing left to score, every row is already scored.
+    let rows_of = |report: &str| -> Vec<String> {
+        std::fs::read_to_string(work.path().join(format!("{report}.csv")))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::to_owned)
+            .collect()
+    };
+    let list = work.path().join("uids.txt");
+    std::fs::write(&list, format!("{}\n\n{}\n", uids[3], uids[7])).unwrap();
+    let mut by_list = score("report-3", None);
+    by_list.arg("--uids").arg(&list);
+    run_ok(by_list, "radflow score --uids");
+    let listed = rows_of("report-3");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(
+        listed.iter().all(|r| r.contains(",already_scored,")),
+        "{listed:?}"
+    );
+    assert!(listed.iter().any(|r| r.contains(uids[3].as_str())));
+    let mut by_header = score("report-4", None);
+    by_header.args([
+        "--modality",
+        "ct",
+        "--body-part",
+        "ABDOMEN",
+        "--since",
+        "2000-01-01",
+    ]);
+    run_ok(by_header, "radflow score with header filters");
+    assert_eq!(rows_of("report-4").len(), SERIES);
+    for filter in [["--modality", "MR"], ["--until", "2000-01-01"]] {
+        let mut none = score("report-5", None);
+        none.args(filter);
+        let out = none.output().unwrap();
+        assert!(!out.status.success(), "{filter:?} selected something");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no series matches"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // Nothing was scored twice: at most one "inference completed" per series over
     // both inferers (a series whose result the killed inferer had written before it
     // could log is finished by the other from that result, without running again).

@@ -327,6 +327,10 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         registry: registry.clone(),
         metrics: metrics.clone(),
         geometry: tools::geometry_options(&args.geometry),
+        volume_gzip_level: radflow_preprocessor::worker::volume_gzip_level(
+            &store,
+            args.geometry.volume_gzip_level,
+        ),
     });
     let preprocessing = tokio::spawn(radflow_preprocessor::worker::run(
         pre,
@@ -406,12 +410,15 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
             shutdown.clone(),
         ));
     }
+    let volume_gzip_level =
+        radflow_preprocessor::worker::volume_gzip_level(&store, args.geometry.volume_gzip_level);
     let pre = Arc::new(Preprocessor {
         store,
         bus,
         registry,
         metrics,
         geometry: tools::geometry_options(&args.geometry),
+        volume_gzip_level,
     });
     let draining = drain_on_shutdown(&health, &shutdown);
     radflow_preprocessor::worker::run(pre, preprocessor_config(&args.worker), shutdown).await;

@@ -177,7 +177,7 @@ pub fn volume(args: VolumeArgs) -> Result<()> {
         }
     };
     let gzip = args.out.extension().is_some_and(|e| e == "gz");
-    let bytes = convert::encode_nifti(&vol, "radflow volume", gzip);
+    let bytes = convert::encode_nifti(&vol, "radflow volume", gzip.then_some(args.gzip_level));
     std::fs::write(&args.out, bytes)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     let [nx, ny, nz] = vol.grid.dims;

@@ -170,6 +170,9 @@ async fn phantom_preview_shows_each_label_where_its_structure_is() {
             registry: Arc::new(registry.clone()),
             metrics: Metrics::new(),
             geometry: Default::default(),
+            // Compressed, as on an object store (the memory store's default is stored
+            // blocks, which the preprocessor's own tests use).
+            volume_gzip_level: 1,
         }),
         WorkerConfig::new(radflow_preprocessor::worker::consumer()),
         stop.clone(),

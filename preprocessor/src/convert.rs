@@ -391,11 +391,11 @@ impl Drop for Pooled {
     }
 }
 
-/// Encodes a volume as `.nii.gz` (or plain `.nii` when `gzip` is false).
-pub fn encode_nifti(vol: &Volume<f32>, description: &str, gzip: bool) -> Vec<u8> {
-    if gzip {
-        nifti::write_nifti_gz(vol, description)
-    } else {
-        nifti::write_nifti(vol, description)
+/// Encodes a volume as `.nii.gz` at gzip level `gzip` (0 = stored blocks), or as
+/// plain `.nii` when `gzip` is `None`.
+pub fn encode_nifti(vol: &Volume<f32>, description: &str, gzip: Option<u32>) -> Vec<u8> {
+    match gzip {
+        Some(level) => nifti::write_nifti_gz_level(vol, description, level),
+        None => nifti::write_nifti(vol, description),
     }
 }

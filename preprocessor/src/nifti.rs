@@ -10,7 +10,9 @@
 //!
 //! Compressed output is one gzip member, deflated in parallel: each block of the stream
 //! is compressed independently and ended with a sync flush, so the blocks concatenate
-//! into one valid deflate stream. Any gzip reader decodes it.
+//! into one valid deflate stream. Any gzip reader decodes it. Level 0 keeps that
+//! layout with stored (uncompressed) deflate blocks: still a `.nii.gz` every reader
+//! opens, but written and read at the speed of a copy.
 //!
 //! The reader accepts u8, i16, u16, i32, f32 and f64 data (either byte order), applies
 //! `scl_slope`/`scl_inter` when reading into a float type, and validates every size
@@ -28,11 +30,12 @@ const HEADER_SIZE: usize = 348;
 const VOX_OFFSET: usize = 352;
 /// Bytes of voxel data deflated per parallel block.
 const BLOCK: usize = 1 << 20;
-/// gzip level for written volumes: speed matters more than the last percent of size.
-const GZIP_LEVEL: u32 = 1;
+/// Default gzip level for written volumes: speed matters more than the last percent
+/// of size.
+pub const GZIP_LEVEL: u32 = 1;
 
 /// A voxel type NIfTI can store.
-pub trait NiftiScalar: Copy + Send + Sync + 'static {
+pub trait NiftiScalar: Copy + Default + Send + Sync + 'static {
     /// NIfTI `datatype` code.
     const DATATYPE: i16;
     /// Bytes per voxel.
@@ -126,11 +129,26 @@ pub fn write_nifti<T: NiftiScalar>(vol: &Volume<T>, description: &str) -> Vec<u8
     out
 }
 
-/// Serialises `vol` as a gzip-compressed `.nii.gz` (see the module docs).
+/// Serialises `vol` as a gzip-compressed `.nii.gz` at [`GZIP_LEVEL`] (see the module
+/// docs).
 ///
 /// # Panics
 /// As [`write_nifti`].
 pub fn write_nifti_gz<T: NiftiScalar>(vol: &Volume<T>, description: &str) -> Vec<u8> {
+    write_nifti_gz_level(vol, description, GZIP_LEVEL)
+}
+
+/// Serialises `vol` as a `.nii.gz` at gzip `level` (0 = stored blocks, 1–9; higher
+/// levels are clamped to 9).
+///
+/// # Panics
+/// As [`write_nifti`].
+pub fn write_nifti_gz_level<T: NiftiScalar>(
+    vol: &Volume<T>,
+    description: &str,
+    level: u32,
+) -> Vec<u8> {
+    let level = level.min(9);
     let header = header_bytes::<T>(&vol.grid, description);
     let data = vol.data.as_standard_layout();
     let data = data.as_slice().expect("standard layout is contiguous");
@@ -155,14 +173,22 @@ pub fn write_nifti_gz<T: NiftiScalar>(vol: &Volume<T>, description: &str) -> Vec
             }
             let mut crc = Crc::new();
             crc.update(&raw);
-            (deflate_block(&raw, b + 1 == blocks), crc)
+            (deflate_block(&raw, b + 1 == blocks, level), crc)
         })
         .collect();
 
     let compressed: usize = parts.iter().map(|(p, _)| p.len()).sum();
-    let mut out = Vec::with_capacity(compressed + 18);
-    // gzip member header: deflate, no flags, no mtime, unknown OS.
-    out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
+    let index = block_index(&parts);
+    let mut out = Vec::with_capacity(compressed + 18 + index.len());
+    if index.is_empty() {
+        // gzip member header: deflate, no flags, no mtime, unknown OS.
+        out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
+    } else {
+        // The same with FEXTRA: the block index as an extra field.
+        out.extend_from_slice(&[0x1f, 0x8b, 8, 0x04, 0, 0, 0, 0, 0, 0xff]);
+        out.extend_from_slice(&(index.len() as u16).to_le_bytes());
+        out.extend_from_slice(&index);
+    }
     let mut crc = Crc::new();
     for (part, part_crc) in &parts {
         out.extend_from_slice(part);
@@ -173,11 +199,42 @@ pub fn write_nifti_gz<T: NiftiScalar>(vol: &Volume<T>, description: &str) -> Vec
     out
 }
 
+/// Subfield ID of the gzip extra field in which [`write_nifti_gz_level`] records
+/// where its independently deflated blocks lie, so that a reader can inflate them in
+/// parallel without searching the stream. Its data: a version byte (1), then per block
+/// the deflate bytes and the uncompressed bytes as little-endian `u32`s. Readers that
+/// do not know it skip it, as RFC 1952 requires.
+pub const BLOCK_INDEX_ID: [u8; 2] = *b"RF";
+
+/// The gzip extra field (one [`BLOCK_INDEX_ID`] subfield) for `parts`, or nothing when
+/// it would not fit the field's 65535 bytes (volumes above about 8 GiB).
+fn block_index(parts: &[(Vec<u8>, Crc)]) -> Vec<u8> {
+    let len = 1 + 8 * parts.len();
+    if parts.len() < 2 || len + 4 > usize::from(u16::MAX) {
+        return Vec::new();
+    }
+    let mut field = Vec::with_capacity(4 + len);
+    field.extend_from_slice(&BLOCK_INDEX_ID);
+    field.extend_from_slice(&(len as u16).to_le_bytes());
+    field.push(1);
+    for (deflated, crc) in parts {
+        field.extend_from_slice(&(deflated.len() as u32).to_le_bytes());
+        field.extend_from_slice(&crc.amount().to_le_bytes());
+    }
+    field
+}
+
 /// Raw deflate of one block; a sync flush ends inner blocks on a byte boundary so that
 /// blocks concatenate, the last block finishes the stream.
-fn deflate_block(input: &[u8], last: bool) -> Vec<u8> {
-    let mut c = Compress::new(Compression::new(GZIP_LEVEL), false);
-    let mut out = Vec::with_capacity(input.len() / 2 + 1024);
+fn deflate_block(input: &[u8], last: bool, level: u32) -> Vec<u8> {
+    let mut c = Compress::new(Compression::new(level), false);
+    // Stored blocks add 5 bytes per 64 KiB; compressed ones are rarely above half.
+    let room = if level == 0 {
+        input.len() + input.len() / 16_384 + 1024
+    } else {
+        input.len() / 2 + 1024
+    };
+    let mut out = Vec::with_capacity(room);
     let flush = if last {
         FlushCompress::Finish
     } else {
@@ -642,20 +699,31 @@ impl Header {
         Ok(Volume { grid, data })
     }
 
+    /// The voxels of `raw` as `T`, converted in parallel blocks. Data already of type
+    /// `T` and unscaled is only byte-swapped where needed (a copy, not a conversion).
     fn convert<S: NiftiScalar, T: NiftiScalar>(&self, raw: &[u8], scale: bool) -> Vec<T> {
         let (slope, inter, big) = (self.slope, self.inter, self.big_endian);
-        let mut out = Vec::with_capacity(raw.len() / S::SIZE);
-        if scale {
-            out.extend(
-                raw.chunks_exact(S::SIZE)
-                    .map(|c| T::from_f64(S::read(c, big).to_f64() * slope + inter)),
-            );
-        } else {
-            out.extend(
-                raw.chunks_exact(S::SIZE)
-                    .map(|c| T::from_f64(S::read(c, big).to_f64())),
-            );
-        }
+        let n = raw.len() / S::SIZE;
+        // Zeroed allocations of this size come from fresh pages: the blocks below touch
+        // them first, in parallel.
+        let mut out = vec![T::default(); n];
+        let per_block = BLOCK / S::SIZE;
+        let blocks = out
+            .par_chunks_mut(per_block)
+            .zip(raw[..n * S::SIZE].par_chunks(per_block * S::SIZE));
+        let same = S::DATATYPE == T::DATATYPE;
+        blocks.for_each(|(out, raw)| {
+            let values = out.iter_mut().zip(raw.chunks_exact(S::SIZE));
+            match (same && !scale, big) {
+                // Written out per byte order so that each loop is a plain (swapping) copy.
+                (true, false) => values.for_each(|(v, c)| *v = T::read(c, false)),
+                (true, true) => values.for_each(|(v, c)| *v = T::read(c, true)),
+                _ if scale => values.for_each(|(v, c)| {
+                    *v = T::from_f64(S::read(c, big).to_f64() * slope + inter);
+                }),
+                _ => values.for_each(|(v, c)| *v = T::from_f64(S::read(c, big).to_f64())),
+            }
+        });
         out
     }
 }
@@ -892,12 +960,94 @@ mod tests {
         // More than one deflate block (BLOCK bytes) to exercise the concatenation.
         let g = oblique_grid([160, 128, 40]);
         let v = sample_volume(g);
-        let gz = write_nifti_gz(&v, "big");
-        let mut plain = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..])
-            .read_to_end(&mut plain)
-            .unwrap();
-        assert_eq!(plain, write_nifti(&v, "big"));
+        let plain_nii = write_nifti(&v, "big");
+        for level in [0, 1, 6] {
+            let gz = write_nifti_gz_level(&v, "big", level);
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&gz[..])
+                .read_to_end(&mut plain)
+                .unwrap();
+            assert_eq!(plain, plain_nii, "level {level}");
+            // The block index: FEXTRA, one "RF" subfield, version 1, one entry per block
+            // whose lengths tile the deflate data and the image.
+            assert_eq!(gz[3], 0x04, "level {level}");
+            let xlen = usize::from(u16::from_le_bytes([gz[10], gz[11]]));
+            assert_eq!(&gz[12..14], &BLOCK_INDEX_ID);
+            let len = usize::from(u16::from_le_bytes([gz[14], gz[15]]));
+            assert_eq!(xlen, len + 4);
+            assert_eq!(gz[16], 1);
+            let entries: Vec<(usize, usize)> = gz[17..12 + xlen]
+                .chunks_exact(8)
+                .map(|e| {
+                    let at = |o: usize| u32::from_le_bytes(e[o..o + 4].try_into().unwrap());
+                    (at(0) as usize, at(4) as usize)
+                })
+                .collect();
+            assert_eq!(entries.len(), plain_nii.len().div_ceil(BLOCK));
+            let deflated: usize = entries.iter().map(|e| e.0).sum();
+            assert_eq!(deflated, gz.len() - 12 - xlen - 8);
+            assert_eq!(entries.iter().map(|e| e.1).sum::<usize>(), plain_nii.len());
+            if level == 0 {
+                // Stored blocks: the image plus a few bytes per 64 KiB.
+                assert!(gz.len() < plain_nii.len() + plain_nii.len() / 8192 + 1024);
+            } else {
+                assert!(gz.len() < plain_nii.len(), "level {level} compresses");
+            }
+            let back: Volume<f32> = read_nifti(&gz).unwrap();
+            assert_eq!(back.data, v.data);
+        }
+        // One block: no index, a plain header.
+        let small = write_nifti_gz_level(&sample_volume(oblique_grid([5, 4, 3])), "", 0);
+        assert_eq!(small[3], 0);
+    }
+
+    #[test]
+    fn reads_big_endian_images_written_by_nibabel() {
+        let python = radflow_shared::testing::python();
+        let path = temp_path("big-endian.nii");
+        let script = r#"
+import struct, sys, nibabel as nib, numpy as np
+kind = sys.argv[2]
+data = (np.arange(4 * 3 * 2, dtype=np.float64).reshape(4, 3, 2) - 7.25)
+h = nib.Nifti1Header(endianness=">")
+if kind == "f4":
+    h.set_data_dtype(">f4")
+    img = nib.Nifti1Image(data.astype(">f4"), np.eye(4), header=h)
+else:
+    h.set_data_dtype(">i2")
+    img = nib.Nifti1Image(np.round(data * 4).astype(">i2"), np.eye(4), header=h)
+nib.save(img, sys.argv[1])
+if kind == "i2":
+    # scl_slope and scl_inter, which nibabel sets itself when saving.
+    with open(sys.argv[1], "r+b") as f:
+        f.seek(112)
+        f.write(struct.pack(">ff", 0.25, 10.0))
+"#;
+        for kind in ["f4", "i2"] {
+            let out = std::process::Command::new(&python)
+                .args(["-c", script, path.to_str().unwrap(), kind])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(&bytes[..4], &348i32.to_be_bytes(), "a big-endian header");
+            let v: Volume<f32> = read_nifti(&bytes).unwrap();
+            assert_eq!(v.grid.dims, [4, 3, 2]);
+            for ((k, j, i), &x) in v.data.indexed_iter() {
+                let base = (i * 6 + j * 2 + k) as f32 - 7.25;
+                let expected = if kind == "f4" {
+                    base
+                } else {
+                    (base * 4.0).round() * 0.25 + 10.0
+                };
+                assert_eq!(x, expected, "{kind} at {i} {j} {k}");
+            }
+        }
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]
@@ -929,19 +1079,32 @@ mod tests {
         let v = sample_volume(oblique_grid([7, 6, 5]));
         let path = temp_path("nibabel.nii.gz");
         std::fs::write(&path, write_nifti_gz(&v, "radflow")).unwrap();
+        // Stored blocks with the block index in the gzip header read the same.
+        let large = sample_volume(oblique_grid([160, 128, 40]));
+        let indexed = temp_path("nibabel-indexed.nii.gz");
+        std::fs::write(&indexed, write_nifti_gz_level(&large, "radflow", 0)).unwrap();
         let script = r#"
 import sys, json, nibabel as nib, numpy as np
 img = nib.load(sys.argv[1])
 q = img.get_qform()
+big = nib.load(sys.argv[2])
 print(json.dumps({"affine": img.affine.tolist(), "qform": q.tolist(),
   "sum": float(np.asarray(img.dataobj, dtype=np.float64).sum()),
-  "shape": list(img.shape), "v": float(img.get_fdata()[5, 4, 3])}))
+  "shape": list(img.shape), "v": float(img.get_fdata()[5, 4, 3]),
+  "big_shape": list(big.shape), "big_v": float(big.get_fdata()[150, 100, 30]),
+  "big_sum": float(np.asarray(big.dataobj, dtype=np.float64).sum())}))
 "#;
         let out = std::process::Command::new(&python)
-            .args(["-c", script, path.to_str().unwrap()])
+            .args([
+                "-c",
+                script,
+                path.to_str().unwrap(),
+                indexed.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         std::fs::remove_file(&path).ok();
+        std::fs::remove_file(&indexed).ok();
         assert!(
             out.status.success(),
             "{}",
@@ -957,5 +1120,12 @@ print(json.dumps({"affine": img.affine.tolist(), "qform": q.tolist(),
         assert!((j["sum"].as_f64().unwrap() - sum).abs() < 1e-3 * sum.abs().max(1.0));
         assert_eq!(j["shape"], serde_json::json!([7, 6, 5]));
         assert_eq!(j["v"].as_f64().unwrap(), f64::from(v.data[[3, 4, 5]]));
+        assert_eq!(j["big_shape"], serde_json::json!([160, 128, 40]));
+        assert_eq!(
+            j["big_v"].as_f64().unwrap(),
+            f64::from(large.data[[30, 100, 150]])
+        );
+        let big_sum: f64 = large.data.iter().map(|x| f64::from(*x)).sum();
+        assert!((j["big_sum"].as_f64().unwrap() - big_sum).abs() < 1e-6 * big_sum.abs().max(1.0));
     }
 }

@@ -131,6 +131,7 @@ async fn malformed_series_are_dead_lettered_and_the_worker_keeps_going() {
         registry: Arc::new(Registry::builtin()),
         metrics: Metrics::new(),
         geometry: GeometryOptions::default(),
+        volume_gzip_level: worker::volume_gzip_level(&store, None),
     });
     let shutdown = CancellationToken::new();
     let mut config = WorkerConfig::new(worker::consumer());

@@ -156,6 +156,11 @@ impl Store {
         self.local_root.as_deref()
     }
 
+    /// Whether the store is reached over a network (not a local folder nor memory).
+    pub fn is_remote(&self) -> bool {
+        self.local_root.is_none() && !self.url.starts_with("memory:")
+    }
+
     /// Whether writes to a `file://` store are flushed to disk before they return.
     pub fn fsync(&self) -> bool {
         self.fsync

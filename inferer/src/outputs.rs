@@ -82,20 +82,33 @@ pub fn labels_on_grid(labels: &Volume<u8>, target: &Grid) -> (Volume<u8>, [u64; 
     let source = source.as_slice().expect("standard layout is contiguous");
     let [tx, ty, tz] = target.dims;
     let mut out = vec![0u8; tx * ty * tz];
-    let plane = (tx * ty).max(1);
-    let counts = out
-        .par_chunks_mut(plane)
-        .enumerate()
-        .map(|(k, slab)| {
-            let mut counts = [0u64; 256];
-            let zk = tables[2][k];
-            for (j, row) in slab.chunks_mut(tx.max(1)).enumerate() {
-                let base = zk + tables[1][j];
-                for (v, &xi) in row.iter_mut().zip(&tables[0]) {
-                    let l = source[base + xi];
-                    *v = l;
-                    counts[usize::from(l)] += 1;
-                }
+    let plane = tx * ty;
+    // Target planes that read the same source plane are equal (a thin-slice series
+    // under a coarser model grid): each run of them is filled once and copied.
+    let mut runs: Vec<(usize, &mut [u8])> = Vec::new();
+    let mut rest = out.as_mut_slice();
+    let mut k = 0;
+    while k < tz {
+        let n = tables[2][k..]
+            .iter()
+            .take_while(|&&z| z == tables[2][k])
+            .count();
+        let (run, tail) = rest.split_at_mut(n * plane);
+        runs.push((tables[2][k], run));
+        rest = tail;
+        k += n;
+    }
+    let counts = runs
+        .into_par_iter()
+        .map(|(zk, run)| {
+            let (first, copies) = run.split_at_mut(plane);
+            let mut counts = fill_plane(first, source, zk, &tables[1], &tables[0]);
+            let repeats = (copies.len() / plane.max(1)) as u64;
+            for copy in copies.chunks_exact_mut(plane.max(1)) {
+                copy.copy_from_slice(first);
+            }
+            for c in &mut counts {
+                *c *= repeats + 1;
             }
             counts
         })
@@ -114,6 +127,54 @@ pub fn labels_on_grid(labels: &Volume<u8>, target: &Grid) -> (Volume<u8>, [u64; 
         data,
     };
     (moved, counts)
+}
+
+/// Fills one target plane from the source plane at offset `zk` (rows at `rows`,
+/// columns at `columns`) and counts its labels. Rows that read the same source row
+/// are copied and counted once.
+fn fill_plane(
+    plane: &mut [u8],
+    source: &[u8],
+    zk: usize,
+    rows: &[usize],
+    columns: &[usize],
+) -> [u64; 256] {
+    let tx = columns.len();
+    let mut counts = [0u64; 256];
+    if tx == 0 {
+        return counts;
+    }
+    let mut j = 0;
+    while j < rows.len() {
+        let n = rows[j..].iter().take_while(|&&y| y == rows[j]).count();
+        let (run, _) = plane[j * tx..].split_at_mut(n * tx);
+        let (row, copies) = run.split_at_mut(tx);
+        let from = &source[zk + rows[j]..];
+        for (v, &xi) in row.iter_mut().zip(columns) {
+            *v = from[xi];
+        }
+        for copy in copies.chunks_exact_mut(tx) {
+            copy.copy_from_slice(row);
+        }
+        // Four interleaved histograms: consecutive equal labels do not wait on each
+        // other's increment.
+        let mut h = [[0u32; 256]; 4];
+        let mut quads = row.chunks_exact(4);
+        for q in &mut quads {
+            h[0][usize::from(q[0])] += 1;
+            h[1][usize::from(q[1])] += 1;
+            h[2][usize::from(q[2])] += 1;
+            h[3][usize::from(q[3])] += 1;
+        }
+        for &l in quads.remainder() {
+            h[0][usize::from(l)] += 1;
+        }
+        for (l, c) in counts.iter_mut().enumerate() {
+            *c += u64::from(h[0][l] + h[1][l] + h[2][l] + h[3][l]) * n as u64;
+        }
+        j += n;
+    }
+    counts
 }
 
 /// For each target axis, the source offset (in elements) of each of its indices, when

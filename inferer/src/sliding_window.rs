@@ -159,9 +159,10 @@ fn take_zeroed(len: usize) -> Vec<f32> {
     };
     match reused {
         Some(mut buffer) => {
-            buffer.clear();
-            buffer.resize(len, 0.0);
+            // Zero what is kept on every core, then extend (one pass over the memory).
+            buffer.truncate(len);
             buffer.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+            buffer.resize(len, 0.0);
             buffer
         }
         None => {

@@ -1003,7 +1003,6 @@ mod tests {
 
     #[test]
     fn reads_big_endian_images_written_by_nibabel() {
-        let python = radflow_shared::testing::python();
         let path = temp_path("big-endian.nii");
         let script = r#"
 import struct, sys, nibabel as nib, numpy as np
@@ -1024,15 +1023,7 @@ if kind == "i2":
         f.write(struct.pack(">ff", 0.25, 10.0))
 "#;
         for kind in ["f4", "i2"] {
-            let out = std::process::Command::new(&python)
-                .args(["-c", script, path.to_str().unwrap(), kind])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            radflow_shared::testing::run_python(script, &[path.to_str().unwrap(), kind]);
             let bytes = std::fs::read(&path).unwrap();
             assert_eq!(&bytes[..4], &348i32.to_be_bytes(), "a big-endian header");
             let v: Volume<f32> = read_nifti(&bytes).unwrap();
@@ -1075,7 +1066,6 @@ if kind == "i2":
 
     #[test]
     fn nibabel_agrees_on_affine_qform_and_data() {
-        let python = radflow_shared::testing::python();
         let v = sample_volume(oblique_grid([7, 6, 5]));
         let path = temp_path("nibabel.nii.gz");
         std::fs::write(&path, write_nifti_gz(&v, "radflow")).unwrap();
@@ -1094,23 +1084,13 @@ print(json.dumps({"affine": img.affine.tolist(), "qform": q.tolist(),
   "big_shape": list(big.shape), "big_v": float(big.get_fdata()[150, 100, 30]),
   "big_sum": float(np.asarray(big.dataobj, dtype=np.float64).sum())}))
 "#;
-        let out = std::process::Command::new(&python)
-            .args([
-                "-c",
-                script,
-                path.to_str().unwrap(),
-                indexed.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let out = radflow_shared::testing::run_python(
+            script,
+            &[path.to_str().unwrap(), indexed.to_str().unwrap()],
+        );
         std::fs::remove_file(&path).ok();
         std::fs::remove_file(&indexed).ok();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
         let mat = |key: &str| -> [[f64; 4]; 4] {
             std::array::from_fn(|r| std::array::from_fn(|c| j[key][r][c].as_f64().unwrap()))
         };

@@ -291,7 +291,6 @@ fn truth_serialises() {
 
 /// pydicom reads every file and its pixels; the sum of its HU must equal ours.
 fn pydicom_check(dir: &Path, n: usize, hu_sum: f64) {
-    let python = radflow_shared::testing::python();
     let script = r#"
 import sys, os, json, pydicom, numpy as np
 total, count = 0.0, 0
@@ -304,16 +303,8 @@ for f in sorted(os.listdir(sys.argv[1])):
     total += a.sum(); count += 1
 print(json.dumps({"sum": total, "count": count}))
 "#;
-    let out = std::process::Command::new(&python)
-        .args(["-c", script, dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = radflow_shared::testing::run_python(script, &[dir.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(j["count"].as_u64().unwrap() as usize, n);
     assert_eq!(j["sum"].as_f64().unwrap(), hu_sum);
 }

@@ -154,6 +154,26 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// Runs `script` with [`python`] (`python -c script args…`) and returns its standard
+/// output.
+///
+/// # Panics
+/// If Python cannot be started or the script fails (with its standard error).
+pub fn run_python(script: &str, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "python script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 fn find_binary() -> std::io::Result<PathBuf> {
     if let Ok(p) = std::env::var("RADFLOW_NATS_SERVER") {
         return Ok(PathBuf::from(p));

@@ -175,6 +175,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub geometry: GeometryArgs,
     #[command(flatten)]
+    pub volumes: VolumeWriteArgs,
+    #[command(flatten)]
     pub worker: WorkerArgs,
 }
 
@@ -210,6 +212,8 @@ pub struct PreprocessorCmd {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub geometry: GeometryArgs,
+    #[command(flatten)]
+    pub volumes: VolumeWriteArgs,
 }
 
 /// `radflow inferer`
@@ -521,16 +525,20 @@ pub struct VolumeArgs {
     pub geometry: GeometryArgs,
 }
 
-/// How strictly a series must form one regular stack of slices, and how prepared
-/// volumes are written.
+/// How the preprocessor writes prepared volumes.
 #[derive(Debug, Clone, Args)]
-pub struct GeometryArgs {
+pub struct VolumeWriteArgs {
     /// gzip level (0–9) of the prepared `volume.nii.gz` the inferer reads: 0 stores
     /// the voxels uncompressed inside the gzip stream (about 1.6× larger for CT, but
     /// written and read at the speed of a copy), 1 is the fastest compression.
     /// Default: 0 on a folder or memory store, 1 on an object store over a network.
     #[arg(long, env = "RADFLOW_VOLUME_GZIP_LEVEL", value_parser = clap::value_parser!(u32).range(0..=9))]
     pub volume_gzip_level: Option<u32>,
+}
+
+/// How strictly a series must form one regular stack of slices.
+#[derive(Debug, Clone, Args)]
+pub struct GeometryArgs {
     /// Fewest distinct slice positions that make a volume.
     #[arg(long, env = "RADFLOW_MIN_SLICES", default_value_t = 3)]
     pub min_slices: usize,

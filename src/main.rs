@@ -329,7 +329,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         geometry: tools::geometry_options(&args.geometry),
         volume_gzip_level: radflow_preprocessor::worker::volume_gzip_level(
             &store,
-            args.geometry.volume_gzip_level,
+            args.volumes.volume_gzip_level,
         ),
     });
     let preprocessing = tokio::spawn(radflow_preprocessor::worker::run(
@@ -411,7 +411,7 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
         ));
     }
     let volume_gzip_level =
-        radflow_preprocessor::worker::volume_gzip_level(&store, args.geometry.volume_gzip_level);
+        radflow_preprocessor::worker::volume_gzip_level(&store, args.volumes.volume_gzip_level);
     let pre = Arc::new(Preprocessor {
         store,
         bus,

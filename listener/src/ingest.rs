@@ -9,6 +9,13 @@
 //! same key and is deduplicated by message id, and an interrupted part upload leaves
 //! nothing under the key.
 //!
+//! On a folder store the event is published while the file is flushed and renamed (its
+//! key is known from the start), so the sender waits for the longer of the two rather
+//! than their sum. Should the file then fail, the sender hears a failure and retries;
+//! the event already accepted names an instance that is not (yet) in the store, which
+//! misleads nobody: the preprocessor builds a series from what the store holds, and
+//! the retried instance's event is a repeat the assembler ignores.
+//!
 //! [`Pressure`] is what admission looks at. Every association that is let in can hold
 //! one instance at a time, so memory is bounded by the association limit; beyond that,
 //! new associations are refused with a transient reason ("temporary congestion") while
@@ -268,6 +275,20 @@ impl Ingest {
         key: String,
         started: Instant,
     ) -> Result<(), StoreFailure> {
+        self.publish(instance, key).await?;
+        self.counted(instance, started);
+        Ok(())
+    }
+
+    /// Counts an instance stored and announced, `started` being when its storing began.
+    fn counted(&self, instance: &ReceivedInstance, started: Instant) {
+        self.metrics.instances_stored.inc();
+        self.metrics.instance_bytes.inc_by(instance.size);
+        self.pressure.succeeded(started.elapsed());
+    }
+
+    /// Publishes `InstanceStored` for an instance stored under `key`.
+    async fn publish(&self, instance: &ReceivedInstance, key: String) -> Result<(), StoreFailure> {
         let facts = &instance.facts;
         let event = InstanceStored {
             schema_version: SCHEMA_VERSION,
@@ -309,9 +330,6 @@ impl Ingest {
                 return Err(failed("event bus too slow, retry later"));
             }
         }
-        self.metrics.instances_stored.inc();
-        self.metrics.instance_bytes.inc_by(instance.size);
-        self.pressure.succeeded(started.elapsed());
         Ok(())
     }
 }
@@ -435,11 +453,22 @@ impl PartWriter for IngestParts {
                 }
             }
             Target::Local(file) => {
-                match tokio::time::timeout(OPERATION_TIMEOUT, file.complete()).await {
-                    Ok(Ok(key)) => key,
-                    Ok(Err(e)) => return Err(ingest.local_failed(&e, &facts)),
-                    Err(_) => return Err(ingest.store_failed(None, &facts)),
-                }
+                // The event names the file's final key: JetStream's round trip runs
+                // while the file is flushed and renamed, and Success waits for both.
+                let key = file.key().to_owned();
+                let placing = async {
+                    match tokio::time::timeout(OPERATION_TIMEOUT, file.complete()).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(ingest.local_failed(&e, &facts)),
+                        Err(_) => Err(ingest.store_failed(None, &facts)),
+                    }
+                };
+                let (placed, published) =
+                    tokio::join!(placing, ingest.publish(&instance, key.clone()));
+                placed?;
+                published?;
+                ingest.counted(&instance, started);
+                return Ok(());
             }
         };
         ingest.announce(&instance, key, started).await

@@ -138,6 +138,11 @@ pub struct LocalFile {
 }
 
 impl LocalFile {
+    /// The store key the file gets when complete.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Queues the next part; waits only when the writing thread is behind.
     pub async fn write(&mut self, part: Bytes) -> std::io::Result<()> {
         let Some(tx) = &self.tx else {

@@ -144,6 +144,9 @@ fn fill_plane(
     if tx == 0 {
         return counts;
     }
+    // Four interleaved histograms: consecutive equal labels do not wait on each
+    // other's increment. A plane holds at most 32767² voxels, within `u32`.
+    let mut h = [[0u32; 256]; 4];
     let mut j = 0;
     while j < rows.len() {
         let n = rows[j..].iter().take_while(|&&y| y == rows[j]).count();
@@ -156,23 +159,22 @@ fn fill_plane(
         for copy in copies.chunks_exact_mut(tx) {
             copy.copy_from_slice(row);
         }
-        // Four interleaved histograms: consecutive equal labels do not wait on each
-        // other's increment.
-        let mut h = [[0u32; 256]; 4];
+        // The row stands for its `n` copies.
+        let times = n as u32;
         let mut quads = row.chunks_exact(4);
         for q in &mut quads {
-            h[0][usize::from(q[0])] += 1;
-            h[1][usize::from(q[1])] += 1;
-            h[2][usize::from(q[2])] += 1;
-            h[3][usize::from(q[3])] += 1;
+            h[0][usize::from(q[0])] += times;
+            h[1][usize::from(q[1])] += times;
+            h[2][usize::from(q[2])] += times;
+            h[3][usize::from(q[3])] += times;
         }
         for &l in quads.remainder() {
-            h[0][usize::from(l)] += 1;
-        }
-        for (l, c) in counts.iter_mut().enumerate() {
-            *c += u64::from(h[0][l] + h[1][l] + h[2][l] + h[3][l]) * n as u64;
+            h[0][usize::from(l)] += times;
         }
         j += n;
+    }
+    for (l, c) in counts.iter_mut().enumerate() {
+        *c = h.iter().map(|h| u64::from(h[l])).sum();
     }
     counts
 }

@@ -34,7 +34,8 @@ pub fn read_volume<T: NiftiScalar>(bytes: &[u8]) -> Result<Volume<T>, NiftiError
 }
 
 /// The decompressed content of `bytes` if it is a gzip stream (else `None`): in
-/// parallel when its deflate stream splits at sync flushes, sequentially otherwise.
+/// parallel when its header indexes its blocks or its deflate stream splits at sync
+/// flushes, sequentially otherwise.
 pub fn gunzip(bytes: &[u8]) -> Option<Vec<u8>> {
     let (start, end) = member_bounds(bytes)?;
     let trailer = &bytes[bytes.len() - 8..];

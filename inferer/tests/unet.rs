@@ -13,8 +13,14 @@ use radflow_shared::models::{ModelKind, TensorDtype, TensorLayout, WindowPadding
 use serde_json::json;
 
 use common::{
-    generate_model, generated_spec, max_abs_diff, random_values, run_reference, tiny_classifier,
+    generate_model, generated_spec, max_abs_diff, random_values, run_reference, small_model_args,
+    tiny_classifier,
 };
+
+/// The U-Net of these tests: small enough for CI (see [`small_model_args`]).
+fn unet_args() -> Vec<&'static str> {
+    small_model_args("11")
+}
 
 fn cpu() -> ExecutionConfig {
     radflow_inferer::runtime::init(None).unwrap_or_else(|e| panic!("{e}"));
@@ -25,21 +31,9 @@ fn cpu() -> ExecutionConfig {
     }
 }
 
-/// Small enough for CI: 4 base channels, two poolings, three classes.
-const UNET: &[&str] = &[
-    "--seed",
-    "11",
-    "--base",
-    "4",
-    "--levels",
-    "2",
-    "--classes",
-    "3",
-];
-
 #[test]
 fn unet_batch_equals_python_onnxruntime() {
-    let generated = generate_model("unet-batch", UNET);
+    let generated = generate_model("unet-batch", &unet_args());
     let spec = generated_spec(&generated, "unet", 3, [32, 32, 32], ModelKind::Segmentation);
     let bytes = std::fs::read(&generated.path).unwrap();
     let model = load(&spec, &bytes, &cpu()).unwrap_or_else(|e| panic!("{e}"));
@@ -69,7 +63,7 @@ fn unet_batch_equals_python_onnxruntime() {
 
 #[test]
 fn unet_sliding_window_in_batches_equals_the_numpy_reference() {
-    let generated = generate_model("unet-window", UNET);
+    let generated = generate_model("unet-window", &unet_args());
     let mut spec = generated_spec(&generated, "unet", 3, [16, 16, 16], ModelKind::Segmentation);
     spec.batch_size = 4;
     let bytes = std::fs::read(&generated.path).unwrap();
@@ -111,8 +105,11 @@ fn unet_sliding_window_in_batches_equals_the_numpy_reference() {
 fn a_model_with_a_fixed_batch_size_gets_full_batches() {
     // The same weights with N fixed to 3: 8 windows make batches of 3, 3 and 2 + 1
     // slot of zeros, and the result equals the dynamic model's.
-    let fixed = generate_model("unet-fixed", &[UNET, &["--batch", "3"]].concat());
-    let dynamic = generate_model("unet-dynamic", UNET);
+    let fixed = generate_model(
+        "unet-fixed",
+        &[unet_args().as_slice(), &["--batch", "3"]].concat(),
+    );
+    let dynamic = generate_model("unet-dynamic", &unet_args());
     let mut spec = generated_spec(
         &fixed,
         "unet-fixed",
@@ -160,7 +157,10 @@ fn float16_and_channels_last_models_equal_python_onnxruntime() {
         Array5::from_shape_vec((shape.0, 1, shape.1, shape.2, shape.3), values.clone()).unwrap();
 
     // float16 throughout: radflow converts in and out.
-    let half = generate_model("unet-f16", &[UNET, &["--dtype", "float16"]].concat());
+    let half = generate_model(
+        "unet-f16",
+        &[unet_args().as_slice(), &["--dtype", "float16"]].concat(),
+    );
     let mut spec = generated_spec(&half, "unet-half", 3, [16, 16, 24], ModelKind::Segmentation);
     spec.dtype = TensorDtype::Float16;
     let bytes = std::fs::read(&half.path).unwrap();
@@ -179,7 +179,10 @@ fn float16_and_channels_last_models_equal_python_onnxruntime() {
     assert!(err.to_string().contains("f16"), "{err}");
 
     // Channels last: radflow feeds [N, D, H, W, 1] and reads [N, D, H, W, C].
-    let last = generate_model("unet-ndhwc", &[UNET, &["--layout", "ndhwc"]].concat());
+    let last = generate_model(
+        "unet-ndhwc",
+        &[unet_args().as_slice(), &["--layout", "ndhwc"]].concat(),
+    );
     let mut spec = generated_spec(&last, "unet-last", 3, [16, 16, 24], ModelKind::Segmentation);
     spec.layout = TensorLayout::Ndhwc;
     let bytes = std::fs::read(&last.path).unwrap();

@@ -28,7 +28,9 @@ use radflow_shared::worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 use common::stage::{grid, put_job, wait_summary};
-use common::{Scratch, generate_model, generated_spec, random_values, tiny_classifier};
+use common::{
+    Scratch, generate_model, generated_spec, random_values, small_model_args, tiny_classifier,
+};
 
 fn cpu() -> ExecutionConfig {
     radflow_inferer::runtime::init(None).unwrap_or_else(|e| panic!("{e}"));
@@ -526,19 +528,7 @@ async fn a_changed_registry_is_applied_without_a_restart() {
     let store = Store::memory();
     let bus: Arc<dyn Bus> = Arc::new(InProcBus::new());
     let dir = Scratch::new("reload");
-    let generated = generate_model(
-        "reload-unet",
-        &[
-            "--seed",
-            "9",
-            "--base",
-            "4",
-            "--levels",
-            "2",
-            "--classes",
-            "3",
-        ],
-    );
+    let generated = generate_model("reload-unet", &small_model_args("9"));
     std::fs::copy(&generated.path, dir.0.join("unet.onnx")).unwrap();
     let demo = Registry::builtin().models[0].clone();
     let mut unet = generated_spec(&generated, "unet", 3, [16, 16, 16], ModelKind::Segmentation);

@@ -167,26 +167,30 @@ pub fn generated_spec(
     spec
 }
 
+/// Generator flags of the small models the tests use (CI-sized): seed `seed`, 4 base
+/// channels, two poolings, three classes.
+pub fn small_model_args(seed: &str) -> Vec<&str> {
+    vec![
+        "--seed",
+        seed,
+        "--base",
+        "4",
+        "--levels",
+        "2",
+        "--classes",
+        "3",
+    ]
+}
+
 /// A small generated 3-class classifier (16³ patch) and its registry entry.
 pub fn tiny_classifier(
     tag: &str,
     name: &str,
     seed: &str,
 ) -> (GeneratedModel, radflow_shared::models::ModelSpec) {
-    let generated = generate_model(
-        tag,
-        &[
-            "--seed",
-            seed,
-            "--base",
-            "4",
-            "--levels",
-            "2",
-            "--classes",
-            "3",
-            "--classifier",
-        ],
-    );
+    let mut args = small_model_args(seed);
+    args.push("--classifier");
+    let generated = generate_model(tag, &args);
     let spec = generated_spec(
         &generated,
         name,

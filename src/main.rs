@@ -284,6 +284,8 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let models = load_models(registry.clone(), &args.inferer, metrics.clone()).await?;
     let dicom = bind_dicom(&args.listener).await?;
 
+    // Instances acknowledged before a crash are back in the store before it is read.
+    let journal = service::open_journal(&store, args.listener.store_journal).await?;
     // The in-process bus forgets everything on exit: series in the store without a
     // result are assembled again.
     let mut unfinished = Vec::new();
@@ -315,6 +317,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
             assembly: assembly_config(&args.listener),
             admission: admission_config(&args.listener),
             store: store.clone(),
+            journal,
             bus: bus.clone(),
             metrics: metrics.clone(),
             health: Some(health.clone()),
@@ -368,6 +371,7 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
     spawn_lag_reporter(&bus, vec!["assembler".into()], &metrics, &shutdown);
     let dicom = bind_dicom(&args.listener).await?;
+    let journal = service::open_journal(&store, args.listener.store_journal).await?;
     tracing::info!(dicom = %dicom.local_addr()?, store = %store.url(), "listener running");
     let draining = drain_on_shutdown(&health, &shutdown);
     let result = service::run(
@@ -377,6 +381,7 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
             assembly: assembly_config(&args.listener),
             admission: admission_config(&args.listener),
             store,
+            journal,
             bus,
             metrics,
             health: Some(health.clone()),

@@ -78,6 +78,7 @@ fn listener(
     cmd.args(["listener", "--nats-url", &nats.url()])
         .arg("--store-url")
         .arg(format!("file://{}", store.display()))
+        .args(["--store-journal", "true"])
         .args([
             "--dicom-port",
             &dicom.to_string(),
@@ -154,6 +155,23 @@ fn sigkill_mid_association_loses_no_acknowledged_instance() {
     }
     let stored = std::fs::read_dir(&series_store).unwrap().count();
 
+    // A power cut could also lose store files written since the journal's last
+    // checkpoint: remove them, as it would; the restart replays them from the journal.
+    let journals = store.join(".journal");
+    let journal_folders = || -> Vec<PathBuf> {
+        std::fs::read_dir(&journals)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    let killed = journal_folders();
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    let uncovered = uncheckpointed_records(&killed[0]);
+    for (key, _) in &uncovered {
+        std::fs::remove_file(store.join(key)).unwrap();
+    }
+
     // After a restart the series becomes ready exactly once, with every acknowledged
     // instance in it.
     let _second = listener(&nats, &store, dicom, http, work.path(), "listener-2");
@@ -170,6 +188,47 @@ fn sigkill_mid_association_loses_no_acknowledged_instance() {
         "ready with {instances} instances; {} acknowledged, {stored} stored",
         acked.len()
     );
+    for (key, data) in &uncovered {
+        assert_eq!(&std::fs::read(store.join(key)).unwrap(), data, "{key}");
+    }
+    assert!(
+        !killed[0].exists(),
+        "the killed listener's journal was replayed"
+    );
+    assert_eq!(journal_folders().len(), 1, "the new listener's journal");
+}
+
+/// The records of a journal folder newer than its checkpoint: (store key, data). Reads
+/// the format documented in `listener/src/journal.rs`.
+fn uncheckpointed_records(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
+    let checkpoint = std::fs::read(dir.join("checkpoint")).unwrap();
+    assert_eq!(&checkpoint[..8], b"RFJCKPT1");
+    let covered = le64(&checkpoint[8..]);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("slot-")
+        {
+            continue;
+        }
+        let slot = std::fs::read(&path).unwrap();
+        if slot.len() < 4096 || &slot[..8] != b"RFJSLOT1" || le64(&slot[8..]) <= covered {
+            continue;
+        }
+        let len = le64(&slot[16..]) as usize;
+        let key_len = u16::from_le_bytes([slot[28], slot[29]]) as usize;
+        let key = std::str::from_utf8(&slot[30..30 + key_len])
+            .unwrap()
+            .to_owned();
+        out.push((key, slot[4096..4096 + len].to_vec()));
+    }
+    out
 }
 
 #[test]

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assembly;
 use crate::association::Rejection;
 use crate::dataset::InstanceFacts;
+use crate::journal::Journal;
 use crate::local::{LocalFile, LocalFiles};
 use crate::scp::{AssociationHooks, InstanceSink, PartWriter, ReceivedInstance, StoreFailure};
 
@@ -207,16 +208,18 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// An ingest that reports to `pressure`.
+    /// An ingest that reports to `pressure`; a folder store's instances are made
+    /// durable through `journal` when there is one.
     pub fn new(
         store: Store,
+        journal: Option<Arc<Journal>>,
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         pressure: Arc<Pressure>,
     ) -> Self {
         let local = store
             .local_root()
-            .map(|root| LocalFiles::new(root.to_owned(), store.fsync()));
+            .map(|root| LocalFiles::new(root.to_owned(), store.fsync(), journal));
         Self {
             store,
             local,

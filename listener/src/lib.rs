@@ -20,6 +20,7 @@ pub mod association;
 pub mod dataset;
 pub mod dimse;
 pub mod ingest;
+pub mod journal;
 pub mod local;
 pub mod scp;
 pub mod scu;

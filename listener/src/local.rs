@@ -1,18 +1,22 @@
 //! Writing received instances straight into a folder store while their PDUs arrive.
 //!
 //! On a `file://` store the listener does not wait for a whole instance before writing
-//! it: each part goes to a staging file beside the final one as soon as it is received
-//! (on a blocking thread, so the association keeps reading), and when flushing is on,
-//! the kernel is asked to start writing each part to disk at once
-//! (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). When the last fragment arrives, what
-//! remains is a short `fdatasync`, the rename into place and a sync of the folder: the
-//! disk works while the network delivers, instead of after it.
+//! it: each part goes to a staging file beside the final one as soon as it is received,
+//! on one blocking thread per instance, so the association keeps reading. When the
+//! last fragment arrives, the association tells that thread to finish and waits for it
+//! once: the thread makes the file durable and renames it into place.
+//!
+//! Durable is one of two things. Without the write-ahead journal, the kernel is asked
+//! to start writing each part to disk at once (`sync_file_range`), so that at the end
+//! only a short `fdatasync` remains, then the rename and a sync of the folder; folder
+//! syncs are shared by associations finishing instances in the same series folder at
+//! the same time (group commit). With the journal ([`crate::journal`], when turned on),
+//! each part also goes into a journal slot as it arrives, and the end is the rename and
+//! one flush of the slot; the file system flushes many store files together later.
 //!
 //! The layout is the store's (`dicom/<study>/<series>/<sop>.dcm` under its root) and
 //! the staging name is the final name plus `#<digits>`, which `object_store` ignores
-//! when it lists a folder, so readers never see a partial file. Folder syncs are
-//! shared: associations that finish instances in the same series folder at the same
-//! time wait for one `fsync` of that folder (group commit) instead of one each.
+//! when it lists a folder, so readers never see a partial file.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -25,6 +29,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::journal::{Journal, Record};
+
 /// Parts queued for the writing thread of one file before the association waits.
 const QUEUED_PARTS: usize = 8;
 
@@ -33,6 +39,7 @@ const QUEUED_PARTS: usize = 8;
 pub struct LocalFiles {
     root: PathBuf,
     fsync: bool,
+    journal: Option<Arc<Journal>>,
     folders: Mutex<HashMap<PathBuf, Arc<FolderSync>>>,
 }
 
@@ -45,12 +52,31 @@ struct FolderSync {
     completed: tokio::sync::Mutex<u64>,
 }
 
+/// What the writing thread is told.
+enum Message {
+    Part(Bytes),
+    /// Every part was sent: make the file durable and put it in place.
+    Complete,
+}
+
+/// How the writing thread left the file.
+#[derive(Debug, PartialEq, Eq)]
+enum Finished {
+    /// In place, and durable (its journal record was committed) or not flushed at all.
+    Placed,
+    /// In place and flushed; its folder still needs a sync.
+    FolderPending,
+    /// Aborted: the staging file was removed.
+    Aborted,
+}
+
 impl LocalFiles {
-    /// Writes under `root`; flushes to disk when `fsync`.
-    pub fn new(root: PathBuf, fsync: bool) -> Arc<Self> {
+    /// Writes under `root`; flushes to disk when `fsync`, through `journal` when given.
+    pub fn new(root: PathBuf, fsync: bool, journal: Option<Arc<Journal>>) -> Arc<Self> {
         Arc::new(Self {
             root,
             fsync,
+            journal: journal.filter(|_| fsync),
             folders: Mutex::new(HashMap::new()),
         })
     }
@@ -69,33 +95,20 @@ impl LocalFiles {
         staging.push("#");
         staging.push(&suffix);
         let staging = PathBuf::from(staging);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED_PARTS);
-        let (fsync, root, dest, stage) =
-            (self.fsync, self.root.clone(), path.clone(), staging.clone());
-        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
-            let folder = dest.parent().expect("keys have folders");
-            if !folder.is_dir() {
-                create_folders(&root, folder, fsync)?;
-            }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&stage)?;
-            let mut offset = 0u64;
-            while let Some(part) = rx.blocking_recv() {
-                file.write_all(&part)?;
-                if fsync {
-                    start_writeback(&file, offset, part.len() as u64);
-                }
-                offset += part.len() as u64;
-            }
-            Ok(file)
-        });
+        let (tx, rx) = mpsc::channel::<Message>(QUEUED_PARTS);
+        let writer = Writer {
+            root: self.root.clone(),
+            fsync: self.fsync,
+            journal: self.journal.clone(),
+            key: key.to_owned(),
+            path: path.clone(),
+            staging,
+        };
+        let writer = tokio::task::spawn_blocking(move || writer.run(rx));
         Ok(LocalFile {
             files: self.clone(),
             key: key.to_owned(),
             path,
-            staging,
             tx: Some(tx),
             writer: Some(writer),
         })
@@ -125,16 +138,99 @@ impl LocalFiles {
     }
 }
 
+/// The blocking side of one instance file.
+struct Writer {
+    root: PathBuf,
+    fsync: bool,
+    journal: Option<Arc<Journal>>,
+    key: String,
+    path: PathBuf,
+    staging: PathBuf,
+}
+
+impl Writer {
+    /// Writes the parts as they come; removes the staging file unless it was placed.
+    fn run(self, rx: mpsc::Receiver<Message>) -> std::io::Result<Finished> {
+        let result = self.write(rx);
+        if !matches!(result, Ok(Finished::Placed | Finished::FolderPending)) {
+            let _ = std::fs::remove_file(&self.staging);
+        }
+        result
+    }
+
+    fn write(&self, mut rx: mpsc::Receiver<Message>) -> std::io::Result<Finished> {
+        let folder = self.path.parent().expect("keys have folders");
+        if !folder.is_dir() {
+            create_folders(&self.root, folder, self.fsync)?;
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&self.staging)?;
+        let mut record: Option<Record> = match &self.journal {
+            Some(journal) => journal.begin()?,
+            None => None,
+        };
+        let mut offset = 0u64;
+        loop {
+            let part = match rx.blocking_recv() {
+                Some(Message::Part(part)) => part,
+                Some(Message::Complete) => break,
+                None => return Ok(Finished::Aborted),
+            };
+            file.write_all(&part)?;
+            let journaled = match &mut record {
+                Some(r) => r.write(&part)?,
+                None => false,
+            };
+            if !journaled {
+                if record.take().is_some() && self.fsync {
+                    // Outgrew the journal: write back what it held, too.
+                    start_writeback(&file, 0, offset);
+                }
+                if self.fsync {
+                    start_writeback(&file, offset, part.len() as u64);
+                }
+            }
+            offset += part.len() as u64;
+        }
+        if let Some(record) = record {
+            drop(file);
+            std::fs::rename(&self.staging, &self.path)?;
+            record.commit(&self.key)?;
+            return Ok(Finished::Placed);
+        }
+        if self.fsync {
+            file.sync_data()?;
+        }
+        drop(file);
+        std::fs::rename(&self.staging, &self.path)?;
+        Ok(if self.fsync {
+            Finished::FolderPending
+        } else {
+            Finished::Placed
+        })
+    }
+}
+
 /// One instance file being written.
 #[derive(Debug)]
 pub struct LocalFile {
     files: Arc<LocalFiles>,
     key: String,
     path: PathBuf,
-    staging: PathBuf,
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<mpsc::Sender<Message>>,
     /// The writing thread, until it was joined.
-    writer: Option<JoinHandle<std::io::Result<File>>>,
+    writer: Option<JoinHandle<std::io::Result<Finished>>>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Part(p) => write!(f, "Part({} bytes)", p.len()),
+            Message::Complete => f.write_str("Complete"),
+        }
+    }
 }
 
 impl LocalFile {
@@ -145,10 +241,14 @@ impl LocalFile {
 
     /// Queues the next part; waits only when the writing thread is behind.
     pub async fn write(&mut self, part: Bytes) -> std::io::Result<()> {
+        self.send(Message::Part(part)).await
+    }
+
+    async fn send(&mut self, message: Message) -> std::io::Result<()> {
         let Some(tx) = &self.tx else {
             return Err(std::io::Error::other("file already finished"));
         };
-        if tx.send(part).await.is_ok() {
+        if tx.send(message).await.is_ok() {
             return Ok(());
         }
         // The writing thread stopped: it failed; report its error.
@@ -159,7 +259,7 @@ impl LocalFile {
     }
 
     /// Closes the queue and waits for the writing thread (once).
-    async fn join(&mut self) -> std::io::Result<File> {
+    async fn join(&mut self) -> std::io::Result<Finished> {
         self.tx = None;
         match self.writer.take() {
             None => Err(std::io::Error::other("the writing thread already ended")),
@@ -167,34 +267,17 @@ impl LocalFile {
         }
     }
 
-    /// Waits for every part, flushes, renames into place and syncs the folder; returns
-    /// the store key.
+    /// Waits for every part, makes the file durable and puts it in place; returns the
+    /// store key.
     pub async fn complete(mut self) -> std::io::Result<String> {
-        let file = match self.join().await {
-            Ok(file) => file,
-            Err(e) => {
-                remove_quietly(self.staging.clone()).await;
-                return Err(e);
+        self.send(Message::Complete).await?;
+        match self.join().await? {
+            Finished::Placed => {}
+            Finished::FolderPending => {
+                let folder = self.path.parent().expect("keys have folders").to_owned();
+                self.files.sync_folder(&folder).await?;
             }
-        };
-        let fsync = self.files.fsync;
-        let (staging, path) = (self.staging.clone(), self.path.clone());
-        let placed = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if fsync {
-                file.sync_data()?;
-            }
-            drop(file);
-            std::fs::rename(&staging, &path)
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        if let Err(e) = placed {
-            remove_quietly(self.staging.clone()).await;
-            return Err(e);
-        }
-        if fsync {
-            let folder = self.path.parent().expect("keys have folders").to_owned();
-            self.files.sync_folder(&folder).await?;
+            Finished::Aborted => return Err(std::io::Error::other("the file was not completed")),
         }
         Ok(self.key.clone())
     }
@@ -202,12 +285,7 @@ impl LocalFile {
     /// Discards the staging file.
     pub async fn abort(mut self) {
         let _ = self.join().await;
-        remove_quietly(self.staging.clone()).await;
     }
-}
-
-async fn remove_quietly(path: PathBuf) {
-    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
 }
 
 /// Creates `folder` under `root`; when flushing, syncs each parent that gained an
@@ -232,11 +310,11 @@ fn create_folders(root: &Path, folder: &Path, fsync: bool) -> std::io::Result<()
 
 /// Asks the kernel to start writing a just-written range to disk, without waiting.
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File, offset: u64, len: u64) {
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor and a range within the file; the call only
     // schedules I/O and reports errors through its return value, which is advisory
-    // here (the final fdatasync is what guarantees durability).
+    // here (the final flush is what guarantees durability).
     unsafe {
         libc::sync_file_range(
             file.as_raw_fd(),
@@ -248,16 +326,28 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
+pub(crate) fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn files_appear_whole_and_aborts_leave_nothing() {
-        let root = std::env::temp_dir().join(format!("radflow-local-{}", std::process::id()));
-        let files = LocalFiles::new(root.clone(), true);
+    #[derive(Debug, Clone, Copy)]
+    enum Mode {
+        Unflushed,
+        Flushed,
+        Journaled,
+    }
+
+    async fn files_appear_whole_and_aborts_leave_nothing(mode: Mode) {
+        let root =
+            std::env::temp_dir().join(format!("radflow-local-{mode:?}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let journal = matches!(mode, Mode::Journaled)
+            .then(|| crate::journal::Journal::open(&root).unwrap().0);
+        let fsync = !matches!(mode, Mode::Unflushed);
+        let files = LocalFiles::new(root.clone(), fsync, journal.clone());
         let mut a = files.begin("dicom/1/2/3.dcm").await.unwrap();
         a.write(Bytes::from_static(b"abc")).await.unwrap();
         a.write(Bytes::from_static(b"def")).await.unwrap();
@@ -277,20 +367,63 @@ mod tests {
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("3.dcm")]);
 
-        // Concurrent completions in one folder share folder syncs and all land.
+        // Concurrent completions in one folder (sharing folder syncs, or journal
+        // slots) all land whole; the largest outgrows a journal record and is flushed
+        // directly.
         let mut tasks = Vec::new();
-        for n in 10..30 {
+        for n in 10..30usize {
             let files = files.clone();
             tasks.push(tokio::spawn(async move {
                 let mut f = files.begin(&format!("dicom/1/2/{n}.dcm")).await.unwrap();
-                f.write(Bytes::from(vec![n as u8; 1000])).await.unwrap();
-                f.complete().await.unwrap()
+                let size = if n == 10 { 5 << 20 } else { 1000 + n * 70_000 };
+                let data = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+                for start in (0..size).step_by(256 * 1024) {
+                    f.write(data.slice(start..(start + 256 * 1024).min(size)))
+                        .await
+                        .unwrap();
+                }
+                (f.complete().await.unwrap(), data)
             }));
         }
         for t in tasks {
-            let key = t.await.unwrap();
-            assert_eq!(std::fs::read(root.join(&key)).unwrap().len(), 1000);
+            let (key, data) = t.await.unwrap();
+            assert_eq!(std::fs::read(root.join(&key)).unwrap(), data);
+        }
+
+        // A file whose writing failed reports the error and leaves no staging file.
+        std::fs::write(root.join("dicom/1/blocked"), b"").unwrap();
+        let mut c = files.begin("dicom/1/blocked/5.dcm").await.unwrap();
+        let failed = match c.write(Bytes::from_static(b"abc")).await {
+            Err(e) => Err(e),
+            Ok(()) => c.complete().await,
+        };
+        assert!(failed.is_err(), "{failed:?}");
+        let left: Vec<_> = std::fs::read_dir(root.join("dicom/1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        if let Some(journal) = journal {
+            journal.close();
+            // Everything was checkpointed on close: a replay finds nothing to do.
+            let replayed = crate::journal::replay_folder(&root, journal.dir()).unwrap();
+            assert_eq!(replayed, crate::journal::Replayed::default());
         }
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unflushed_files_appear_whole() {
+        files_appear_whole_and_aborts_leave_nothing(Mode::Unflushed).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushed_files_appear_whole() {
+        files_appear_whole_and_aborts_leave_nothing(Mode::Flushed).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn journaled_files_appear_whole() {
+        files_appear_whole_and_aborts_leave_nothing(Mode::Journaled).await;
     }
 }

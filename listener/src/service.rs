@@ -24,6 +24,7 @@ use crate::assembly::{
     Assembler, AssemblyConfig, ReadyScanner, SeriesState, correlation_id, instance_digest,
 };
 use crate::ingest::{AdmissionConfig, Hooks, Ingest, Pressure};
+use crate::journal::Journal;
 use crate::scp::{self, ScpConfig};
 
 /// On a folder store, instances are written in parts from this many bytes on.
@@ -42,6 +43,8 @@ pub struct ListenerDeps {
     pub admission: AdmissionConfig,
     /// Where instances go.
     pub store: Store,
+    /// The store's write-ahead journal (a flushed folder store), from [`open_journal`].
+    pub journal: Option<Arc<Journal>>,
     /// Where their events go; also holds the series state.
     pub bus: Arc<dyn Bus>,
     /// The process's metrics.
@@ -66,6 +69,7 @@ pub async fn run(
         assembly,
         admission,
         store,
+        journal,
         bus,
         metrics,
         health,
@@ -73,6 +77,7 @@ pub async fn run(
     let pressure = Pressure::new(admission);
     let sink = Arc::new(Ingest::new(
         store,
+        journal.clone(),
         bus.clone(),
         metrics.clone(),
         pressure.clone(),
@@ -119,8 +124,40 @@ pub async fn run(
     .await;
     shutdown.cancel();
     let _ = tokio::join!(assembling, scanning, watching, draining);
+    if let Some(journal) = journal {
+        // Everything acknowledged is flushed: nothing is left to replay.
+        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+    }
     served?;
     Ok(())
+}
+
+/// Opens the write-ahead journal of a flushed folder store when `enabled`, after
+/// replaying what crashed listeners left in it; `None` for other stores.
+pub async fn open_journal(store: &Store, enabled: bool) -> anyhow::Result<Option<Arc<Journal>>> {
+    let Some(root) = store.local_root().map(ToOwned::to_owned) else {
+        return Ok(None);
+    };
+    if !enabled || !store.fsync() || !cfg!(target_os = "linux") {
+        return Ok(None);
+    }
+    let (journal, replayed) = tokio::task::spawn_blocking(move || Journal::open(&root))
+        .await?
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the store journal under {}: {e} (--store-journal false turns it off)",
+                store.url()
+            )
+        })?;
+    if replayed.records > 0 || replayed.torn > 0 {
+        tracing::info!(
+            records = replayed.records,
+            rewritten = replayed.rewritten,
+            torn = replayed.torn,
+            "replayed the store journal"
+        );
+    }
+    Ok(Some(journal))
 }
 
 /// Re-opens assembly for series found in the store that have no result yet (embedded

@@ -135,6 +135,7 @@ async fn replica_with(
             ..AssemblyConfig::default()
         },
         admission,
+        journal: service::open_journal(&store, true).await.unwrap(),
         store,
         bus,
         metrics: Metrics::new(),

@@ -7,7 +7,7 @@ and the same files, interleaved round by round (median per configuration); radfl
 TCP_NODELAY=1 is set for DCMTK on both sides. Reports instances/s, MB/s and the
 receiver's peak RSS (wait4 maximum resident set size, children included).
 
-Usage: python3 bench/listener.py [--radflow target/release/radflow] [--runs 3]
+Usage: python3 bench/listener.py [--radflow target/release/radflow] [--runs 3] [--work DIR]
 """
 
 import argparse
@@ -96,7 +96,7 @@ def run_storescp(work, files, associations, fork):
     return seconds, rss
 
 
-def run_radflow(work, radflow, nats_server, files, associations, fsync):
+def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=False):
     base = tempfile.mkdtemp(dir=work, prefix="radflow-")
     nats_port, dicom, http = free_port(), free_port(), free_port()
     nats = subprocess.Popen([nats_server, "-js", "-a", "127.0.0.1", "-p", str(nats_port),
@@ -107,6 +107,7 @@ def run_radflow(work, radflow, nats_server, files, associations, fsync):
     proc = subprocess.Popen(
         [radflow, "listener", "--nats-url", f"nats://127.0.0.1:{nats_port}",
          "--store-url", f"file://{store}", "--store-fsync", "true" if fsync else "false",
+         "--store-journal", "true" if journal else "false",
          "--dicom-port", str(dicom), "--http-port", str(http), "--log", "warn",
          "--series-quiet-secs", "60"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,9 +127,11 @@ def main():
     ap.add_argument("--radflow", default="target/release/radflow")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--work", default=None,
+                    help="folder for the stores (its file system is what is measured)")
     args = ap.parse_args()
     nats_server = shutil.which("nats-server") or ".venv/bin/nats-server"
-    work = tempfile.mkdtemp(prefix="radflow-bench-")
+    work = tempfile.mkdtemp(prefix="radflow-bench-", dir=args.work)
     try:
         series = os.path.join(work, "series")
         subprocess.run([args.radflow, "synth", "--out", series, "--size", "512",
@@ -143,11 +146,15 @@ def main():
             ("storescp (no flush)", 1, lambda: run_storescp(work, files, 1, False)),
             ("radflow, fsync + JetStream", 1,
              lambda: run_radflow(work, args.radflow, nats_server, files, 1, True)),
+            ("radflow, journal + JetStream", 1,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 1, True, True)),
             ("radflow, no fsync + JetStream", 1,
              lambda: run_radflow(work, args.radflow, nats_server, files, 1, False)),
             ("storescp --fork (no flush)", 4, lambda: run_storescp(work, files, 4, True)),
             ("radflow, fsync + JetStream", 4,
              lambda: run_radflow(work, args.radflow, nats_server, files, 4, True)),
+            ("radflow, journal + JetStream", 4,
+             lambda: run_radflow(work, args.radflow, nats_server, files, 4, True, True)),
             ("radflow, no fsync + JetStream", 4,
              lambda: run_radflow(work, args.radflow, nats_server, files, 4, False)),
         ]

@@ -312,12 +312,18 @@ impl Journal {
                         state.free.extend(batch);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, dir = %self.dir.display(), "journal checkpoint failed; retrying");
-                        {
+                        let closing = {
                             let mut state = self.state.lock().unwrap();
                             state.placed.extend(batch);
                             state.oldest_placed.get_or_insert_with(Instant::now);
+                            state.closing
+                        };
+                        if closing {
+                            // The records stay in the journal and are replayed at start.
+                            tracing::warn!(error = %e, dir = %self.dir.display(), "journal checkpoint failed at shutdown; the next start replays it");
+                            return;
                         }
+                        tracing::warn!(error = %e, dir = %self.dir.display(), "journal checkpoint failed; retrying");
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }

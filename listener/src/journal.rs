@@ -187,6 +187,13 @@ impl Journal {
         Ok((journal, replayed))
     }
 
+    /// Replays and removes the journals of processes that are gone, without starting
+    /// one: a listener whose journal is turned off still restores what an earlier run
+    /// with it acknowledged.
+    pub fn replay_gone(root: &Path) -> io::Result<Replayed> {
+        replay_orphans(root, None)
+    }
+
     /// This process's journal folder.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -894,6 +901,22 @@ mod tests {
         assert!(!big.active());
         assert_eq!(journal.state.lock().unwrap().free.len(), 1);
         journal.close();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_journal_is_replayed_even_when_the_next_run_has_none() {
+        let root = temp_root("off");
+        let gone = root.join(JOURNAL_FOLDER).join("gone");
+        fs::create_dir_all(&gone).unwrap();
+        File::create(gone.join(LOCK_FILE)).unwrap();
+        let data = b"acknowledged";
+        write_slot(&gone, 0, 1, "dicom/1/2/x.dcm", data, crc32fast::hash(data));
+        let replayed = Journal::replay_gone(&root).unwrap();
+        assert_eq!((replayed.records, replayed.rewritten), (1, 1));
+        assert_eq!(fs::read(root.join("dicom/1/2/x.dcm")).unwrap(), data);
+        assert!(!gone.exists());
+        assert_eq!(Journal::replay_gone(&root).unwrap(), Replayed::default());
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -133,12 +133,21 @@ pub async fn run(
 }
 
 /// Opens the write-ahead journal of a flushed folder store when `enabled`, after
-/// replaying what crashed listeners left in it; `None` for other stores.
+/// replaying what crashed listeners left in it; `None` for other stores. With the
+/// journal off, journals of earlier runs are still replayed (and removed).
 pub async fn open_journal(store: &Store, enabled: bool) -> anyhow::Result<Option<Arc<Journal>>> {
     let Some(root) = store.local_root().map(ToOwned::to_owned) else {
         return Ok(None);
     };
     if !enabled || !store.fsync() || !cfg!(target_os = "linux") {
+        if root.join(crate::journal::JOURNAL_FOLDER).is_dir() {
+            let replayed = tokio::task::spawn_blocking(move || Journal::replay_gone(&root))
+                .await?
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot replay the store journal under {}: {e}", store.url())
+                })?;
+            log_replay(replayed);
+        }
         return Ok(None);
     }
     let (journal, replayed) = tokio::task::spawn_blocking(move || Journal::open(&root))
@@ -149,6 +158,11 @@ pub async fn open_journal(store: &Store, enabled: bool) -> anyhow::Result<Option
                 store.url()
             )
         })?;
+    log_replay(replayed);
+    Ok(Some(journal))
+}
+
+fn log_replay(replayed: crate::journal::Replayed) {
     if replayed.records > 0 || replayed.torn > 0 {
         tracing::info!(
             records = replayed.records,
@@ -157,7 +171,6 @@ pub async fn open_journal(store: &Store, enabled: bool) -> anyhow::Result<Option
             "replayed the store journal"
         );
     }
-    Ok(Some(journal))
 }
 
 /// Re-opens assembly for series found in the store that have no result yet (embedded

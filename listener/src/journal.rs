@@ -36,6 +36,7 @@
 //! a new file is dear, on file systems that journal their metadata; it is off unless
 //! `--store-journal` turns it on.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -83,6 +84,8 @@ impl Default for Policy {
         }
     }
 }
+/// Longest [`Journal::settle`] waits for a checkpoint.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the journals of other processes are looked at.
 const ORPHAN_SCAN: Duration = Duration::from_secs(60);
 
@@ -99,6 +102,8 @@ pub struct Journal {
     seq: AtomicU64,
     state: Mutex<State>,
     wake: Condvar,
+    /// Signalled after each checkpoint.
+    checkpointed: Condvar,
     checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -112,6 +117,11 @@ struct State {
     oldest_placed: Option<Instant>,
     created: usize,
     closing: bool,
+    /// Store keys of committed records a checkpoint does not cover yet, with the
+    /// highest sequence number of each.
+    uncovered: HashMap<String, u64>,
+    /// A checkpoint is wanted now (see [`Journal::settle`]).
+    urgent: bool,
 }
 
 /// What [`Journal::open`] found to replay.
@@ -177,6 +187,7 @@ impl Journal {
             seq: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            checkpointed: Condvar::new(),
             checkpointer: Mutex::new(None),
         });
         let worker = journal.clone();
@@ -258,8 +269,31 @@ impl Journal {
         }
     }
 
-    fn placed(&self, slot: Slot, buffer: Option<Aligned>) {
+    /// Returns once no record older than now holds `key`, checkpointing if one does:
+    /// an instance flushed directly (not journaled) calls this before it is
+    /// acknowledged, so that a replay cannot put an older version of it back.
+    pub fn settle(&self, key: &str) -> io::Result<()> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
         let mut state = self.state.lock().unwrap();
+        while state.uncovered.contains_key(key) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the journal could not checkpoint an older version of this instance",
+                ));
+            }
+            state.urgent = true;
+            self.wake.notify_all();
+            state = self.checkpointed.wait_timeout(state, left).unwrap().0;
+        }
+        Ok(())
+    }
+
+    fn placed(&self, slot: Slot, buffer: Option<Aligned>, key: &str, seq: u64) {
+        let mut state = self.state.lock().unwrap();
+        let newest = state.uncovered.entry(key.to_owned()).or_default();
+        *newest = (*newest).max(seq);
         state.buffers.extend(buffer);
         state.placed.push(slot);
         state.oldest_placed.get_or_insert_with(Instant::now);
@@ -287,6 +321,7 @@ impl Journal {
                     let age = state.oldest_placed.map(|t| t.elapsed());
                     let due = waiting
                         && (state.closing
+                            || state.urgent
                             || state.placed.len() >= self.policy.records
                             || state.exhausted()
                             || age.is_some_and(|a| a >= self.policy.age));
@@ -307,6 +342,7 @@ impl Journal {
                         .0;
                 }
                 state.oldest_placed = None;
+                state.urgent = false;
                 (
                     std::mem::take(&mut state.placed),
                     self.seq.load(Ordering::SeqCst),
@@ -317,6 +353,8 @@ impl Journal {
                     Ok(()) => {
                         let mut state = self.state.lock().unwrap();
                         state.free.extend(batch);
+                        state.uncovered.retain(|_, seq| *seq > upto);
+                        self.checkpointed.notify_all();
                     }
                     Err(e) => {
                         let closing = {
@@ -501,7 +539,7 @@ impl Record {
         };
         // Even on failure the header may be on disk: the slot waits for a checkpoint.
         let result = written.and_then(|()| slot.file.sync_data());
-        self.journal.placed(slot, buffer);
+        self.journal.placed(slot, buffer, key, seq);
         result
     }
 
@@ -900,6 +938,36 @@ mod tests {
         assert_eq!(written, MAX_RECORD);
         assert!(!big.active());
         assert_eq!(journal.state.lock().unwrap().free.len(), 1);
+        journal.close();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn settling_a_key_checkpoints_its_older_record() {
+        let root = temp_root("settle");
+        let (journal, _) = Journal::open_with(&root, no_hold(3600)).unwrap();
+        let checkpoint =
+            || decode_checkpoint(&fs::read(journal.dir().join(CHECKPOINT_FILE)).unwrap()).unwrap();
+        // A key without a journaled record settles at once, without a checkpoint.
+        journal.settle("dicom/1/2/none.dcm").unwrap();
+        assert_eq!(checkpoint(), 0);
+        let mut record = journal.begin().unwrap().unwrap();
+        record.write(b"old").unwrap();
+        fs::create_dir_all(root.join("dicom/1/2")).unwrap();
+        fs::write(root.join("dicom/1/2/x.dcm"), b"old").unwrap();
+        record.commit("dicom/1/2/x.dcm").unwrap();
+        // A newer version written directly: once settled, a replay leaves it alone.
+        fs::write(root.join("dicom/1/2/x.dcm"), b"newer, flushed directly").unwrap();
+        journal.settle("dicom/1/2/x.dcm").unwrap();
+        assert_eq!(checkpoint(), 1);
+        assert_eq!(
+            replay_folder(&root, journal.dir()).unwrap(),
+            Replayed::default()
+        );
+        assert_eq!(
+            fs::read(root.join("dicom/1/2/x.dcm")).unwrap(),
+            b"newer, flushed directly"
+        );
         journal.close();
         fs::remove_dir_all(root).unwrap();
     }

@@ -205,6 +205,10 @@ impl Writer {
         }
         drop(file);
         std::fs::rename(&self.staging, &self.path)?;
+        if let Some(journal) = &self.journal {
+            // An older journaled version must not come back in a replay.
+            journal.settle(&self.key)?;
+        }
         Ok(if self.fsync {
             Finished::FolderPending
         } else {

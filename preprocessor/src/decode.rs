@@ -27,6 +27,14 @@
 //! Extended with 12-bit samples and RLE with 32-bit samples (the codecs of
 //! dicom-pixeldata 0.10 fail on them), JPEG XL, MPEG/HEVC video, JPIP, and unknown UIDs.
 //!
+//! # Attributes of VR UN
+//!
+//! Systems that convert implicit VR files to explicit VR write UN for attributes their
+//! dictionary lacks. An undefined-length UN element (a sequence with implicit VR
+//! content) is made an opaque value before `dicom-object` parses the file (see
+//! `scan::OpaqueUn`); standard attributes left as UN get their dictionary VR back
+//! (`retype_unknown`).
+//!
 //! # Intensities
 //!
 //! Stored bits are masked to Bits Stored and sign-extended per Pixel Representation;
@@ -41,7 +49,10 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
-use dicom_core::Tag;
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+use dicom_core::header::Header;
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::adapters::PixelDataObject;
 use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntax};
@@ -172,6 +183,10 @@ struct PixelPlan {
     frame_rows: usize,
     frame_cols: usize,
     frames: u32,
+    /// Undefined-length UN elements to make opaque before parsing the whole file.
+    opaque_un: Vec<scan::OpaqueUn>,
+    /// Whether the data set is big endian (for the length fields of `opaque_un`).
+    big_endian: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -277,12 +292,15 @@ pub fn read_header(bytes: &[u8]) -> Result<InstanceHeader, DecodeError> {
             name: "unknown transfer syntax".to_owned(),
         }
     })?;
-    let pixel = scan::scan_dataset(bytes, dataset_start, ts)?;
-    let obj = OpenFileOptions::new()
+    let scan = scan::scan_dataset(bytes, dataset_start, ts)?;
+    let pixel = scan.pixel;
+    let parsable = scan::without_un_sequences(bytes, &scan.opaque_un, scan.big_endian);
+    let mut obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
         .read_until(tags::PIXEL_DATA)
-        .from_reader(bytes)
+        .from_reader(&*parsable)
         .map_err(|e| DecodeError::Malformed(chain(&e)))?;
+    retype_unknown(&mut obj, scan.big_endian, 0);
     let Some(pixel) = pixel else {
         return Err(DecodeError::NoPixelData {
             sop_class_uid: sop_class_uid(&obj),
@@ -315,7 +333,10 @@ pub fn read_header(bytes: &[u8]) -> Result<InstanceHeader, DecodeError> {
             )));
         }
     };
-    read_images(&obj, ts, storage)
+    let mut header = read_images(&obj, ts, storage)?;
+    header.plan.opaque_un = scan.opaque_un;
+    header.plan.big_endian = scan.big_endian;
+    Ok(header)
 }
 
 impl InstanceHeader {
@@ -417,7 +438,7 @@ pub fn decode_images(
             }
         }
         Storage::Deflated => {
-            let obj = parse_whole(bytes)?;
+            let obj = parse_whole(bytes, p)?;
             let elem = obj
                 .get(tags::PIXEL_DATA)
                 .ok_or_else(|| DecodeError::NoPixelData {
@@ -442,7 +463,7 @@ pub fn decode_images(
             }
         }
         Storage::Encapsulated { .. } => {
-            let obj = parse_whole(bytes)?;
+            let obj = parse_whole(bytes, p)?;
             let ts = TransferSyntaxRegistry.get(&p.ts_uid).expect("checked");
             let Codec::EncapsulatedPixelData(Some(reader), _) = ts.codec() else {
                 return Err(DecodeError::UnsupportedTransferSyntax {
@@ -510,10 +531,11 @@ pub fn decode_images(
     Ok(())
 }
 
-fn parse_whole(bytes: &[u8]) -> Result<DefaultDicomObject, DecodeError> {
+fn parse_whole(bytes: &[u8], p: &PixelPlan) -> Result<DefaultDicomObject, DecodeError> {
+    let parsable = scan::without_un_sequences(bytes, &p.opaque_un, p.big_endian);
     OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
-        .from_reader(bytes)
+        .from_reader(&*parsable)
         .map_err(|e| DecodeError::Malformed(chain(&e)))
 }
 
@@ -654,6 +676,152 @@ fn strings(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<String>> {
         .map(|v| v.iter().map(|s| s.trim().to_owned()).collect())
 }
 
+/// Gives elements of VR UN whose tag the standard dictionary knows their proper VR
+/// and value, in the data set and in its sequence items.
+///
+/// A system that converts an implicit VR file to explicit VR writes UN for every
+/// attribute its own dictionary lacks (newer standard attributes, often whole
+/// functional groups), and the parser then holds their values as raw bytes: read as
+/// numbers, a position `"-125.0\\..."` would become the codes of its characters.
+/// Text VRs are decoded as text; binary numbers in the data set's byte order (US or
+/// SS after Pixel Representation where the dictionary says either); sequences, other
+/// ambiguous VRs and private attributes stay as they are.
+fn retype_unknown(obj: &mut InMemDicomObject, big_endian: bool, depth: usize) {
+    use dicom_core::dictionary::VirtualVr;
+    use dicom_core::value::{DataSetSequence, Value};
+    use dicom_core::{DataElement, PrimitiveValue};
+
+    if depth > 16 {
+        return;
+    }
+    let tags: Vec<Tag> = obj
+        .iter()
+        .filter(|e| e.vr() == VR::UN || e.vr() == VR::SQ)
+        .map(|e| e.tag())
+        .collect();
+    for tag in tags {
+        let Some(element) = obj.take(tag) else {
+            continue;
+        };
+        let vr = element.vr();
+        let element = match element.into_value() {
+            Value::Sequence(seq) => {
+                let mut items = seq.into_items();
+                for item in items.iter_mut() {
+                    retype_unknown(item, big_endian, depth + 1);
+                }
+                DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+            }
+            Value::Primitive(PrimitiveValue::U8(bytes)) if vr == VR::UN => {
+                let known = StandardDataDictionary
+                    .by_tag(tag)
+                    .and_then(|e| match e.vr() {
+                        VirtualVr::Exact(v) => Some(v),
+                        // US or SS after Pixel Representation, which precedes them.
+                        VirtualVr::Xs => Some(if int(obj, tags::PIXEL_REPRESENTATION) == Some(1) {
+                            VR::SS
+                        } else {
+                            VR::US
+                        }),
+                        _ => None,
+                    });
+                match known.and_then(|v| Some((v, typed_value(v, &bytes, big_endian)?))) {
+                    Some((v, value)) => DataElement::new(tag, v, value),
+                    None => DataElement::new(tag, VR::UN, PrimitiveValue::U8(bytes)),
+                }
+            }
+            other => DataElement::new(tag, vr, other),
+        };
+        obj.put(element);
+    }
+}
+
+/// The value of UN bytes read as `vr`; `None` where the bytes do not fit it.
+fn typed_value(vr: VR, bytes: &[u8], big_endian: bool) -> Option<dicom_core::PrimitiveValue> {
+    use dicom_core::PrimitiveValue;
+    use dicom_core::smallvec::SmallVec;
+
+    fn numbers<const N: usize, T>(
+        bytes: &[u8],
+        big_endian: bool,
+        from: fn([u8; N]) -> T,
+        from_be: fn([u8; N]) -> T,
+    ) -> Option<SmallVec<[T; 2]>> {
+        if !bytes.len().is_multiple_of(N) {
+            return None;
+        }
+        Some(
+            bytes
+                .chunks_exact(N)
+                .map(|c| {
+                    let a: [u8; N] = c.try_into().expect("chunk of N");
+                    if big_endian { from_be(a) } else { from(a) }
+                })
+                .collect(),
+        )
+    }
+    Some(match vr {
+        VR::AE
+        | VR::AS
+        | VR::CS
+        | VR::DA
+        | VR::DS
+        | VR::DT
+        | VR::IS
+        | VR::LO
+        | VR::PN
+        | VR::SH
+        | VR::TM
+        | VR::UC
+        | VR::UI => {
+            let text = String::from_utf8_lossy(bytes);
+            let text = text.trim_end_matches(['\0', ' ']);
+            PrimitiveValue::Strs(text.split('\\').map(str::to_owned).collect())
+        }
+        VR::LT | VR::ST | VR::UT | VR::UR => {
+            let text = String::from_utf8_lossy(bytes);
+            PrimitiveValue::Str(text.trim_end_matches(['\0', ' ']).to_owned())
+        }
+        VR::US => PrimitiveValue::U16(numbers(
+            bytes,
+            big_endian,
+            u16::from_le_bytes,
+            u16::from_be_bytes,
+        )?),
+        VR::SS => PrimitiveValue::I16(numbers(
+            bytes,
+            big_endian,
+            i16::from_le_bytes,
+            i16::from_be_bytes,
+        )?),
+        VR::UL => PrimitiveValue::U32(numbers(
+            bytes,
+            big_endian,
+            u32::from_le_bytes,
+            u32::from_be_bytes,
+        )?),
+        VR::SL => PrimitiveValue::I32(numbers(
+            bytes,
+            big_endian,
+            i32::from_le_bytes,
+            i32::from_be_bytes,
+        )?),
+        VR::FL => PrimitiveValue::F32(numbers(
+            bytes,
+            big_endian,
+            f32::from_le_bytes,
+            f32::from_be_bytes,
+        )?),
+        VR::FD => PrimitiveValue::F64(numbers(
+            bytes,
+            big_endian,
+            f64::from_le_bytes,
+            f64::from_be_bytes,
+        )?),
+        _ => return None,
+    })
+}
+
 /// The first item of a sequence.
 fn item(obj: &InMemDicomObject, tag: Tag) -> Option<&InMemDicomObject> {
     obj.get(tag).and_then(|e| e.items()).and_then(|i| i.first())
@@ -792,6 +960,8 @@ fn read_images(
         frame_rows: rows,
         frame_cols: cols,
         frames,
+        opaque_un: Vec::new(),
+        big_endian: false,
     };
 
     let images = if obj
@@ -1090,6 +1260,8 @@ impl InstanceHeader {
             frame_rows: image.rows,
             frame_cols: image.cols,
             frames: 1,
+            opaque_un: Vec::new(),
+            big_endian: false,
         };
         InstanceHeader {
             images: vec![image],

@@ -39,6 +39,55 @@ struct Cursor<'a> {
     big: bool,
     /// Value length of the header just read by [`explicit_header`].
     pending_len: u32,
+    /// Undefined-length UN elements met in explicit VR (see [`OpaqueUn`]).
+    opaque_un: Vec<OpaqueUn>,
+}
+
+/// An element of VR UN and undefined length in an explicit VR data set: a sequence
+/// whose content is implicit VR little endian (PS3.5 6.2.2, from CP-246), as written
+/// when a system that did not know the attribute (typically a private one) converted
+/// an implicit VR file to explicit VR. `dicom-object` reads such content as explicit
+/// VR and fails on it, so before it parses the file the element is turned into an
+/// opaque value of the same size: its length field, at `length_at`, gets `content`
+/// (the bytes up to and including the sequence delimiter). Nothing around it moves,
+/// so every enclosing length stays right; the element's content is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpaqueUn {
+    pub length_at: usize,
+    pub content: u32,
+}
+
+/// What [`scan_dataset`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DatasetScan {
+    /// Where the top-level pixel data lies, if there is any.
+    pub pixel: Option<PixelSpan>,
+    /// Elements to make opaque before a parser reads the file ([`opaque_un`]).
+    pub opaque_un: Vec<OpaqueUn>,
+    /// Whether length fields are big endian.
+    pub big_endian: bool,
+}
+
+/// `bytes` with every element of `scan.opaque_un` turned into an opaque value; the
+/// bytes themselves when there is none.
+pub(crate) fn without_un_sequences<'a>(
+    bytes: &'a [u8],
+    opaque_un: &[OpaqueUn],
+    big_endian: bool,
+) -> std::borrow::Cow<'a, [u8]> {
+    if opaque_un.is_empty() {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = bytes.to_vec();
+    for o in opaque_un {
+        let field = if big_endian {
+            o.content.to_be_bytes()
+        } else {
+            o.content.to_le_bytes()
+        };
+        out[o.length_at..o.length_at + 4].copy_from_slice(&field);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 impl Cursor<'_> {
@@ -126,6 +175,7 @@ pub(crate) fn scan_meta(bytes: &[u8]) -> Result<(String, usize), DecodeError> {
         pos: 132,
         big: false,
         pending_len: 0,
+        opaque_un: Vec::new(),
     };
     let tag = explicit_header(&mut c)?;
     if tag != Tag(0x0002, 0x0000) || c.pending_len != 4 {
@@ -185,13 +235,15 @@ fn explicit_header(c: &mut Cursor<'_>) -> Result<Tag, DecodeError> {
 }
 
 /// Checks every element length of the data set against the bytes present and finds
-/// the top-level pixel data, without allocating for any value.
+/// the top-level pixel data and any undefined-length UN elements, without allocating
+/// for any value.
 pub(crate) fn scan_dataset(
     bytes: &[u8],
     start: usize,
     ts: &TransferSyntax,
-) -> Result<Option<PixelSpan>, DecodeError> {
+) -> Result<DatasetScan, DecodeError> {
     let mut pixel_data = None;
+    let big_endian = ts.endianness() == Endianness::Big;
     if let Codec::Dataset(Some(_)) = ts.codec() {
         // A deflated data set (explicit VR little endian inside): inflate a bounded
         // copy and scan that. Offsets then refer to the copy; only presence is used.
@@ -211,18 +263,30 @@ pub(crate) fn scan_dataset(
             pos: 0,
             big: false,
             pending_len: 0,
+            opaque_un: Vec::new(),
         };
         walk_dataset(&mut c, None, true, 0, &mut pixel_data)?;
+        // The parser inflates the data set itself; offsets into this copy are no use.
+        Ok(DatasetScan {
+            pixel: pixel_data,
+            opaque_un: Vec::new(),
+            big_endian,
+        })
     } else {
         let mut c = Cursor {
             buf: bytes,
             pos: start,
-            big: ts.endianness() == Endianness::Big,
+            big: big_endian,
             pending_len: 0,
+            opaque_un: Vec::new(),
         };
         walk_dataset(&mut c, None, ts.uid() != IMPLICIT_VR_LE, 0, &mut pixel_data)?;
+        Ok(DatasetScan {
+            pixel: pixel_data,
+            opaque_un: c.opaque_un,
+            big_endian,
+        })
     }
-    Ok(pixel_data)
 }
 
 fn walk_dataset(
@@ -279,11 +343,24 @@ fn walk_dataset(
                 if depth == 0 && is_pixel_tag {
                     *pixel = Some(PixelSpan::Encapsulated { len: total });
                 }
+            } else if vr.as_ref() == Some(b"UN") {
+                // A sequence whose content is implicit VR little endian, whatever the
+                // data set's encoding (PS3.5 6.2.2).
+                let start = c.pos;
+                let outer_big = std::mem::replace(&mut c.big, false);
+                let walked = walk_sequence(c, None, false, depth + 1);
+                c.big = outer_big;
+                walked?;
+                let content = u32::try_from(c.pos - start).map_err(|_| {
+                    malformed(format!("element ({:04X},{:04X}) is too long", tag.0, tag.1))
+                })?;
+                c.opaque_un.push(OpaqueUn {
+                    length_at: start - 4,
+                    content,
+                });
             } else {
-                // SQ, or UN / implicit VR of undefined length: a sequence, whose
-                // content is implicit VR little endian when the VR is UN.
-                let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
-                walk_sequence(c, None, inner_explicit, depth + 1)?;
+                // SQ, or implicit VR of undefined length: a sequence.
+                walk_sequence(c, None, explicit, depth + 1)?;
             }
             continue;
         }

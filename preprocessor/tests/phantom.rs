@@ -308,3 +308,131 @@ print(json.dumps({"sum": total, "count": count}))
     assert_eq!(j["count"].as_u64().unwrap() as usize, n);
     assert_eq!(j["sum"].as_f64().unwrap(), hu_sum);
 }
+
+/// Rewrites an explicit VR little endian file the way a system that lacks some
+/// attributes in its dictionary re-encodes it: the attributes of `as_un` get VR UN,
+/// and a private sequence of VR UN and undefined length (implicit VR content, PS3.5
+/// 6.2.2) goes in front, with a nested undefined-length sequence inside.
+fn reencode_with_un(file: &[u8], as_un: &[(u16, u16)]) -> Vec<u8> {
+    let group_length = u32::from_le_bytes(file[140..144].try_into().unwrap()) as usize;
+    let start = 144 + group_length;
+    let mut out = file[..start].to_vec();
+    // (0009,0010) LO private creator, then (0009,1001) UN of undefined length.
+    let creator = b"RADFLOW TEST";
+    out.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'L', b'O']);
+    out.extend_from_slice(&(creator.len() as u16).to_le_bytes());
+    out.extend_from_slice(creator);
+    out.extend_from_slice(&[
+        0x09, 0x00, 0x01, 0x10, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ]);
+    let implicit = |out: &mut Vec<u8>, tag: (u16, u16), len: u32| {
+        out.extend_from_slice(&tag.0.to_le_bytes());
+        out.extend_from_slice(&tag.1.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    };
+    implicit(&mut out, (0xFFFE, 0xE000), u32::MAX); // item
+    implicit(&mut out, (0x0008, 0x1115), u32::MAX); // Referenced Series Sequence
+    implicit(&mut out, (0xFFFE, 0xE000), u32::MAX);
+    let uid = b"1.2.3.4.5.6\0";
+    implicit(&mut out, (0x0020, 0x000E), uid.len() as u32);
+    out.extend_from_slice(uid);
+    implicit(&mut out, (0xFFFE, 0xE00D), 0);
+    implicit(&mut out, (0xFFFE, 0xE0DD), 0);
+    implicit(&mut out, (0xFFFE, 0xE00D), 0);
+    implicit(&mut out, (0xFFFE, 0xE0DD), 0);
+    // The data set, with the chosen attributes turned into UN.
+    let mut pos = start;
+    while pos < file.len() {
+        let tag = (
+            u16::from_le_bytes([file[pos], file[pos + 1]]),
+            u16::from_le_bytes([file[pos + 2], file[pos + 3]]),
+        );
+        let vr = [file[pos + 4], file[pos + 5]];
+        if tag == (0x7FE0, 0x0010) {
+            out.extend_from_slice(&file[pos..]);
+            break;
+        }
+        let long = matches!(
+            &vr,
+            b"OB" | b"OW" | b"OF" | b"SQ" | b"UT" | b"UN" | b"UC" | b"UR"
+        );
+        let (header, len) = if long {
+            (
+                12,
+                u32::from_le_bytes(file[pos + 8..pos + 12].try_into().unwrap()) as usize,
+            )
+        } else {
+            (
+                8,
+                u16::from_le_bytes([file[pos + 6], file[pos + 7]]) as usize,
+            )
+        };
+        assert_ne!(
+            len,
+            u32::MAX as usize,
+            "no undefined lengths in the synthetic files"
+        );
+        let value = &file[pos + header..pos + header + len];
+        if as_un.contains(&tag) {
+            out.extend_from_slice(&file[pos..pos + 4]);
+            out.extend_from_slice(&[b'U', b'N', 0, 0]);
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+            out.extend_from_slice(value);
+        } else {
+            out.extend_from_slice(&file[pos..pos + header + len]);
+        }
+        pos += header + len;
+    }
+    out
+}
+
+#[test]
+fn un_attributes_and_un_sequences_decode_like_the_original() {
+    let dir = TempDir::new("phantom-un");
+    let spec = PhantomSpec {
+        size: 16,
+        slices: 4,
+        ..Default::default()
+    };
+    write_series(&spec, &dir.0).unwrap();
+    let as_un = [
+        (0x0008, 0x0016), // SOP Class UID (text)
+        (0x0020, 0x0032), // Image Position (Patient) (decimal strings)
+        (0x0020, 0x0037), // Image Orientation (Patient)
+        (0x0028, 0x0030), // Pixel Spacing
+        (0x0028, 0x0010), // Rows (binary US)
+        (0x0028, 0x0011), // Columns
+        (0x0028, 0x0103), // Pixel Representation (signed)
+        (0x0028, 0x1052), // Rescale Intercept
+        (0x0028, 0x1053), // Rescale Slope
+    ];
+    let originals: Vec<Vec<u8>> = files(&dir.0)
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    let mut reencoded = Vec::new();
+    for original in &originals {
+        // dicom-object alone reads the UN sequence's content as explicit VR and fails
+        // (or allocates the gigabytes an item tag read as a length claims).
+        let bytes = reencode_with_un(original, &as_un);
+        let a = read_slice(original).unwrap();
+        let b = read_slice(&bytes).expect("the re-encoded file decodes");
+        assert_eq!(a.pixels, b.pixels);
+        assert_eq!(a.header.image_position, b.header.image_position);
+        assert_eq!(a.header.image_orientation, b.header.image_orientation);
+        assert_eq!(a.header.pixel_spacing, b.header.pixel_spacing);
+        assert_eq!(a.header.rescale, b.header.rescale);
+        assert_eq!(
+            (a.header.rows, a.header.cols),
+            (b.header.rows, b.header.cols)
+        );
+        assert_eq!(a.header.sop_class_uid, b.header.sop_class_uid);
+        reencoded.push(b);
+    }
+    let original: Vec<DecodedSlice> = originals.iter().map(|o| read_slice(o).unwrap()).collect();
+    let opts = GeometryOptions::default();
+    let va = build_volume(original, &opts).unwrap();
+    let vb = build_volume(reencoded, &opts).unwrap();
+    assert_eq!(va.volume.grid, vb.volume.grid);
+    assert_eq!(va.volume.data, vb.volume.data);
+}

@@ -90,3 +90,28 @@ fn nothing_usable_is_not_a_volume() {
     let e = only("stripped", &[nibabel_data.join("csa_slice_norm.dcm")]);
     assert_eq!(e.code(), "no_images");
 }
+
+/// Files as systems write them after converting to explicit VR without knowing every
+/// attribute: a private sequence of VR UN and undefined length (GDCM's
+/// `UN_sequence.dcm`) and a standard attribute left as UN (the SOP Class UID of
+/// `rtdose_rle.dcm`). Both are read; neither is "malformed".
+#[test]
+fn un_sequences_and_un_attributes_of_real_files_are_read() {
+    use radflow_preprocessor::decode::{DecodeError, read_header};
+    let (pydicom_data, _) = package_data();
+    let un_sequence = std::fs::read(pydicom_data.join("UN_sequence.dcm")).unwrap();
+    match read_header(&un_sequence) {
+        // A header-only CT object: the parser got through the UN sequence to its end.
+        Err(DecodeError::NoPixelData { sop_class_uid }) => {
+            assert_eq!(sop_class_uid, "1.2.840.10008.5.1.4.1.1.2")
+        }
+        other => panic!("UN_sequence.dcm: {other:?}"),
+    }
+    let rtdose = std::fs::read(pydicom_data.join("rtdose_rle.dcm")).unwrap();
+    let header = read_header(&rtdose).expect("rtdose_rle.dcm is read");
+    assert_eq!(header.images.len(), 15);
+    assert_eq!(
+        header.images[0].sop_class_uid,
+        "1.2.840.10008.5.1.4.1.1.481.2"
+    );
+}

@@ -78,12 +78,14 @@ def split(files, n):
     return [files[i::n] for i in range(n)]
 
 
-def run_storescp(work, files, associations, fork):
+def run_storescp(work, files, associations, fork, ignore=False):
     out = tempfile.mkdtemp(dir=work, prefix="storescp-")
     port = free_port()
     cmd = ["/usr/bin/storescp", "-od", out, "-aet", "STORESCP"]
     if fork:
         cmd.append("--fork")
+    if ignore:
+        cmd.append("--ignore")
     proc = subprocess.Popen(cmd + [str(port)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_port(port, proc)
@@ -91,7 +93,7 @@ def run_storescp(work, files, associations, fork):
     rss = stop(proc)
     stored = len(os.listdir(out))
     shutil.rmtree(out)
-    if stored != len(files):
+    if stored != (0 if ignore else len(files)):
         raise SystemExit(f"storescp stored {stored} of {len(files)}")
     return seconds, rss
 
@@ -143,6 +145,8 @@ def main():
         print(f"{len(files)} files, {megabytes:.1f} MB, median of {args.runs} runs",
               file=sys.stderr)
         configs = [
+            ("storescp --ignore (receives, stores nothing)", 1,
+             lambda: run_storescp(work, files, 1, False, True)),
             ("storescp (no flush)", 1, lambda: run_storescp(work, files, 1, False)),
             ("radflow, fsync + JetStream", 1,
              lambda: run_radflow(work, args.radflow, nats_server, files, 1, True)),
@@ -150,6 +154,8 @@ def main():
              lambda: run_radflow(work, args.radflow, nats_server, files, 1, True, True)),
             ("radflow, no fsync + JetStream", 1,
              lambda: run_radflow(work, args.radflow, nats_server, files, 1, False)),
+            ("storescp --fork --ignore (receives, stores nothing)", 4,
+             lambda: run_storescp(work, files, 4, True, True)),
             ("storescp --fork (no flush)", 4, lambda: run_storescp(work, files, 4, True)),
             ("radflow, fsync + JetStream", 4,
              lambda: run_radflow(work, args.radflow, nats_server, files, 4, True)),
@@ -188,7 +194,8 @@ def main():
         os.remove(target)
         print(f"| dd oflag=dsync, {len(files)} x {size_kib} KiB (disk floor, no network) | - | "
               f"{dd:.2f} | {len(files)/dd:.0f} | {megabytes/dd:.0f} | - |")
-        ref = {a: s for n, a, s, _, _ in rows if n.startswith("storescp")}
+        ref = {a: s for n, a, s, _, _ in rows
+               if n.startswith("storescp") and "--ignore" not in n}
         for name, assocs, secs, _, _ in rows:
             if name.startswith("radflow"):
                 print(f"\n{name}, {assocs} association(s): {ref[assocs]/secs:.2f}x storescp"

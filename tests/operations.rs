@@ -205,10 +205,10 @@ fn status_shows_a_stuck_consumer_and_a_poisoned_series_is_replayed_after_the_fix
             // The age is in whole milliseconds: read right after the second series
             // arrived it may still be 0, so wait until it has grown.
             let aged = consumer["oldest_pending_age_ms"].as_u64()? > 0;
-            (consumer["pending"] == 2 && aged).then_some((report, consumer))
+            (consumer["pending"] == 2 && aged).then_some(report)
         },
     );
-    let (report, consumer) = stuck;
+    let report = stuck;
     assert_eq!(report["bus"], "nats");
     assert!(
         report["server"]["version"]

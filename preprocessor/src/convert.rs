@@ -18,6 +18,7 @@
 //! worker: [`ConvertError::is_not_a_volume`] series are skipped, the others are
 //! dead-lettered with [`ConvertError::code`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -92,6 +93,7 @@ pub fn decode_code(e: &DecodeError) -> &'static str {
         DecodeError::NotDicom(_) => "not_dicom",
         DecodeError::Malformed(_) => "malformed_dicom",
         DecodeError::NoPixelData { .. } => "no_pixel_data",
+        DecodeError::UnreadableObject { .. } => "unreadable_object",
         DecodeError::UnsupportedTransferSyntax { .. } => "unsupported_transfer_syntax",
         DecodeError::TruncatedPixelData { .. } => "truncated_pixel_data",
         DecodeError::MultiFrame { .. } => "multi_frame",
@@ -135,11 +137,22 @@ pub fn plan_series(
 ) -> Result<SeriesPlan, ConvertError> {
     let mut kept: Vec<Option<InstanceHeader>> = Vec::with_capacity(headers.len());
     let mut non_images = Vec::new();
+    let mut unreadable: BTreeMap<String, (usize, String)> = BTreeMap::new();
     for (name, h) in names.iter().zip(headers) {
         match h {
             Ok(h) => kept.push(Some(h)),
             Err(DecodeError::NoPixelData { sop_class_uid }) => {
                 non_images.push(sop_class_uid);
+                kept.push(None);
+            }
+            Err(DecodeError::UnreadableObject {
+                sop_class_uid,
+                detail,
+            }) => {
+                let entry = unreadable
+                    .entry(sop_class_uid)
+                    .or_insert_with(|| (0, format!("{name}: {detail}")));
+                entry.0 += 1;
                 kept.push(None);
             }
             Err(source) => {
@@ -198,6 +211,12 @@ pub fn plan_series(
             })?;
     }
     let mut notes = selection.notes;
+    for (class, (count, first)) in unreadable {
+        notes.push(format!(
+            "{count} unreadable object(s) left out ({}; first: {first})",
+            select::sop_class_name(&class)
+        ));
+    }
     notes.append(&mut volume.report.warnings);
     volume.report.warnings = notes;
     Ok(SeriesPlan {

@@ -216,6 +216,13 @@ pub enum DecodeError {
     /// The file holds no image pixel data (e.g. a structured report).
     #[error("the DICOM file has no pixel data (SOP class {sop_class_uid}); it is not an image")]
     NoPixelData { sop_class_uid: String },
+    /// A file that is not a cross-sectional image by its meta group (a plan, a report,
+    /// a private object) and could not be read; a series leaves it out.
+    #[error("the DICOM object (SOP class {sop_class_uid}) cannot be read: {detail}")]
+    UnreadableObject {
+        sop_class_uid: String,
+        detail: String,
+    },
     /// The transfer syntax is unknown or its pixel data cannot be decoded here.
     #[error("transfer syntax {uid} ({name}) cannot be decoded")]
     UnsupportedTransferSyntax { uid: String, name: String },
@@ -284,8 +291,26 @@ fn decode_all(bytes: &[u8], header: InstanceHeader) -> Result<Vec<DecodedSlice>,
 /// [`DecodeError::NoPixelData`]. Problems that only matter if the images are decoded
 /// (bit layout, transfer syntax, truncation) are reported by
 /// [`InstanceHeader::check_decodable`] and [`decode_images`].
+///
+/// A file whose meta group names a SOP class that is not a cross-sectional image (a
+/// plan, a report, a vendor's private object) and that cannot be read otherwise fails
+/// with [`DecodeError::UnreadableObject`], which a series leaves out instead of failing.
 pub fn read_header(bytes: &[u8]) -> Result<InstanceHeader, DecodeError> {
-    let (ts_uid, dataset_start) = scan::scan_meta(bytes)?;
+    let meta = scan::scan_meta(bytes)?;
+    read_header_after_meta(bytes, &meta).map_err(|e| match (&meta.sop_class_uid, e) {
+        (_, e @ DecodeError::NoPixelData { .. }) => e,
+        (Some(class), e) if !crate::select::is_volume_class(class) => {
+            DecodeError::UnreadableObject {
+                sop_class_uid: class.clone(),
+                detail: e.to_string(),
+            }
+        }
+        (_, e) => e,
+    })
+}
+
+fn read_header_after_meta(bytes: &[u8], meta: &scan::Meta) -> Result<InstanceHeader, DecodeError> {
+    let (ts_uid, dataset_start) = (meta.transfer_syntax.clone(), meta.dataset_start);
     let ts = TransferSyntaxRegistry.get(&ts_uid).ok_or_else(|| {
         DecodeError::UnsupportedTransferSyntax {
             uid: ts_uid.clone(),

@@ -160,10 +160,20 @@ fn long_vr(vr: [u8; 2]) -> bool {
     )
 }
 
+/// What the file meta group says.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Meta {
+    pub transfer_syntax: String,
+    /// Where the data set starts.
+    pub dataset_start: usize,
+    /// Media Storage SOP Class UID (0002,0002), if present.
+    pub sop_class_uid: Option<String>,
+}
+
 /// Walks the file meta group the way `dicom-object` reads it: the group length
 /// (0002,0000) comes first and says how many bytes of elements follow; the data set
-/// starts after them. Returns the transfer syntax UID and where the data set starts.
-pub(crate) fn scan_meta(bytes: &[u8]) -> Result<(String, usize), DecodeError> {
+/// starts after them.
+pub(crate) fn scan_meta(bytes: &[u8]) -> Result<Meta, DecodeError> {
     if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
         return Err(DecodeError::NotDicom(
             "the 128-byte preamble and DICM marker are missing".into(),
@@ -183,6 +193,7 @@ pub(crate) fn scan_meta(bytes: &[u8]) -> Result<(String, usize), DecodeError> {
     }
     let group_length = c.u32()? as usize;
     let mut transfer_syntax = None;
+    let mut sop_class_uid = None;
     let mut consumed = 0usize;
     while consumed < group_length {
         let header_start = c.pos;
@@ -200,19 +211,25 @@ pub(crate) fn scan_meta(bytes: &[u8]) -> Result<(String, usize), DecodeError> {
                 c.remaining()
             )));
         }
+        let uid = || {
+            String::from_utf8_lossy(&bytes[c.pos..c.pos + len])
+                .trim_matches(|ch: char| ch == '\0' || ch == ' ')
+                .to_owned()
+        };
         if tag == Tag(0x0002, 0x0010) {
-            let v = &bytes[c.pos..c.pos + len];
-            transfer_syntax = Some(
-                String::from_utf8_lossy(v)
-                    .trim_matches(|ch: char| ch == '\0' || ch == ' ')
-                    .to_owned(),
-            );
+            transfer_syntax = Some(uid());
+        } else if tag == Tag(0x0002, 0x0002) {
+            sop_class_uid = Some(uid()).filter(|u| !u.is_empty());
         }
         c.pos += len;
         consumed += c.pos - header_start;
     }
     let transfer_syntax = transfer_syntax.ok_or_else(|| not_meta("it has no transfer syntax"))?;
-    Ok((transfer_syntax, c.pos))
+    Ok(Meta {
+        transfer_syntax,
+        dataset_start: c.pos,
+        sop_class_uid,
+    })
 }
 
 /// Reads an explicit VR little endian element header (as the file meta group is

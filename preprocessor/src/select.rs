@@ -39,6 +39,11 @@ const VOLUME_CLASSES: &[&str] = &[
     "1.2.840.10008.5.1.4.1.1.130",   // Enhanced PET Image
 ];
 
+/// Whether images of SOP class `uid` can be slices of a cross-sectional volume.
+pub fn is_volume_class(uid: &str) -> bool {
+    VOLUME_CLASSES.contains(&uid)
+}
+
 /// An image of the series: the file it is in and its index among that file's images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ImageRef {

@@ -115,3 +115,47 @@ fn un_sequences_and_un_attributes_of_real_files_are_read() {
         "1.2.840.10008.5.1.4.1.1.481.2"
     );
 }
+
+/// A series that holds an object radflow cannot read: left out when the file's meta
+/// group says it is no cross-sectional image (a truncated RT Plan here), the series
+/// refused when it claims to be one of the series' images.
+#[test]
+fn unreadable_non_images_are_left_out_and_unreadable_images_fail_the_series() {
+    let (pydicom_data, _) = package_data();
+    let t = TempDir::new("select-unreadable");
+    let series = t.path("series");
+    let ct = pydicom_data.join("CT_small.dcm");
+    common::reference(
+        &[
+            "replicate",
+            ct.to_str().unwrap(),
+            series.to_str().unwrap(),
+            "4",
+            "1.5",
+        ],
+        None,
+    );
+    let plan = pydicom_data.join("rtplan_truncated.dcm");
+    std::fs::copy(&plan, series.join("plan.dcm")).unwrap();
+    let built = native(&series).expect("the plan is left out");
+    assert_eq!(built.volume.grid.dims, [128, 128, 4]);
+    let notes = built.report.warnings.join(" | ");
+    assert!(
+        notes.contains("1 unreadable object(s) left out (RT Plan Storage; first: ")
+            && notes.contains("plan.dcm: the DICOM file is malformed"),
+        "{notes}"
+    );
+
+    // The same damage in a file of the series' own class fails the series.
+    let mut broken = std::fs::read(series.join("plan.dcm")).unwrap();
+    let class = b"1.2.840.10008.5.1.4.1.1.481.5";
+    let at = broken
+        .windows(class.len())
+        .position(|w| w == class)
+        .expect("meta group names the class");
+    let ct_class = b"1.2.840.10008.5.1.4.1.1.2\0\0\0\0";
+    broken[at..at + class.len()].copy_from_slice(&ct_class[..class.len()]);
+    std::fs::write(series.join("plan.dcm"), &broken).unwrap();
+    let e = native(&series).unwrap_err();
+    assert_eq!(e.code(), "malformed_dicom", "{e}");
+}

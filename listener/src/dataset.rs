@@ -325,6 +325,9 @@ struct Collected<'a> {
     images_in_acquisition: Option<&'a [u8]>,
     number_of_series_related_instances: Option<&'a [u8]>,
     series_number: Option<&'a [u8]>,
+    /// Where the top-level walk stopped: the start of the element it could not finish
+    /// (or of the encapsulated pixel data it does not follow), or the end of the data.
+    resume: usize,
 }
 
 impl<'a> Collected<'a> {
@@ -381,9 +384,9 @@ pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let (inflated, complete) = inflate_bounded(dataset, MAX_INFLATED_BYTES)?;
-        return scan_encoded(&inflated, enc, complete);
+        return scan_encoded(&inflated, enc, complete).map(|(facts, _)| facts);
     }
-    scan_encoded(dataset, enc, true)
+    scan_encoded(dataset, enc, true).map(|(facts, _)| facts)
 }
 
 /// Scan the first bytes of a dataset whose remainder has not arrived yet (a large
@@ -393,15 +396,18 @@ pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
 /// after the attributes the listener needs (normally inside the Pixel Data element).
 /// Fails like [`scan`] when the structure is broken or the required attributes are not
 /// within the prefix.
-pub fn scan_prefix(prefix: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
+pub fn scan_prefix(prefix: &[u8], ts_uid: &str) -> Result<(InstanceFacts, TailCheck), ScanError> {
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let inflated = inflate_prefix(prefix, MAX_INFLATED_BYTES)?;
-        return scan_encoded(&inflated, enc, false);
+        let (facts, _) = scan_encoded(&inflated, enc, false)?;
+        return Ok((facts, TailCheck::unchecked(enc)));
     }
-    scan_encoded(prefix, enc, false)
+    let (facts, resume) = scan_encoded(prefix, enc, false)?;
+    let mut tail = TailCheck::at(enc, resume as u64);
+    tail.feed(&prefix[resume..]);
+    Ok((facts, tail))
 }
-
 /// Inflate the start of a raw deflate stream whose end may be missing.
 fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
     let mut decompress = flate2::Decompress::new(false);
@@ -430,21 +436,236 @@ fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
     }
 }
 
-fn scan_encoded(data: &[u8], enc: Encoding, complete: bool) -> Result<InstanceFacts, ScanError> {
+/// The facts, and where the top-level walk stopped (see `Collected::resume`).
+fn scan_encoded(
+    data: &[u8],
+    enc: Encoding,
+    complete: bool,
+) -> Result<(InstanceFacts, usize), ScanError> {
     let mut reader = Reader { data, pos: 0, enc };
     let mut collected = Collected::default();
     match walk_top_level(&mut reader, &mut collected) {
         Ok(()) => {}
-        // An inflated prefix may end anywhere; what was found before the cut still counts.
+        // A prefix may end anywhere; what was found before the cut still counts.
         Err(ScanError::TruncatedHeader { .. } | ScanError::LengthBeyondEnd { .. })
             if !complete && collected.has_required() => {}
         Err(e) => return Err(e),
     }
-    collected.into_facts()
+    let resume = collected.resume;
+    Ok((collected.into_facts()?, resume))
+}
+
+/// Follows the top level of a streamed dataset from where [`scan_prefix`] stopped, part
+/// by part and without keeping its bytes, so that its end can be judged: a dataset cut
+/// inside an element (most often its pixel data, native or encapsulated) or inside an
+/// element header is refused like one received whole. Top-level sequences of undefined
+/// length after that point, and deflated datasets, are not followed.
+#[derive(Debug, Clone)]
+pub struct TailCheck {
+    enc: Encoding,
+    state: Tail,
+    /// Header bytes collected so far.
+    header: Vec<u8>,
+    /// Dataset offset of the next byte fed.
+    offset: u64,
+    /// The element whose value is being skipped: tag, header offset, length.
+    current: ((u16, u16), u64, u32),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tail {
+    /// Expecting a top-level element header.
+    Element,
+    /// Inside a value; then back to `fragments` or top-level elements.
+    Skip { left: u64, fragments: bool },
+    /// Expecting an item or the sequence delimiter of encapsulated pixel data.
+    Fragment,
+    /// Not followed any further: no verdict.
+    Unchecked,
+    /// The structure is broken here.
+    Broken(ScanError),
+}
+
+impl TailCheck {
+    fn at(enc: Encoding, offset: u64) -> Self {
+        Self {
+            enc,
+            state: Tail::Element,
+            header: Vec::with_capacity(12),
+            offset,
+            current: ((0, 0), 0, 0),
+        }
+    }
+
+    fn unchecked(enc: Encoding) -> Self {
+        Self {
+            state: Tail::Unchecked,
+            ..Self::at(enc, 0)
+        }
+    }
+
+    /// Follows the next bytes of the dataset.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                Tail::Unchecked | Tail::Broken(_) => return,
+                Tail::Skip { left, fragments } => {
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.offset += n;
+                    self.state = if n == left {
+                        if fragments {
+                            Tail::Fragment
+                        } else {
+                            Tail::Element
+                        }
+                    } else {
+                        Tail::Skip {
+                            left: left - n,
+                            fragments,
+                        }
+                    };
+                }
+                Tail::Element | Tail::Fragment => {
+                    let want = self.header_len();
+                    let n = (want - self.header.len()).min(bytes.len());
+                    self.header.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if self.header.len() == self.header_len() {
+                        self.offset += self.header.len() as u64;
+                        self.state = self.next_after_header();
+                        self.header.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes of the header being read: 8, or 12 for an explicit VR with a 32-bit
+    /// length (known once the VR is in).
+    fn header_len(&self) -> usize {
+        if self.header.len() < 8 || self.state == Tail::Fragment || !self.enc.explicit_vr {
+            return 8;
+        }
+        let (group, _) = self.tag();
+        if group != 0xFFFE && has_long_length([self.header[4], self.header[5]]) {
+            12
+        } else {
+            8
+        }
+    }
+
+    fn u16_at(&self, i: usize) -> u16 {
+        let b = [self.header[i], self.header[i + 1]];
+        if self.enc.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    }
+
+    fn u32_at(&self, i: usize) -> u32 {
+        let b = [
+            self.header[i],
+            self.header[i + 1],
+            self.header[i + 2],
+            self.header[i + 3],
+        ];
+        if self.enc.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    }
+
+    fn tag(&self) -> (u16, u16) {
+        (self.u16_at(0), self.u16_at(2))
+    }
+
+    /// The state after a complete header (`self.offset` is already past it).
+    fn next_after_header(&mut self) -> Tail {
+        let tag = self.tag();
+        let at = self.offset - self.header.len() as u64;
+        let display = TagDisplay(tag.0, tag.1);
+        if self.state == Tail::Fragment {
+            let length = self.u32_at(4);
+            return match tag {
+                ITEM if length != UNDEFINED => {
+                    self.current = (tag, at, length);
+                    Tail::Skip {
+                        left: u64::from(length),
+                        fragments: true,
+                    }
+                }
+                SEQUENCE_DELIMITATION => Tail::Element,
+                _ => Tail::Broken(ScanError::MalformedStructure {
+                    tag: display,
+                    offset: at as usize,
+                }),
+            };
+        }
+        if tag.0 == 0xFFFE {
+            return Tail::Broken(ScanError::MalformedStructure {
+                tag: display,
+                offset: at as usize,
+            });
+        }
+        let length = if !self.enc.explicit_vr {
+            self.u32_at(4)
+        } else {
+            let vr = [self.header[4], self.header[5]];
+            if !is_known_vr(vr) {
+                return Tail::Broken(ScanError::InvalidVr {
+                    tag: display,
+                    offset: at as usize,
+                });
+            }
+            if self.header.len() == 12 {
+                self.u32_at(8)
+            } else {
+                u32::from(self.u16_at(6))
+            }
+        };
+        if length == UNDEFINED {
+            return if tag == PIXEL_DATA {
+                Tail::Fragment
+            } else {
+                Tail::Unchecked
+            };
+        }
+        self.current = (tag, at, length);
+        Tail::Skip {
+            left: u64::from(length),
+            fragments: false,
+        }
+    }
+
+    /// Whether the dataset ended where an element could end.
+    pub fn finish(&self) -> Result<(), ScanError> {
+        let at = self.offset as usize;
+        match &self.state {
+            Tail::Unchecked => Ok(()),
+            Tail::Broken(e) => Err(e.clone()),
+            Tail::Element if self.header.is_empty() => Ok(()),
+            Tail::Element | Tail::Fragment => Err(ScanError::TruncatedHeader {
+                offset: at - self.header.len(),
+            }),
+            Tail::Skip { left, .. } => {
+                let (tag, offset, length) = self.current;
+                Err(ScanError::LengthBeyondEnd {
+                    tag: TagDisplay(tag.0, tag.1),
+                    offset: offset as usize,
+                    length,
+                    remaining: (u64::from(length) - left) as usize,
+                })
+            }
+        }
+    }
 }
 
 fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(), ScanError> {
     while r.remaining() > 0 {
+        out.resume = r.pos;
         let h = r.header()?;
         if h.tag.0 == 0xFFFE {
             return Err(malformed(&h));
@@ -453,6 +674,7 @@ fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(),
             // Everything needed precedes the pixel data. A native one must still fit.
             if h.length != UNDEFINED {
                 r.value(&h)?;
+                out.resume = r.pos;
             }
             return Ok(());
         }
@@ -463,6 +685,7 @@ fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(),
             out.offer(h.tag, value);
         }
     }
+    out.resume = r.pos;
     Ok(())
 }
 
@@ -611,7 +834,7 @@ mod tests {
     const JPEG_LOSSLESS: &str = "1.2.840.10008.1.2.4.70";
 
     /// Minimal element writer for test datasets.
-    #[derive(Clone, Copy)]
+    #[derive(Debug, Clone, Copy)]
     struct W {
         explicit: bool,
         be: bool,
@@ -997,5 +1220,123 @@ mod tests {
                 let _ = scan(&bytes, ts);
             }
         }
+    }
+
+    /// Streams `data` as [`scan_prefix`] and parts of `chunk` bytes would, returning
+    /// the verdict at the end.
+    fn streamed(data: &[u8], ts: &str, prefix: usize, chunk: usize) -> Result<(), ScanError> {
+        let (facts, mut tail) = scan_prefix(&data[..prefix], ts).unwrap();
+        assert_eq!(facts.sop_instance_uid, "1.2.3.4.5.6");
+        for part in data[prefix..].chunks(chunk) {
+            tail.feed(part);
+        }
+        tail.finish()
+    }
+
+    fn big_native(w: W, len: usize) -> Vec<u8> {
+        let mut d = dataset(w, &[]);
+        w.elem(&mut d, PIXEL_DATA, b"OW", &vec![7u8; len]);
+        d
+    }
+
+    #[test]
+    fn a_streamed_native_dataset_is_whole_only_with_all_its_pixels() {
+        for w in [
+            W {
+                explicit: true,
+                be: false,
+            },
+            W {
+                explicit: false,
+                be: false,
+            },
+            W {
+                explicit: true,
+                be: true,
+            },
+        ] {
+            let ts = match (w.explicit, w.be) {
+                (false, _) => IMPLICIT_VR_LITTLE_ENDIAN,
+                (true, true) => EXPLICIT_VR_BIG_ENDIAN,
+                (true, false) => EXPLICIT_LE,
+            };
+            let d = big_native(w, 5000);
+            let header_end = d.len() - 5000;
+            for (prefix, chunk) in [(header_end + 10, 1), (header_end + 100, 777), (d.len(), 64)] {
+                assert_eq!(
+                    streamed(&d, ts, prefix, chunk),
+                    Ok(()),
+                    "{w:?} {prefix} {chunk}"
+                );
+            }
+            // Cut inside the pixel data, wherever the prefix ended.
+            for prefix in [header_end + 10, header_end - 3] {
+                match streamed(&d[..d.len() - 1], ts, prefix.min(d.len() - 1), 333) {
+                    Err(ScanError::LengthBeyondEnd {
+                        tag,
+                        length,
+                        remaining,
+                        ..
+                    }) => {
+                        assert_eq!(tag, TagDisplay(0x7FE0, 0x0010));
+                        assert_eq!((length, remaining), (5000, 4999));
+                    }
+                    other => panic!("{w:?}: {other:?}"),
+                }
+            }
+            // An element after the pixel data, cut inside its header.
+            let mut trailing = d.clone();
+            w.elem(&mut trailing, (0xFFFC, 0xFFFC), b"OB", &[0, 0]);
+            assert_eq!(streamed(&trailing, ts, header_end + 1, 100), Ok(()));
+            let cut = &trailing[..trailing.len() - 7];
+            assert!(matches!(
+                streamed(cut, ts, header_end + 1, 100),
+                Err(ScanError::TruncatedHeader { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_streamed_encapsulated_dataset_needs_every_fragment_and_its_delimiter() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let mut d = dataset(w, &[]);
+        w.header(&mut d, PIXEL_DATA, b"OB", UNDEFINED);
+        w.item_tag(&mut d, ITEM, 0); // empty basic offset table
+        w.item_tag(&mut d, ITEM, 3000);
+        d.extend(vec![9u8; 3000]);
+        w.item_tag(&mut d, ITEM, 1000);
+        d.extend(vec![8u8; 1000]);
+        w.item_tag(&mut d, SEQUENCE_DELIMITATION, 0);
+        let start = d.len() - 4000 - 32;
+        for (prefix, chunk) in [(start - 4, 1), (start + 20, 500), (d.len(), 10)] {
+            assert_eq!(
+                streamed(&d, JPEG_LOSSLESS, prefix, chunk),
+                Ok(()),
+                "{prefix} {chunk}"
+            );
+        }
+        // Without its delimiter, or cut inside a fragment.
+        assert!(matches!(
+            streamed(&d[..d.len() - 8], JPEG_LOSSLESS, start, 256),
+            Err(ScanError::TruncatedHeader { .. })
+        ));
+        assert!(matches!(
+            streamed(&d[..d.len() - 200], JPEG_LOSSLESS, start, 256),
+            Err(ScanError::LengthBeyondEnd {
+                length: 1000,
+                remaining: 808,
+                ..
+            })
+        ));
+        // Something other than an item among the fragments.
+        let mut bad = d[..d.len() - 8].to_vec();
+        w.elem(&mut bad, (0x0008, 0x0060), b"CS", b"CT");
+        assert!(matches!(
+            streamed(&bad, JPEG_LOSSLESS, start, 256),
+            Err(ScanError::MalformedStructure { .. })
+        ));
     }
 }

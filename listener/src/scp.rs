@@ -21,6 +21,9 @@
 //! `part_size` as it arrives. A part is handed over before the next PDU is read, so a
 //! slow store slows the sender (TCP back-pressure) instead of filling memory; an
 //! association therefore holds at most about `stream_threshold + part_size` bytes.
+//! The parts pass through a [`TailCheck`] that follows the top-level elements (and the
+//! fragments of encapsulated pixel data) without keeping them, so a dataset cut short
+//! is refused with 0xC000 and its parts discarded, as it is when received whole.
 //!
 //! When a TLS configuration is given, every connection must complete a TLS handshake
 //! (within the ARTIM timeout) before its first PDU is read.
@@ -51,7 +54,7 @@ use crate::association::{
     AcceptedContext, Assembled, CallerRule, ConnError, Connection, IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME, Negotiation, PduStream, PdvAssembler, Rejection, negotiate,
 };
-use crate::dataset::{InstanceFacts, ScanError, scan, scan_prefix};
+use crate::dataset::{InstanceFacts, ScanError, TailCheck, scan, scan_prefix};
 use crate::dimse::{self, Command, field};
 use crate::sop_classes::{DEFAULT_TRANSFER_SYNTAXES, VERIFICATION};
 
@@ -476,6 +479,8 @@ enum Streaming {
     Writing {
         writer: Box<dyn PartWriter>,
         facts: InstanceFacts,
+        /// Follows the dataset's structure to its end (a cut dataset is refused).
+        tail: Box<TailCheck>,
     },
     /// Refused before or while writing; the rest is drained, this is the answer.
     Refused(StoreFailure),
@@ -843,9 +848,16 @@ impl Session<'_> {
                     self.failures += 1;
                     Err(failure)
                 }
-                (Some(Streaming::Writing { writer, facts }), rest) => {
+                (
+                    Some(Streaming::Writing {
+                        writer,
+                        facts,
+                        tail,
+                    }),
+                    rest,
+                ) => {
                     let size = header_len as u64 + received;
-                    self.finish_parts(context_id, writer, facts, rest, size)
+                    self.finish_parts(context_id, writer, facts, tail, rest, size)
                         .await?
                 }
                 (None, Some(file)) => {
@@ -896,11 +908,12 @@ impl Session<'_> {
         let buffered = self.assembler.buffered();
         match &mut self.streaming {
             Some(Streaming::Refused(_)) => Ok(()),
-            Some(Streaming::Writing { writer, .. }) => {
+            Some(Streaming::Writing { writer, tail, .. }) => {
                 if buffered < config.part_size {
                     return Ok(());
                 }
                 let part = self.assembler.take_buffered().unwrap_or_default().freeze();
+                tail.feed(&part);
                 let written = tokio::select! {
                     r = writer.write(part) => r,
                     _ = self.shared.hard_stop.cancelled() => return Err(Abort(
@@ -965,10 +978,10 @@ impl Session<'_> {
         sop_class: &str,
         sop_instance: &str,
         first: BytesMut,
-        scanned: Result<InstanceFacts, ScanError>,
+        scanned: Result<(InstanceFacts, TailCheck), ScanError>,
     ) -> Result<Streaming, Abort> {
-        let facts = match scanned {
-            Ok(facts) => facts,
+        let (facts, tail) = match scanned {
+            Ok(scanned) => scanned,
             Err(e) => {
                 warn!(error = %e, "instance refused: dataset is malformed");
                 return Ok(Streaming::Refused(StoreFailure::CannotUnderstand(
@@ -1010,7 +1023,11 @@ impl Session<'_> {
             }
         };
         match written {
-            Ok(()) => Ok(Streaming::Writing { writer, facts }),
+            Ok(()) => Ok(Streaming::Writing {
+                writer,
+                facts,
+                tail: Box::new(tail),
+            }),
             Err(failure) => {
                 writer.abort().await;
                 Ok(Streaming::Refused(failure))
@@ -1024,6 +1041,7 @@ impl Session<'_> {
         context_id: u8,
         mut writer: Box<dyn PartWriter>,
         facts: InstanceFacts,
+        mut tail: Box<TailCheck>,
         rest: Option<BytesMut>,
         size: u64,
     ) -> Result<Result<(), StoreFailure>, Abort> {
@@ -1036,6 +1054,16 @@ impl Session<'_> {
             ));
         };
         let key = (facts.study_uid.clone(), facts.series_uid.clone());
+        if let Some(rest) = &rest {
+            tail.feed(rest);
+        }
+        if let Err(e) = tail.finish() {
+            // Checked before the last part is written: nothing of it is kept.
+            writer.abort().await;
+            let result = Err(StoreFailure::CannotUnderstand(e.to_string()));
+            self.record_outcome(&result, key, size);
+            return Ok(result);
+        }
         let instance = ReceivedInstance {
             facts,
             transfer_syntax: context.transfer_syntax.clone(),

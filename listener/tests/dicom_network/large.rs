@@ -117,3 +117,48 @@ async fn an_instance_over_the_size_limit_is_refused_and_its_parts_discarded() {
     // The association stayed usable and was released normally.
     assert_eq!(server.wait_releases(1).await.len(), 1);
 }
+
+/// Sends `dataset` as one C-STORE in PDVs of 16 KiB; returns the response status.
+async fn store_raw(server: &TestServer, instance: &str, dataset: &[u8]) -> Option<u16> {
+    let mut assoc = open_association(server.addr, &[(CT_STORAGE, &[EXPLICIT_LE])]).await;
+    let command = radflow_listener::dimse::c_store_rq(
+        1,
+        CT_STORAGE,
+        instance,
+        radflow_listener::dimse::PRIORITY_MEDIUM,
+    );
+    assoc.send(&pdata(1, true, true, &command)).await.unwrap();
+    let chunks: Vec<&[u8]> = dataset.chunks(16 * 1024).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        assoc.send(&pdata(1, false, last, chunk)).await.unwrap();
+    }
+    let status = receive_command(&mut assoc).await.and_then(|c| c.status);
+    assoc.release().await.unwrap();
+    status
+}
+
+/// A dataset cut short inside its pixel data, sent whole as far as DIMSE goes (the
+/// last fragment says "last"): refused as unparsable and nothing kept, as when it is
+/// not streamed; the same dataset uncut is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_dataset_cut_short_is_refused_and_its_parts_discarded() {
+    let server = TestServer::start(streaming_config()).await;
+    let dir = TempDir::new("cut-short");
+    let ct = Ct::new(&new_uid(), &new_uid(), 1, 1024);
+    let path = dir.path("big.dcm");
+    write_ct(&path, &ct);
+    let dataset = dataset_of(&path);
+
+    let cut = &dataset[..dataset.len() - 1000];
+    let status = store_raw(&server, &ct.instance, cut).await;
+    assert_eq!(status, Some(0xC000));
+    assert!(server.sink.take().is_empty());
+    assert_eq!(server.sink.aborted.load(Ordering::SeqCst), 1);
+
+    let status = store_raw(&server, &ct.instance, &dataset).await;
+    assert_eq!(status, Some(radflow_listener::dimse::SUCCESS));
+    let received = server.sink.take();
+    assert_eq!(received.len(), 1);
+    assert_stored_exactly(&received[0], &path, EXPLICIT_LE, "RAWSCU");
+}

@@ -18,7 +18,6 @@
 //! worker: [`ConvertError::is_not_a_volume`] series are skipped, the others are
 //! dead-lettered with [`ConvertError::code`].
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -137,7 +136,8 @@ pub fn plan_series(
 ) -> Result<SeriesPlan, ConvertError> {
     let mut kept: Vec<Option<InstanceHeader>> = Vec::with_capacity(headers.len());
     let mut non_images = Vec::new();
-    let mut unreadable: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    let mut first_unreadable = None;
     for (name, h) in names.iter().zip(headers) {
         match h {
             Ok(h) => kept.push(Some(h)),
@@ -149,10 +149,8 @@ pub fn plan_series(
                 sop_class_uid,
                 detail,
             }) => {
-                let entry = unreadable
-                    .entry(sop_class_uid)
-                    .or_insert_with(|| (0, format!("{name}: {detail}")));
-                entry.0 += 1;
+                unreadable.push(sop_class_uid);
+                first_unreadable.get_or_insert_with(|| format!("{name}: {detail}"));
                 kept.push(None);
             }
             Err(source) => {
@@ -169,7 +167,7 @@ pub fn plan_series(
         .iter()
         .map(|i| kept[*i].as_ref().expect("filtered"))
         .collect();
-    let selection = select::select(&refs, &non_images, opts)?;
+    let selection = select::select(&refs, &non_images, &unreadable, opts)?;
     let images: Vec<ImageRef> = selection
         .images
         .iter()
@@ -211,11 +209,8 @@ pub fn plan_series(
             })?;
     }
     let mut notes = selection.notes;
-    for (class, (count, first)) in unreadable {
-        notes.push(format!(
-            "{count} unreadable object(s) left out ({}; first: {first})",
-            select::sop_class_name(&class)
-        ));
+    if let Some(first) = first_unreadable {
+        notes.push(format!("the first object that cannot be read: {first}"));
     }
     notes.append(&mut volume.report.warnings);
     volume.report.warnings = notes;

@@ -90,6 +90,7 @@ impl SelectError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Exclusion {
     NoPixelData,
+    Unreadable,
     NotCrossSectional,
     Localizer,
     Projection,
@@ -100,6 +101,7 @@ impl Exclusion {
     fn code(self) -> &'static str {
         match self {
             Self::NoPixelData => "no_images",
+            Self::Unreadable => "unreadable_objects",
             Self::NotCrossSectional => "not_cross_sectional",
             Self::Localizer => "localizer",
             Self::Projection => "projection",
@@ -110,6 +112,7 @@ impl Exclusion {
     fn describe(self) -> &'static str {
         match self {
             Self::NoPixelData => "without pixel data",
+            Self::Unreadable => "that cannot be read",
             Self::NotCrossSectional => "not cross-sectional",
             Self::Localizer => "localizer or scout",
             Self::Projection => "projection (MIP)",
@@ -163,10 +166,12 @@ pub fn sop_class_name(uid: &str) -> String {
 }
 
 /// Chooses the images of the volume among every image of the series (`files`, by
-/// file index) and the SOP classes of objects without pixel data (`non_images`).
+/// file index), given the SOP classes of objects without pixel data (`non_images`)
+/// and of objects that are no images and could not be read (`unreadable`).
 pub fn select(
     files: &[&InstanceHeader],
     non_images: &[String],
+    unreadable: &[String],
     opts: &GeometryOptions,
 ) -> Result<Selection, SelectError> {
     // Left-out images by reason, with the SOP classes involved.
@@ -181,6 +186,9 @@ pub fn select(
     };
     for class in non_images {
         note(Exclusion::NoPixelData, class);
+    }
+    for class in unreadable {
+        note(Exclusion::Unreadable, class);
     }
     let mut candidates: Vec<(ImageRef, &SliceHeader)> = Vec::new();
     for (file, header) in files.iter().enumerate() {
@@ -202,10 +210,12 @@ pub fn select(
         })
         .collect();
     if candidates.is_empty() {
-        let (why, (n, _)) = left_out
-            .iter()
-            .max_by_key(|(_, (n, _))| *n)
-            .expect("a series has at least one object");
+        let Some((why, (n, _))) = left_out.iter().max_by_key(|(_, (n, _))| *n) else {
+            return Err(SelectError::NotAVolume {
+                code: Exclusion::NoPixelData.code(),
+                reason: "the series holds no objects".to_owned(),
+            });
+        };
         let total: usize = left_out.values().map(|v| v.0).sum();
         return Err(SelectError::NotAVolume {
             code: why.code(),
@@ -417,7 +427,7 @@ mod tests {
         let f = files(images);
         let refs: Vec<&InstanceHeader> = f.iter().collect();
         let non: Vec<String> = non_images.iter().map(|s| s.to_string()).collect();
-        select(&refs, &non, &GeometryOptions::default())
+        select(&refs, &non, &[], &GeometryOptions::default())
     }
 
     #[test]

@@ -141,10 +141,16 @@ fn unreadable_non_images_are_left_out_and_unreadable_images_fail_the_series() {
     assert_eq!(built.volume.grid.dims, [128, 128, 4]);
     let notes = built.report.warnings.join(" | ");
     assert!(
-        notes.contains("1 unreadable object(s) left out (RT Plan Storage; first: ")
+        notes.contains("1 image(s) that cannot be read left out (RT Plan Storage)")
             && notes.contains("plan.dcm: the DICOM file is malformed"),
         "{notes}"
     );
+    // Alone in a series, it makes the series "not a volume", with the reason.
+    let alone = t.dir("alone");
+    std::fs::copy(&plan, alone.join("plan.dcm")).unwrap();
+    let e = native(&alone).unwrap_err();
+    assert!(e.is_not_a_volume(), "{e}");
+    assert_eq!(e.code(), "unreadable_objects");
 
     // The same damage in a file of the series' own class fails the series.
     let mut broken = std::fs::read(series.join("plan.dcm")).unwrap();

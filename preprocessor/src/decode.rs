@@ -297,7 +297,9 @@ fn decode_all(bytes: &[u8], header: InstanceHeader) -> Result<Vec<DecodedSlice>,
 /// with [`DecodeError::UnreadableObject`], which a series leaves out instead of failing.
 pub fn read_header(bytes: &[u8]) -> Result<InstanceHeader, DecodeError> {
     let meta = scan::scan_meta(bytes)?;
-    read_header_after_meta(bytes, &meta).map_err(|e| match (&meta.sop_class_uid, e) {
+    let read = std::panic::catch_unwind(|| read_header_after_meta(bytes, &meta))
+        .unwrap_or_else(|panic| Err(DecodeError::Malformed(failed_on(&*panic))));
+    read.map_err(|e| match (&meta.sop_class_uid, e) {
         (_, e @ DecodeError::NoPixelData { .. }) => e,
         (Some(class), e) if !crate::select::is_volume_class(class) => {
             DecodeError::UnreadableObject {
@@ -445,6 +447,33 @@ pub fn decode_images(
     targets: Vec<(usize, &mut [f32])>,
 ) -> Result<(), DecodeError> {
     header.check_decodable()?;
+    // Some codecs index out of bounds on damaged data (dicom-pixeldata's RLE decoder
+    // on segments that overrun their frame): a panic there is this file's codec
+    // error, not the end of the process or of a worker's message.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_checked(bytes, header, targets)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(DecodeError::Codec {
+            syntax: header.plan.ts_name.clone(),
+            detail: failed_on(&*panic),
+        })
+    })
+}
+
+/// What a caught panic of a reader or codec is reported as.
+fn failed_on(panic: &(dyn std::any::Any + Send)) -> String {
+    format!(
+        "the reader failed on damaged data ({})",
+        radflow_shared::util::panic_message(panic)
+    )
+}
+
+fn decode_checked(
+    bytes: &[u8],
+    header: &InstanceHeader,
+    targets: Vec<(usize, &mut [f32])>,
+) -> Result<(), DecodeError> {
     let p = &header.plan;
     let format = p.format.as_ref().expect("checked");
     let frame_len = frame_bytes(p, format)?;

@@ -293,6 +293,23 @@ fn rle_lossless_decodes_exactly() {
     assert_eq!(s.pixels, hu(&values));
 }
 
+/// RLE segments that decode to half a frame: dicom-pixeldata's decoder indexes past
+/// them and panics; the panic is this file's codec error.
+#[test]
+fn rle_segments_shorter_than_the_frame_are_a_codec_error() {
+    let (mut o, values) = ct();
+    let raw: Vec<u16> = values.iter().map(|v| (*v + 1024) as u16).collect();
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new_fragments(vec![rle_encode(&raw[..raw.len() / 2])]),
+    ));
+    let e = read_slice(&file(o, uids::RLE_LOSSLESS)).unwrap_err();
+    assert!(matches!(e, DecodeError::Codec { .. }), "{e:?}");
+    assert!(e.to_string().contains("failed on damaged data"), "{e}");
+    assert_operator_message(&e);
+}
+
 #[test]
 fn truncated_pixel_data_is_reported() {
     let (o, _) = ct();

@@ -320,11 +320,23 @@ pub async fn process(
         let started = Instant::now();
         let result = {
             let keepalive = config.consumer.ack_wait / 3;
-            let work = handler.handle(&delivery);
+            // A handler that panics on one message dead-letters that message (the same
+            // input would panic again) and the worker goes on.
+            let work = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                handler.handle(&delivery),
+            ));
             tokio::pin!(work);
             loop {
                 tokio::select! {
-                    r = &mut work => break r,
+                    r = &mut work => break r.unwrap_or_else(|panic| {
+                        Err(HandleError::permanent(
+                            "handler_panicked",
+                            format!(
+                                "the {stage} stage failed unexpectedly on this message: {}",
+                                crate::util::panic_message(&*panic)
+                            ),
+                        ))
+                    }),
                     _ = tokio::time::sleep(keepalive) => {
                         if let Err(e) = delivery.acker.progress().await {
                             tracing::warn!(error = %e, "in-progress ack failed");
@@ -599,5 +611,62 @@ mod tests {
         let ev: DeadLettered = crate::events::decode(&dlq[0].1).unwrap();
         assert_eq!((ev.code.as_str(), ev.attempts), ("bad_input", 1));
         assert_eq!(ev.correlation_id, "corr");
+    }
+
+    /// Panics on the message `bad`, records the others.
+    struct PanicsOnBad(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Handler for PanicsOnBad {
+        fn stage(&self) -> &'static str {
+            "test"
+        }
+        async fn handle(&self, d: &Delivery) -> Result<Outcome, HandleError> {
+            let body = String::from_utf8_lossy(&d.payload).into_owned();
+            if body == "bad" {
+                let index = d.payload.len() + 7;
+                let _ = d.payload[index]; // out of bounds: panics
+            }
+            self.0.lock().unwrap().push(body);
+            Ok(Outcome::Done)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_message_is_dead_lettered_and_the_worker_goes_on() {
+        let bus = InProcBus::new();
+        for body in ["bad", "good"] {
+            bus.publish(Outgoing {
+                subject: "radflow.job.m".into(),
+                msg_id: body.into(),
+                correlation_id: String::new(),
+                payload: bytes::Bytes::from_static(body.as_bytes()),
+            })
+            .await
+            .unwrap();
+        }
+        let handler = Arc::new(PanicsOnBad(Default::default()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::new(bus.clone()),
+            handler.clone(),
+            WorkerConfig::new(ConsumerSpec::new(JOBS, "w")),
+            Metrics::new(),
+            stop.clone(),
+        ));
+        for _ in 0..300 {
+            if !bus.stream_messages(DLQ.name).is_empty() && !handler.0.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(*handler.0.lock().unwrap(), ["good"]);
+        let dlq = bus.stream_messages(DLQ.name);
+        assert_eq!(dlq.len(), 1);
+        let ev: DeadLettered = crate::events::decode(&dlq[0].1).unwrap();
+        assert_eq!((ev.code.as_str(), ev.attempts), ("handler_panicked", 1));
+        assert!(ev.reason.contains("index out of bounds"), "{}", ev.reason);
     }
 }

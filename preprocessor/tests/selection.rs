@@ -6,10 +6,8 @@ mod common;
 
 use common::{TempDir, native, package_data};
 
-#[test]
-fn reports_colour_projections_and_objects_are_left_out() {
-    let (pydicom_data, nibabel_data) = package_data();
-    let t = TempDir::new("select-mixed");
+/// `n` copies of pydicom's `CT_small.dcm` 1.5 mm apart, as the series folder `series`.
+fn ct_series(t: &TempDir, pydicom_data: &std::path::Path, n: usize) -> std::path::PathBuf {
     let series = t.path("series");
     let ct = pydicom_data.join("CT_small.dcm");
     common::reference(
@@ -17,11 +15,19 @@ fn reports_colour_projections_and_objects_are_left_out() {
             "replicate",
             ct.to_str().unwrap(),
             series.to_str().unwrap(),
-            "5",
+            &n.to_string(),
             "1.5",
         ],
         None,
     );
+    series
+}
+
+#[test]
+fn reports_colour_projections_and_objects_are_left_out() {
+    let (pydicom_data, nibabel_data) = package_data();
+    let t = TempDir::new("select-mixed");
+    let series = ct_series(&t, &pydicom_data, 5);
     let others = [
         pydicom_data.join("reportsi.dcm"), // structured report: no pixels
         pydicom_data.join("waveform_ecg.dcm"), // waveform: no pixels
@@ -123,18 +129,7 @@ fn un_sequences_and_un_attributes_of_real_files_are_read() {
 fn unreadable_non_images_are_left_out_and_unreadable_images_fail_the_series() {
     let (pydicom_data, _) = package_data();
     let t = TempDir::new("select-unreadable");
-    let series = t.path("series");
-    let ct = pydicom_data.join("CT_small.dcm");
-    common::reference(
-        &[
-            "replicate",
-            ct.to_str().unwrap(),
-            series.to_str().unwrap(),
-            "4",
-            "1.5",
-        ],
-        None,
-    );
+    let series = ct_series(&t, &pydicom_data, 4);
     let plan = pydicom_data.join("rtplan_truncated.dcm");
     std::fs::copy(&plan, series.join("plan.dcm")).unwrap();
     let built = native(&series).expect("the plan is left out");

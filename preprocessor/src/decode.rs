@@ -553,6 +553,18 @@ fn decode_checked(
                     }
                 }
                 if !done {
+                    // The codecs allocate what their stream's header claims: a
+                    // damaged or hostile header must not cost gigabytes.
+                    if let Some((cols, rows)) = obj
+                        .frame_pixel_data(frame)
+                        .and_then(|c| stream_dimensions(&p.ts_uid, &c))
+                        && (cols as usize > p.frame_cols || rows as usize > p.frame_rows)
+                    {
+                        return Err(codec_error(format!(
+                            "the stream holds {cols}x{rows} samples, the image is {}x{}",
+                            p.frame_cols, p.frame_rows
+                        )));
+                    }
                     reader
                         .decode_frame(&obj, frame, &mut buf)
                         .map_err(|e| codec_error(chain(&e)))?;
@@ -642,6 +654,64 @@ pub(crate) fn j2k_component_format(data: &[u8]) -> Option<(u16, bool)> {
     }
     let ssiz = cs[42];
     Some((u16::from(ssiz & 0x7F) + 1, ssiz & 0x80 != 0))
+}
+
+/// Columns and rows a compressed frame's own header declares: the SIZ segment of a
+/// JPEG 2000 codestream, the frame header (SOF) of a JPEG or JPEG-LS stream. `None`
+/// when the syntax has no such header or it is not found (the codec then judges).
+pub(crate) fn stream_dimensions(ts_uid: &str, data: &[u8]) -> Option<(u32, u32)> {
+    if is_jpeg2000(ts_uid) {
+        let cs = if data.starts_with(&[0xFF, 0x4F]) {
+            data
+        } else {
+            let at = data.windows(4).position(|w| w == b"jp2c")?;
+            &data[at + 4..]
+        };
+        if cs.len() < 24 || cs[0..4] != [0xFF, 0x4F, 0xFF, 0x51] {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_be_bytes([cs[i], cs[i + 1], cs[i + 2], cs[i + 3]]);
+        let (x, y, x0, y0) = (u32_at(8), u32_at(12), u32_at(16), u32_at(20));
+        return Some((x.checked_sub(x0)?, y.checked_sub(y0)?));
+    }
+    let jpeg = matches!(
+        ts_uid,
+        uids::JPEG_BASELINE8_BIT
+            | uids::JPEG_EXTENDED12_BIT
+            | uids::JPEG_LOSSLESS
+            | uids::JPEG_LOSSLESS_SV1
+            | uids::JPEGLS_LOSSLESS
+            | uids::JPEGLS_NEAR_LOSSLESS
+    );
+    if !jpeg || !data.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    // Marker segments after SOI, up to the first frame header.
+    let mut at = 2;
+    while at + 4 <= data.len() {
+        if data[at] != 0xFF {
+            return None;
+        }
+        let marker = data[at + 1];
+        if marker == 0xFF {
+            at += 1; // fill byte
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([data[at + 2], data[at + 3]]));
+        let is_sof = matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF | 0xF7);
+        if is_sof {
+            let h = data.get(at + 4..at + 9)?;
+            let rows = u32::from(u16::from_be_bytes([h[1], h[2]]));
+            let cols = u32::from(u16::from_be_bytes([h[3], h[4]]));
+            // A height of 0 is given later (DNL); only the width is known here.
+            return Some((cols, rows));
+        }
+        if marker == 0xDA || len < 2 {
+            return None; // scan data before any frame header
+        }
+        at += 2 + len;
+    }
+    None
 }
 
 /// An error and its sources, `outer: inner: innermost`, for a one-line message.
@@ -1342,5 +1412,43 @@ mod tests {
         assert_eq!(j2k_component_format(&jp2), Some((16, false)));
         assert_eq!(j2k_component_format(&cs[..30]), None);
         assert_eq!(j2k_component_format(b"nothing here"), None);
+    }
+
+    #[test]
+    fn stream_dimensions_come_from_siz_and_sof() {
+        // JPEG 2000: Xsiz 600, Ysiz 500, XOsiz 88, YOsiz 0 -> 512 x 500.
+        let mut cs = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        for v in [600u32, 500, 88, 0, 600, 500, 0, 0] {
+            cs.extend_from_slice(&v.to_be_bytes());
+        }
+        cs.extend_from_slice(&[0, 1, 15, 1, 1]);
+        assert_eq!(stream_dimensions(uids::JPEG2000, &cs), Some((512, 500)));
+        let mut jp2 = b"\0\0\0\x0cjP  \r\n\x87\n....jp2c".to_vec();
+        jp2.extend_from_slice(&cs);
+        assert_eq!(
+            stream_dimensions(uids::JPEG2000_LOSSLESS, &jp2),
+            Some((512, 500))
+        );
+        assert_eq!(stream_dimensions(uids::JPEG2000, &cs[..20]), None);
+        // JPEG: SOI, an APP0 segment, a fill byte, then SOF3 of 300 rows x 400 columns.
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0xAA, 0xBB, 0xFF];
+        jpeg.extend_from_slice(&[0xFF, 0xC3, 0, 11, 16, 0x01, 0x2C, 0x01, 0x90, 1, 1, 0x11, 0]);
+        assert_eq!(
+            stream_dimensions(uids::JPEG_LOSSLESS_SV1, &jpeg),
+            Some((400, 300))
+        );
+        // JPEG-LS frame header (SOF55) the same way.
+        jpeg[10] = 0xF7;
+        assert_eq!(
+            stream_dimensions(uids::JPEGLS_LOSSLESS, &jpeg),
+            Some((400, 300))
+        );
+        // Scan data before any frame header, other syntaxes, or no SOI: no claim.
+        assert_eq!(
+            stream_dimensions(uids::JPEG_BASELINE8_BIT, &[0xFF, 0xD8, 0xFF, 0xDA, 0, 2]),
+            None
+        );
+        assert_eq!(stream_dimensions(uids::RLE_LOSSLESS, &jpeg), None);
+        assert_eq!(stream_dimensions(uids::JPEG_LOSSLESS_SV1, &jpeg[2..]), None);
     }
 }

@@ -251,6 +251,31 @@ fn jpeg_ls_lossless_decodes_exactly() {
     assert_eq!(s.pixels, hu(&values));
 }
 
+/// A JPEG-LS frame header that claims far more samples than Rows and Columns is
+/// refused before the codec allocates for it.
+#[test]
+fn a_stream_larger_than_the_image_is_refused_before_decoding() {
+    let (o, _) = ct();
+    let bytes = file(o, uids::EXPLICIT_VR_LITTLE_ENDIAN);
+    let mut obj = OpenFileOptions::new().from_reader(&bytes[..]).unwrap();
+    let ts = TransferSyntaxRegistry.get(uids::JPEGLS_LOSSLESS).unwrap();
+    obj.transcode(ts).unwrap();
+    let mut out = Vec::new();
+    obj.write_all(&mut out).unwrap();
+    let sof = out
+        .windows(2)
+        .position(|w| w == [0xFF, 0xF7])
+        .expect("a JPEG-LS frame header");
+    out[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]); // 60000 x 60000
+    let e = read_slice(&out).unwrap_err();
+    assert!(matches!(e, DecodeError::Codec { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("the stream holds 60000x60000 samples"),
+        "{e}"
+    );
+}
+
 /// RLE Lossless of 16-bit samples: a 64-byte header, then one PackBits segment for
 /// the high bytes and one for the low bytes (literal runs only).
 fn rle_encode(samples: &[u16]) -> Vec<u8> {

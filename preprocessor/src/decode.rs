@@ -641,13 +641,7 @@ fn is_jpeg2000(ts: &str) -> bool {
 /// Precision and signedness of the first component of a JPEG 2000 codestream (its
 /// SIZ marker segment), from a raw codestream or a JP2 file.
 pub(crate) fn j2k_component_format(data: &[u8]) -> Option<(u16, bool)> {
-    // A JP2 file wraps the codestream in a `jp2c` box; a raw codestream starts with SOC.
-    let cs = if data.starts_with(&[0xFF, 0x4F]) {
-        data
-    } else {
-        let at = data.windows(4).position(|w| w == b"jp2c")?;
-        &data[at + 4..]
-    };
+    let cs = j2k_codestream(data)?;
     // SOC, then SIZ: marker, Lsiz, Rsiz, 8 × u32 sizes, Csiz, then Ssiz per component.
     if cs.len() < 43 || cs[0..2] != [0xFF, 0x4F] || cs[2..4] != [0xFF, 0x51] {
         return None;
@@ -656,17 +650,22 @@ pub(crate) fn j2k_component_format(data: &[u8]) -> Option<(u16, bool)> {
     Some((u16::from(ssiz & 0x7F) + 1, ssiz & 0x80 != 0))
 }
 
+/// The codestream of a JPEG 2000 frame: the frame itself when it starts with SOC, else
+/// the content of the `jp2c` box of a JP2 file.
+fn j2k_codestream(data: &[u8]) -> Option<&[u8]> {
+    if data.starts_with(&[0xFF, 0x4F]) {
+        return Some(data);
+    }
+    let at = data.windows(4).position(|w| w == b"jp2c")?;
+    Some(&data[at + 4..])
+}
+
 /// Columns and rows a compressed frame's own header declares: the SIZ segment of a
 /// JPEG 2000 codestream, the frame header (SOF) of a JPEG or JPEG-LS stream. `None`
 /// when the syntax has no such header or it is not found (the codec then judges).
 pub(crate) fn stream_dimensions(ts_uid: &str, data: &[u8]) -> Option<(u32, u32)> {
     if is_jpeg2000(ts_uid) {
-        let cs = if data.starts_with(&[0xFF, 0x4F]) {
-            data
-        } else {
-            let at = data.windows(4).position(|w| w == b"jp2c")?;
-            &data[at + 4..]
-        };
+        let cs = j2k_codestream(data)?;
         if cs.len() < 24 || cs[0..4] != [0xFF, 0x4F, 0xFF, 0x51] {
             return None;
         }

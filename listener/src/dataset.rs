@@ -325,9 +325,11 @@ struct Collected<'a> {
     images_in_acquisition: Option<&'a [u8]>,
     number_of_series_related_instances: Option<&'a [u8]>,
     series_number: Option<&'a [u8]>,
-    /// Where the top-level walk stopped: the start of the element it could not finish
-    /// (or of the encapsulated pixel data it does not follow), or the end of the data.
+    /// Where the top-level walk stopped: the start of the element it could not finish,
+    /// or the end of the data.
     resume: usize,
+    /// Whether the walk got to the end of the top-level Pixel Data element.
+    pixel_done: bool,
 }
 
 impl<'a> Collected<'a> {
@@ -384,9 +386,9 @@ pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let (inflated, complete) = inflate_bounded(dataset, MAX_INFLATED_BYTES)?;
-        return scan_encoded(&inflated, enc, complete).map(|(facts, _)| facts);
+        return scan_encoded(&inflated, enc, complete).map(|(facts, _, _)| facts);
     }
-    scan_encoded(dataset, enc, true).map(|(facts, _)| facts)
+    scan_encoded(dataset, enc, true).map(|(facts, _, _)| facts)
 }
 
 /// Scan the first bytes of a dataset whose remainder has not arrived yet (a large
@@ -400,10 +402,14 @@ pub fn scan_prefix(prefix: &[u8], ts_uid: &str) -> Result<(InstanceFacts, TailCh
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let inflated = inflate_prefix(prefix, MAX_INFLATED_BYTES)?;
-        let (facts, _) = scan_encoded(&inflated, enc, false)?;
+        let (facts, _, _) = scan_encoded(&inflated, enc, false)?;
         return Ok((facts, TailCheck::unchecked(enc)));
     }
-    let (facts, resume) = scan_encoded(prefix, enc, false)?;
+    let (facts, resume, pixel_done) = scan_encoded(prefix, enc, false)?;
+    if pixel_done {
+        // The prefix held the whole pixel data: nothing after it is judged.
+        return Ok((facts, TailCheck::unchecked(enc)));
+    }
     let mut tail = TailCheck::at(enc, resume as u64);
     tail.feed(&prefix[resume..]);
     Ok((facts, tail))
@@ -436,23 +442,24 @@ fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
     }
 }
 
-/// The facts, and where the top-level walk stopped (see `Collected::resume`).
+/// The facts, where the top-level walk stopped (see `Collected::resume`) and whether
+/// it got through the pixel data.
 fn scan_encoded(
     data: &[u8],
     enc: Encoding,
     complete: bool,
-) -> Result<(InstanceFacts, usize), ScanError> {
+) -> Result<(InstanceFacts, usize, bool), ScanError> {
     let mut reader = Reader { data, pos: 0, enc };
     let mut collected = Collected::default();
-    match walk_top_level(&mut reader, &mut collected) {
+    match walk_top_level(&mut reader, &mut collected, complete) {
         Ok(()) => {}
         // A prefix may end anywhere; what was found before the cut still counts.
         Err(ScanError::TruncatedHeader { .. } | ScanError::LengthBeyondEnd { .. })
             if !complete && collected.has_required() => {}
         Err(e) => return Err(e),
     }
-    let resume = collected.resume;
-    Ok((collected.into_facts()?, resume))
+    let (resume, pixel_done) = (collected.resume, collected.pixel_done);
+    Ok((collected.into_facts()?, resume, pixel_done))
 }
 
 /// Follows the top level of a streamed dataset from where [`scan_prefix`] stopped, part
@@ -516,6 +523,10 @@ impl TailCheck {
                     self.state = if n == left {
                         if fragments {
                             Tail::Fragment
+                        } else if self.current.0 == PIXEL_DATA {
+                            // As for a dataset received whole, what follows the pixel
+                            // data is not judged.
+                            Tail::Unchecked
                         } else {
                             Tail::Element
                         }
@@ -597,7 +608,7 @@ impl TailCheck {
                         fragments: true,
                     }
                 }
-                SEQUENCE_DELIMITATION => Tail::Element,
+                SEQUENCE_DELIMITATION => Tail::Unchecked,
                 _ => Tail::Broken(ScanError::MalformedStructure {
                     tag: display,
                     offset: at as usize,
@@ -646,7 +657,9 @@ impl TailCheck {
         match &self.state {
             Tail::Unchecked => Ok(()),
             Tail::Broken(e) => Err(e.clone()),
-            Tail::Element if self.header.is_empty() => Ok(()),
+            // A missing delimiter after the last whole fragment is taken, as it is
+            // when the dataset is received whole.
+            Tail::Element | Tail::Fragment if self.header.is_empty() => Ok(()),
             Tail::Element | Tail::Fragment => Err(ScanError::TruncatedHeader {
                 offset: at - self.header.len(),
             }),
@@ -663,7 +676,13 @@ impl TailCheck {
     }
 }
 
-fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(), ScanError> {
+/// Walks the top level up to the end of the Pixel Data element (what follows it is not
+/// judged). `complete` says whether `r` holds the whole dataset or only its start.
+fn walk_top_level<'a>(
+    r: &mut Reader<'a>,
+    out: &mut Collected<'a>,
+    complete: bool,
+) -> Result<(), ScanError> {
     while r.remaining() > 0 {
         out.resume = r.pos;
         let h = r.header()?;
@@ -671,11 +690,15 @@ fn walk_top_level<'a>(r: &mut Reader<'a>, out: &mut Collected<'a>) -> Result<(),
             return Err(malformed(&h));
         }
         if h.tag == PIXEL_DATA {
-            // Everything needed precedes the pixel data. A native one must still fit.
+            // Everything needed precedes the pixel data; it must still be whole: a
+            // native value fits, encapsulated fragments fit and end.
             if h.length != UNDEFINED {
                 r.value(&h)?;
-                out.resume = r.pos;
+            } else {
+                skip_fragments(r, complete)?;
             }
+            out.resume = r.pos;
+            out.pixel_done = true;
             return Ok(());
         }
         if h.length == UNDEFINED {
@@ -709,6 +732,29 @@ fn skip_undefined(r: &mut Reader<'_>, h: &Header, depth: usize) -> Result<(), Sc
             tag: TagDisplay(h.tag.0, h.tag.1),
             offset: h.offset,
         }),
+    }
+}
+
+/// Walk the fragments of encapsulated pixel data up to their sequence delimiter. A
+/// complete dataset that ends after a whole fragment but without the delimiter is
+/// taken as it is, as other readers take it.
+fn skip_fragments(r: &mut Reader<'_>, complete: bool) -> Result<(), ScanError> {
+    loop {
+        if r.remaining() == 0 {
+            return if complete {
+                Ok(())
+            } else {
+                Err(ScanError::TruncatedHeader { offset: r.pos })
+            };
+        }
+        let h = item_header(r)?;
+        match h.tag {
+            SEQUENCE_DELIMITATION => return Ok(()),
+            ITEM if h.length != UNDEFINED => {
+                r.value(&h)?;
+            }
+            _ => return Err(malformed(&h)),
+        }
     }
 }
 
@@ -968,7 +1014,7 @@ mod tests {
     }
 
     #[test]
-    fn stops_at_encapsulated_pixel_data() {
+    fn walks_the_fragments_of_encapsulated_pixel_data() {
         let w = W {
             explicit: true,
             be: false,
@@ -981,10 +1027,23 @@ mod tests {
         w.item_tag(&mut px, SEQUENCE_DELIMITATION, 0);
         let d = dataset(w, &px);
         check_facts(&scan(&d, JPEG_LOSSLESS).unwrap());
-        // Garbage after the start of encapsulated pixel data is not looked at.
+        // Garbage among the fragments is refused, as DCMTK's receiver refuses it.
         let mut cut = dataset(w, &px[..20]);
         cut.extend([0xAB; 7]);
-        check_facts(&scan(&cut, JPEG_LOSSLESS).unwrap());
+        assert!(matches!(
+            scan(&cut, JPEG_LOSSLESS),
+            Err(ScanError::TruncatedHeader { .. })
+        ));
+        let mut garbage = dataset(w, &px[..20]);
+        garbage.extend([0xAB; 12]);
+        assert!(matches!(
+            scan(&garbage, JPEG_LOSSLESS),
+            Err(ScanError::MalformedStructure { .. })
+        ));
+        // What follows the pixel data is not looked at.
+        let mut after = d.clone();
+        after.extend([0xAB; 7]);
+        check_facts(&scan(&after, JPEG_LOSSLESS).unwrap());
     }
 
     #[test]
@@ -1284,15 +1343,13 @@ mod tests {
                     other => panic!("{w:?}: {other:?}"),
                 }
             }
-            // An element after the pixel data, cut inside its header.
+            // After the pixel data nothing is judged, streamed or not: an element cut
+            // inside its header there is taken as it is.
             let mut trailing = d.clone();
             w.elem(&mut trailing, (0xFFFC, 0xFFFC), b"OB", &[0, 0]);
-            assert_eq!(streamed(&trailing, ts, header_end + 1, 100), Ok(()));
             let cut = &trailing[..trailing.len() - 7];
-            assert!(matches!(
-                streamed(cut, ts, header_end + 1, 100),
-                Err(ScanError::TruncatedHeader { .. })
-            ));
+            assert_eq!(streamed(cut, ts, header_end + 1, 100), Ok(()));
+            assert!(scan(cut, ts).is_ok());
         }
     }
 
@@ -1318,19 +1375,37 @@ mod tests {
                 "{prefix} {chunk}"
             );
         }
-        // Without its delimiter, or cut inside a fragment.
-        assert!(matches!(
+        // Without its delimiter after the last whole fragment: taken, as when received
+        // whole. Cut inside the delimiter or inside a fragment: refused, both ways.
+        assert_eq!(
             streamed(&d[..d.len() - 8], JPEG_LOSSLESS, start, 256),
+            Ok(())
+        );
+        assert!(scan(&d[..d.len() - 8], JPEG_LOSSLESS).is_ok());
+        assert!(matches!(
+            streamed(&d[..d.len() - 4], JPEG_LOSSLESS, start, 256),
             Err(ScanError::TruncatedHeader { .. })
         ));
         assert!(matches!(
-            streamed(&d[..d.len() - 200], JPEG_LOSSLESS, start, 256),
-            Err(ScanError::LengthBeyondEnd {
-                length: 1000,
-                remaining: 808,
-                ..
-            })
+            scan(&d[..d.len() - 4], JPEG_LOSSLESS),
+            Err(ScanError::TruncatedHeader { .. })
         ));
+        for cut in [
+            streamed(&d[..d.len() - 200], JPEG_LOSSLESS, start, 256),
+            scan(&d[..d.len() - 200], JPEG_LOSSLESS).map(|_| ()),
+        ] {
+            assert!(
+                matches!(
+                    cut,
+                    Err(ScanError::LengthBeyondEnd {
+                        length: 1000,
+                        remaining: 808,
+                        ..
+                    })
+                ),
+                "{cut:?}"
+            );
+        }
         // Something other than an item among the fragments.
         let mut bad = d[..d.len() - 8].to_vec();
         w.elem(&mut bad, (0x0008, 0x0060), b"CS", b"CT");

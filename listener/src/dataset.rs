@@ -558,7 +558,7 @@ impl TailCheck {
         if self.header.len() < 8 || self.state == Tail::Fragment || !self.enc.explicit_vr {
             return 8;
         }
-        let (group, _) = self.tag();
+        let group = self.reader().u16(0).unwrap_or(0);
         if group != 0xFFFE && has_long_length([self.header[4], self.header[5]]) {
             12
         } else {
@@ -566,88 +566,52 @@ impl TailCheck {
         }
     }
 
-    fn u16_at(&self, i: usize) -> u16 {
-        let b = [self.header[i], self.header[i + 1]];
-        if self.enc.big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
+    /// A reader over the collected header bytes.
+    fn reader(&self) -> Reader<'_> {
+        Reader {
+            data: &self.header,
+            pos: 0,
+            enc: self.enc,
         }
     }
 
-    fn u32_at(&self, i: usize) -> u32 {
-        let b = [
-            self.header[i],
-            self.header[i + 1],
-            self.header[i + 2],
-            self.header[i + 3],
-        ];
-        if self.enc.big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        }
-    }
-
-    fn tag(&self) -> (u16, u16) {
-        (self.u16_at(0), self.u16_at(2))
-    }
-
-    /// The state after a complete header (`self.offset` is already past it).
+    /// The state after a complete header (`self.offset` is already past it), read by
+    /// the same code as a dataset received whole.
     fn next_after_header(&mut self) -> Tail {
-        let tag = self.tag();
         let at = self.offset - self.header.len() as u64;
-        let display = TagDisplay(tag.0, tag.1);
-        if self.state == Tail::Fragment {
-            let length = self.u32_at(4);
-            return match tag {
-                ITEM if length != UNDEFINED => {
-                    self.current = (tag, at, length);
-                    Tail::Skip {
-                        left: u64::from(length),
-                        fragments: true,
-                    }
-                }
-                SEQUENCE_DELIMITATION => Tail::Unchecked,
-                _ => Tail::Broken(ScanError::MalformedStructure {
-                    tag: display,
-                    offset: at as usize,
-                }),
-            };
-        }
-        if tag.0 == 0xFFFE {
-            return Tail::Broken(ScanError::MalformedStructure {
-                tag: display,
-                offset: at as usize,
-            });
-        }
-        let length = if !self.enc.explicit_vr {
-            self.u32_at(4)
+        let mut r = self.reader();
+        let read = if self.state == Tail::Fragment {
+            item_header(&mut r)
         } else {
-            let vr = [self.header[4], self.header[5]];
-            if !is_known_vr(vr) {
+            r.header()
+        };
+        let h = match read {
+            Ok(h) => h,
+            Err(ScanError::InvalidVr { tag, .. }) => {
                 return Tail::Broken(ScanError::InvalidVr {
-                    tag: display,
+                    tag,
                     offset: at as usize,
                 });
             }
-            if self.header.len() == 12 {
-                self.u32_at(8)
-            } else {
-                u32::from(self.u16_at(6))
-            }
+            Err(e) => return Tail::Broken(e),
         };
-        if length == UNDEFINED {
-            return if tag == PIXEL_DATA {
-                Tail::Fragment
-            } else {
-                Tail::Unchecked
-            };
+        let malformed = Tail::Broken(ScanError::MalformedStructure {
+            tag: TagDisplay(h.tag.0, h.tag.1),
+            offset: at as usize,
+        });
+        let fragments = self.state == Tail::Fragment;
+        match h.tag {
+            SEQUENCE_DELIMITATION if fragments => return Tail::Unchecked,
+            ITEM if fragments && h.length != UNDEFINED => {}
+            _ if fragments || h.tag.0 == 0xFFFE => return malformed,
+            PIXEL_DATA if h.length == UNDEFINED => return Tail::Fragment,
+            _ if h.length == UNDEFINED => return Tail::Unchecked,
+            _ => {}
         }
-        self.current = (tag, at, length);
+        self.current = (h.tag, at, h.length);
         Tail::Skip {
-            left: u64::from(length),
-            fragments: false,
+            left: u64::from(h.length),
+            fragments,
         }
     }
 
@@ -1406,6 +1370,18 @@ mod tests {
                 "{cut:?}"
             );
         }
+        // An element with an invalid VR after the prefix, named at its offset.
+        let mut bad_vr = dataset(w, &[]);
+        let at = bad_vr.len();
+        w.elem(&mut bad_vr, (0x0009, 0x1001), b"ZZ", b"ab");
+        bad_vr.extend_from_slice(&d[start..]);
+        assert_eq!(
+            streamed(&bad_vr, JPEG_LOSSLESS, at, 3),
+            Err(ScanError::InvalidVr {
+                tag: TagDisplay(0x0009, 0x1001),
+                offset: at
+            })
+        );
         // Something other than an item among the fragments.
         let mut bad = d[..d.len() - 8].to_vec();
         w.elem(&mut bad, (0x0008, 0x0060), b"CS", b"CT");

@@ -235,9 +235,8 @@ fn padding_becomes_air_in_ct_and_the_minimum_elsewhere() {
     assert_eq!(s.pixels[at(&values)], -1000.0);
 }
 
-#[test]
-fn jpeg_ls_lossless_decodes_exactly() {
-    let (o, values) = ct();
+/// `o` as a Part-10 file in JPEG-LS Lossless, encoded by dicom-pixeldata (CharLS).
+fn jpeg_ls(o: InMemDicomObject) -> Vec<u8> {
     let bytes = file(o, uids::EXPLICIT_VR_LITTLE_ENDIAN);
     let mut obj = OpenFileOptions::new().from_reader(&bytes[..]).unwrap();
     let ts = TransferSyntaxRegistry
@@ -246,6 +245,13 @@ fn jpeg_ls_lossless_decodes_exactly() {
     obj.transcode(ts).unwrap();
     let mut out = Vec::new();
     obj.write_all(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn jpeg_ls_lossless_decodes_exactly() {
+    let (o, values) = ct();
+    let out = jpeg_ls(o);
     let s = read_slice(&out).unwrap();
     assert_eq!(s.header.transfer_syntax, uids::JPEGLS_LOSSLESS);
     assert_eq!(s.pixels, hu(&values));
@@ -256,12 +262,7 @@ fn jpeg_ls_lossless_decodes_exactly() {
 #[test]
 fn a_stream_larger_than_the_image_is_refused_before_decoding() {
     let (o, _) = ct();
-    let bytes = file(o, uids::EXPLICIT_VR_LITTLE_ENDIAN);
-    let mut obj = OpenFileOptions::new().from_reader(&bytes[..]).unwrap();
-    let ts = TransferSyntaxRegistry.get(uids::JPEGLS_LOSSLESS).unwrap();
-    obj.transcode(ts).unwrap();
-    let mut out = Vec::new();
-    obj.write_all(&mut out).unwrap();
+    let mut out = jpeg_ls(o);
     let sof = out
         .windows(2)
         .position(|w| w == [0xFF, 0xF7])

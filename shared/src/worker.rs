@@ -469,15 +469,27 @@ mod tests {
     }
 
     async fn drive(handler: Arc<Flaky>, max_deliver: u64) -> InProcBus {
+        drive_bodies(handler, &[r#"{"x":1}"#], max_deliver).await
+    }
+
+    /// Publishes `bodies` (message ids are the bodies, correlation id `corr`), runs a
+    /// worker with `handler` until the stream is empty, and returns the bus.
+    async fn drive_bodies(
+        handler: Arc<dyn Handler>,
+        bodies: &[&'static str],
+        max_deliver: u64,
+    ) -> InProcBus {
         let bus = InProcBus::new();
-        bus.publish(Outgoing {
-            subject: "radflow.job.m".into(),
-            msg_id: "1".into(),
-            correlation_id: "corr".into(),
-            payload: bytes::Bytes::from_static(br#"{"x":1}"#),
-        })
-        .await
-        .unwrap();
+        for body in bodies {
+            bus.publish(Outgoing {
+                subject: "radflow.job.m".into(),
+                msg_id: (*body).into(),
+                correlation_id: "corr".into(),
+                payload: bytes::Bytes::from_static(body.as_bytes()),
+            })
+            .await
+            .unwrap();
+        }
         let mut config = WorkerConfig::new(ConsumerSpec::new(JOBS, "w"));
         config.consumer.max_deliver = max_deliver;
         config.backoff = vec![Duration::from_millis(10)];
@@ -634,34 +646,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_message_is_dead_lettered_and_the_worker_goes_on() {
-        let bus = InProcBus::new();
-        for body in ["bad", "good"] {
-            bus.publish(Outgoing {
-                subject: "radflow.job.m".into(),
-                msg_id: body.into(),
-                correlation_id: String::new(),
-                payload: bytes::Bytes::from_static(body.as_bytes()),
-            })
-            .await
-            .unwrap();
-        }
         let handler = Arc::new(PanicsOnBad(Default::default()));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(run(
-            Arc::new(bus.clone()),
-            handler.clone(),
-            WorkerConfig::new(ConsumerSpec::new(JOBS, "w")),
-            Metrics::new(),
-            stop.clone(),
-        ));
-        for _ in 0..300 {
-            if !bus.stream_messages(DLQ.name).is_empty() && !handler.0.lock().unwrap().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        stop.cancel();
-        task.await.unwrap();
+        let bus = drive_bodies(handler.clone(), &["bad", "good"], 5).await;
         assert_eq!(*handler.0.lock().unwrap(), ["good"]);
         let dlq = bus.stream_messages(DLQ.name);
         assert_eq!(dlq.len(), 1);

@@ -306,16 +306,22 @@ fn rle_encode(samples: &[u16]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn rle_lossless_decodes_exactly() {
+/// The test CT as RLE Lossless, its segments holding the first `keep` samples only.
+fn rle_ct(keep: impl Fn(usize) -> usize) -> (Vec<u8>, Vec<i16>) {
     let (mut o, values) = ct();
     let raw: Vec<u16> = values.iter().map(|v| (*v + 1024) as u16).collect();
     o.put(DataElement::new(
         tags::PIXEL_DATA,
         VR::OB,
-        PixelFragmentSequence::new_fragments(vec![rle_encode(&raw)]),
+        PixelFragmentSequence::new_fragments(vec![rle_encode(&raw[..keep(raw.len())])]),
     ));
-    let s = read_slice(&file(o, uids::RLE_LOSSLESS)).unwrap();
+    (file(o, uids::RLE_LOSSLESS), values)
+}
+
+#[test]
+fn rle_lossless_decodes_exactly() {
+    let (bytes, values) = rle_ct(|n| n);
+    let s = read_slice(&bytes).unwrap();
     assert_eq!(s.pixels, hu(&values));
 }
 
@@ -323,14 +329,8 @@ fn rle_lossless_decodes_exactly() {
 /// them and panics; the panic is this file's codec error.
 #[test]
 fn rle_segments_shorter_than_the_frame_are_a_codec_error() {
-    let (mut o, values) = ct();
-    let raw: Vec<u16> = values.iter().map(|v| (*v + 1024) as u16).collect();
-    o.put(DataElement::new(
-        tags::PIXEL_DATA,
-        VR::OB,
-        PixelFragmentSequence::new_fragments(vec![rle_encode(&raw[..raw.len() / 2])]),
-    ));
-    let e = read_slice(&file(o, uids::RLE_LOSSLESS)).unwrap_err();
+    let (bytes, _) = rle_ct(|n| n / 2);
+    let e = read_slice(&bytes).unwrap_err();
     assert!(matches!(e, DecodeError::Codec { .. }), "{e:?}");
     assert!(e.to_string().contains("failed on damaged data"), "{e}");
     assert_operator_message(&e);

@@ -16,6 +16,28 @@ const MODEL: &str = "demo-tissue@1.0.0";
 /// to 1.5 mm, a smoothing convolution and back to the source grid.
 const VOLUME_TOLERANCE: f64 = 0.03;
 
+/// The listener takes only the transfer syntaxes whose images the preprocessor can
+/// decode: a syntax accepted and then refused would fail a whole series after its
+/// sender was told Success, instead of letting the sender fall back at negotiation.
+#[test]
+fn the_listener_accepts_only_syntaxes_the_preprocessor_decodes() {
+    use radflow_listener::sop_classes::DEFAULT_TRANSFER_SYNTAXES;
+    use radflow_preprocessor::decode::decodes_transfer_syntax;
+    let undecodable: Vec<&str> = DEFAULT_TRANSFER_SYNTAXES
+        .iter()
+        .copied()
+        .filter(|ts| !decodes_transfer_syntax(ts))
+        .collect();
+    assert!(
+        undecodable.is_empty(),
+        "accepted, never decoded: {undecodable:?}"
+    );
+    // The check can tell: video is neither accepted nor decodable.
+    assert!(!decodes_transfer_syntax("1.2.840.10008.1.2.4.100"));
+    assert!(!DEFAULT_TRANSFER_SYNTAXES.contains(&"1.2.840.10008.1.2.4.100"));
+    assert!(decodes_transfer_syntax("1.2.840.10008.1.2.4.201\0"));
+}
+
 fn summary_path(store: &Path, series: &str) -> std::path::PathBuf {
     store.join(format!("results/{series}/{MODEL}/summary.json"))
 }

@@ -30,15 +30,22 @@ pub const DEFAULT_TRANSFER_SYNTAXES: &[&str] = &[
     IMPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    "1.2.840.10008.1.2.4.50", // JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51", // JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57", // JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.4.70", // JPEG Lossless, first-order prediction (SV1)
-    "1.2.840.10008.1.2.4.80", // JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81", // JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91", // JPEG 2000
-    "1.2.840.10008.1.2.5",    // RLE Lossless
+    "1.2.840.10008.1.2.4.50",  // JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  // JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  // JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  // JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80",  // JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  // JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  // JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  // JPEG 2000
+    "1.2.840.10008.1.2.4.92",  // JPEG 2000 Part 2 Multi-component Lossless
+    "1.2.840.10008.1.2.4.93",  // JPEG 2000 Part 2 Multi-component
+    "1.2.840.10008.1.2.4.201", // High-Throughput JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.202", // High-Throughput JPEG 2000 with RPCL Options Lossless
+    "1.2.840.10008.1.2.4.203", // High-Throughput JPEG 2000
+    "1.2.840.10008.1.2.5",     // RLE Lossless
+    "1.2.840.10008.1.2.1.98",  // Encapsulated Uncompressed Explicit VR Little Endian
+    "1.2.840.10008.1.2.8.1",   // Deflated Image Frame Compression
 ];
 
 /// Names that contain "Storage" in the dictionary but are not services of the Storage

@@ -366,6 +366,14 @@ fn read_header_after_meta(bytes: &[u8], meta: &scan::Meta) -> Result<InstanceHea
     Ok(header)
 }
 
+/// Whether images in transfer syntax `uid` can be decoded here (with some bit layout:
+/// [`InstanceHeader::check_decodable`] has the combinations the codecs refuse).
+pub fn decodes_transfer_syntax(uid: &str) -> bool {
+    TransferSyntaxRegistry
+        .get(uid.trim_end_matches(['\0', ' ']))
+        .is_some_and(|ts| ts.can_decode_all())
+}
+
 impl InstanceHeader {
     /// Whether the images of this file can be decoded here: a known bit layout, a
     /// transfer syntax with a working codec, and all the pixel data present.

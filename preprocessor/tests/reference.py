@@ -25,7 +25,8 @@ differences (mean, 99th percentile, max).
 Other commands (``argv[1]``): ``paths`` prints where the packages keep their test
 files; ``replicate SRC OUT N STEP`` writes N copies of one DICOM file as a series,
 STEP mm apart along the slice normal; ``encode_j2k SRC OUT`` re-encodes a file as JPEG
-2000 lossless with pydicom.
+2000 lossless with pydicom; ``encode_htj2k SRC OUT`` as High-Throughput JPEG 2000
+lossless with OpenJPH's ``ojph_compress`` (the HTJ2K reference encoder).
 """
 
 import gzip
@@ -263,6 +264,38 @@ def encode_j2k(src, out):
     ds.save_as(out, enforce_file_format=True)
 
 
+def encode_htj2k(src, out):
+    import subprocess
+    import tempfile
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless
+
+    ds = read_dicom(src)
+    signed = ds.PixelRepresentation == 1
+    # The stored samples, not the rescaled values: what a modality would compress.
+    raw = ds.pixel_array.astype("<i2" if signed else "<u2")
+    with tempfile.TemporaryDirectory() as tmp:
+        yuv, j2c = os.path.join(tmp, "in.yuv"), os.path.join(tmp, "out.j2c")
+        raw.tofile(yuv)
+        subprocess.run(
+            [
+                "ojph_compress", "-i", yuv, "-o", j2c, "-reversible", "true",
+                "-dims", f"{{{ds.Columns},{ds.Rows}}}", "-num_comps", "1",
+                "-signed", "true" if signed else "false",
+                "-bit_depth", str(ds.BitsStored), "-downsamp", "{1,1}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        with open(j2c, "rb") as f:
+            stream = f.read()
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(out, enforce_file_format=True)
+
+
 JOBS = {
     "sitk_series": sitk_series,
     "sitk_slices": sitk_slices,
@@ -281,6 +314,8 @@ def main():
             "pydicom": os.path.dirname(pydicom.data.get_testdata_file("CT_small.dcm")),
             "nibabel": os.path.join(os.path.dirname(nib.__file__), "nicom", "tests", "data"),
         }))
+    elif cmd == "encode_htj2k":
+        encode_htj2k(sys.argv[2], sys.argv[3])
     elif cmd == "replicate":
         replicate(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     elif cmd == "encode_j2k":

@@ -147,19 +147,19 @@ fn every_transfer_syntax_decodes_like_simpleitk() {
         let nii = write(&built.volume, t.path(&format!("{name}.nii")));
         list.push(json!({"kind": "sitk_series", "name": name, "dicom": dir, "nifti": nii}));
     }
-    // JPEG 2000 lossless, encoded by pydicom with OpenJPEG.
-    let j2k = t.dir("j2k");
-    for f in files(&plain) {
-        let out = j2k.join(f.file_name().unwrap());
-        common::reference(
-            &["encode_j2k", f.to_str().unwrap(), out.to_str().unwrap()],
-            None,
-        );
+    // JPEG 2000 lossless, encoded by pydicom with OpenJPEG, and High-Throughput JPEG
+    // 2000 lossless, encoded by OpenJPH.
+    for (name, encode) in [("j2k", "encode_j2k"), ("htj2k", "encode_htj2k")] {
+        let dir = t.dir(name);
+        for f in files(&plain) {
+            let out = dir.join(f.file_name().unwrap());
+            common::reference(&[encode, f.to_str().unwrap(), out.to_str().unwrap()], None);
+        }
+        let built = native(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(built.volume, reference, "{name} is not bit-identical");
+        let nii = write(&built.volume, t.path(&format!("{name}.nii")));
+        list.push(json!({"kind": "sitk_series", "name": name, "dicom": dir, "nifti": nii}));
     }
-    let built = native(&j2k).unwrap();
-    assert_eq!(built.volume, reference, "JPEG 2000 is not bit-identical");
-    let nii = write(&built.volume, t.path("j2k.nii"));
-    list.push(json!({"kind": "sitk_series", "name": "j2k", "dicom": j2k, "nifti": nii}));
 
     for r in jobs(list) {
         let name = r["name"].as_str().unwrap();

@@ -205,3 +205,126 @@ async fn concurrent_associations_in_every_compressed_syntax() {
     }
     assert_eq!(server.wait_releases(4).await.len(), 4);
 }
+
+/// Writes one CT file per newer encapsulated syntax (HTJ2K lossless coded by OpenJPH's
+/// `ojph_compress`, Encapsulated Uncompressed, Deflated Image Frame Compression), then
+/// sends them as they are on one association that also proposes the other HTJ2K and
+/// JPEG 2000 Part 2 syntaxes.
+const NEWER_SYNTAXES: &str = r#"
+import json, os, subprocess, sys, tempfile, zlib
+from pydicom import dcmread
+from pydicom.encaps import encapsulate
+from pynetdicom import AE, _config
+
+# Send the files' bytes without decoding them: pydicom cannot encode every syntax here.
+_config.STORE_SEND_CHUNKED_DATASET = True
+port = int(sys.argv[1])
+(ht_in, ht_out), (eu_in, eu_out), (df_in, df_out) = [a.split(",") for a in sys.argv[2:5]]
+HTJ2K, EU, DEFLATED_FRAMES = (
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.1.98", "1.2.840.10008.1.2.8.1")
+
+def write(ds, frame, ts, out):
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    # pydicom 3.0 has no Deflated Image Frame Compression: write the file as
+    # Encapsulated Uncompressed, whose UID has the same padded length (22 bytes), then
+    # rename the syntax.
+    ds.file_meta.TransferSyntaxUID = EU if ts == DEFLATED_FRAMES else ts
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    if ts == DEFLATED_FRAMES:
+        data = open(out, "rb").read()
+        padded = ts.encode() + b"\0"
+        assert len(padded) == len(EU) and data.count(EU.encode()) == 1
+        open(out, "wb").write(data.replace(EU.encode(), padded))
+
+ds = dcmread(ht_in)
+with tempfile.TemporaryDirectory() as tmp:
+    raw, j2c = os.path.join(tmp, "in.yuv"), os.path.join(tmp, "out.j2c")
+    ds.pixel_array.astype("<u2").tofile(raw)
+    subprocess.run(["ojph_compress", "-i", raw, "-o", j2c, "-reversible", "true",
+                    "-dims", f"{{{ds.Columns},{ds.Rows}}}", "-num_comps", "1",
+                    "-signed", "false", "-bit_depth", str(ds.BitsStored),
+                    "-downsamp", "{1,1}"], check=True, capture_output=True)
+    frame = open(j2c, "rb").read()
+    assert frame[:2] == b"\xff\x4f", "a JPEG 2000 codestream"
+write(ds, frame, HTJ2K, ht_out)
+ds = dcmread(eu_in)
+write(ds, ds.PixelData, EU, eu_out)
+ds = dcmread(df_in)
+deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+write(ds, deflater.compress(ds.PixelData) + deflater.flush(), DEFLATED_FRAMES, df_out)
+
+ae = AE(ae_title="PYNEWTS")
+ct = "1.2.840.10008.5.1.4.1.1.2"
+for ts in [HTJ2K, EU, DEFLATED_FRAMES, "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+           "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"]:
+    ae.add_requested_context(ct, [ts])
+assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+out = {"established": assoc.is_established, "accepted": [], "statuses": {}}
+if assoc.is_established:
+    out["accepted"] = sorted(cx.transfer_syntax[0] for cx in assoc.accepted_contexts)
+    for f in (ht_out, eu_out, df_out):
+        s = assoc.send_c_store(f)
+        out["statuses"][f] = int(s.Status) if "Status" in s else None
+    assoc.release()
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn htj2k_and_newer_encapsulated_syntaxes_are_accepted_and_stored_exactly() {
+    let server = TestServer::start(ScpConfig::default()).await;
+    let dir = TempDir::new("newer-syntaxes");
+    let (study, series) = (new_uid(), new_uid());
+    let mut pairs = Vec::new();
+    for (n, name) in ["htj2k", "eu", "deflated-frames"].into_iter().enumerate() {
+        let source = dir.path(&format!("{name}-src.dcm"));
+        write_ct(&source, &Ct::new(&study, &series, n as u32 + 1, 64));
+        pairs.push((source, dir.path(&format!("{name}.dcm"))));
+    }
+    let script = dir.path("newer.py");
+    std::fs::write(&script, NEWER_SYNTAXES).unwrap();
+    let mut args = vec![script.to_str().unwrap().to_string(), server.port()];
+    args.extend(
+        pairs
+            .iter()
+            .map(|(s, o)| format!("{},{}", s.display(), o.display())),
+    );
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_tool(&python_with_pynetdicom(), &arg_refs).await;
+    assert!(out.status.success(), "script failed: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(report["established"], true, "{report}");
+    let mut proposed = vec![
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.1.98",
+        "1.2.840.10008.1.2.8.1",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",
+    ];
+    proposed.sort();
+    assert_eq!(report["accepted"], serde_json::json!(proposed), "{report}");
+    for status in report["statuses"].as_object().unwrap().values() {
+        assert_eq!(status, 0, "{report}");
+    }
+
+    let received = server.sink.take();
+    assert_eq!(received.len(), 3);
+    for ((_, sent), ts) in pairs.iter().zip([
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.1.98",
+        "1.2.840.10008.1.2.8.1",
+    ]) {
+        assert_eq!(transfer_syntax_of(sent), ts);
+        let uid = dicom_object::open_file(sent)
+            .unwrap()
+            .meta()
+            .media_storage_sop_instance_uid()
+            .trim_end_matches('\0')
+            .to_string();
+        assert_stored_exactly(find(&received, &uid), sent, ts, "PYNEWTS");
+    }
+}

@@ -19,13 +19,14 @@
 //! Decoded (dicom-pixeldata with `native`, `openjp2` and `charls`): Implicit VR Little
 //! Endian, Explicit VR Little Endian, Explicit VR Big Endian, Deflated Explicit VR
 //! Little Endian, Encapsulated Uncompressed, RLE Lossless (8 and 16 bits), JPEG
-//! Baseline, JPEG Extended with 8-bit samples, JPEG Lossless (Process 14 and SV1;
+//! Baseline, JPEG Extended (8-bit samples by dicom-pixeldata, 12-bit grey-scale by
+//! radflow's own decoder, [`crate::jpeg_extended`]), JPEG Lossless (Process 14 and SV1;
 //! grey-scale streams through radflow's own decoder, [`crate::jpeg_lossless`]),
 //! JPEG-LS Lossless and Near-Lossless (CharLS), JPEG 2000 and High-Throughput JPEG 2000,
 //! lossless and lossy (OpenJPEG ported to Rust), and Deflated Image Frame Compression.
-//! Refused with [`DecodeError::UnsupportedTransferSyntax`], which names the syntax: JPEG
-//! Extended with 12-bit samples and RLE with 32-bit samples (the codecs of
-//! dicom-pixeldata 0.10 fail on them), JPEG XL, MPEG/HEVC video, JPIP, and unknown UIDs.
+//! Refused with [`DecodeError::UnsupportedTransferSyntax`], which names the syntax: RLE
+//! with 32-bit samples (dicom-pixeldata 0.10's codec fails on them), JPEG XL, MPEG/HEVC
+//! video, JPIP, and unknown UIDs.
 //!
 //! # Attributes of VR UN
 //!
@@ -61,7 +62,8 @@ use dicom_object::mem::InMemElement;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
-use crate::jpeg_lossless::{self, LosslessError};
+use crate::jpeg_extended;
+use crate::jpeg_lossless::{self, JpegError};
 use crate::mosaic;
 use crate::scan::{self, PixelSpan};
 
@@ -394,12 +396,6 @@ impl InstanceHeader {
             return Err(unsupported());
         }
         // Combinations the codecs of dicom-pixeldata 0.10 get wrong.
-        if p.ts_uid == uids::JPEG_EXTENDED12_BIT && format.bits_stored > 8 {
-            return Err(DecodeError::UnsupportedTransferSyntax {
-                uid: p.ts_uid.clone(),
-                name: format!("{} with {}-bit samples", p.ts_name, format.bits_stored),
-            });
-        }
         if p.ts_uid == uids::RLE_LOSSLESS && format.bits_allocated == 32 {
             return Err(DecodeError::UnsupportedTransferSyntax {
                 uid: p.ts_uid.clone(),
@@ -538,17 +534,23 @@ fn decode_checked(
                 detail,
             };
             let mut buf = Vec::with_capacity(frame_len);
-            let lossless = matches!(
-                p.ts_uid.as_str(),
-                uids::JPEG_LOSSLESS | uids::JPEG_LOSSLESS_SV1
-            );
+            // radflow's own decoders: lossless JPEG (see `jpeg_lossless`), and JPEG
+            // Extended with samples over 8 bits, which dicom-pixeldata's JPEG codec
+            // does not decode (see `jpeg_extended`).
+            let own: Option<JpegDecoder> = match p.ts_uid.as_str() {
+                uids::JPEG_LOSSLESS | uids::JPEG_LOSSLESS_SV1 => Some(jpeg_lossless::decode),
+                uids::JPEG_EXTENDED12_BIT if format.bits_stored > 8 => Some(jpeg_extended::decode),
+                _ => None,
+            };
             for (frame, outs) in by_frame {
                 buf.clear();
-                // Lossless JPEG through radflow's own decoder when it handles the
-                // stream (see `jpeg_lossless`), else through dicom-pixeldata.
+                // Through radflow's decoder when it handles the stream, else through
+                // dicom-pixeldata.
                 let mut done = false;
-                if lossless && let Some(data) = obj.frame_pixel_data(frame) {
-                    match jpeg_lossless::decode(
+                if let Some(decode) = own
+                    && let Some(data) = obj.frame_pixel_data(frame)
+                {
+                    match decode(
                         &data,
                         p.frame_rows,
                         p.frame_cols,
@@ -556,7 +558,7 @@ fn decode_checked(
                         &mut buf,
                     ) {
                         Ok(()) => done = true,
-                        Err(LosslessError::Unsupported(_)) => buf.clear(),
+                        Err(JpegError::Unsupported(_)) => buf.clear(),
                         Err(e) => return Err(codec_error(e.to_string())),
                     }
                 }
@@ -604,6 +606,9 @@ fn decode_checked(
     }
     Ok(())
 }
+
+/// A JPEG decoder of radflow's: stream, rows, columns, bytes per sample, output.
+type JpegDecoder = fn(&[u8], usize, usize, usize, &mut Vec<u8>) -> Result<(), JpegError>;
 
 fn parse_whole(bytes: &[u8], p: &PixelPlan) -> Result<DefaultDicomObject, DecodeError> {
     let parsable = scan::without_un_sequences(bytes, &p.opaque_un, p.big_endian);

@@ -11,22 +11,22 @@
 //! Supported: sample precision 2–16 bits, predictors 1–7, point transform, restart
 //! intervals that start at the beginning of a line. Anything else (several
 //! components, arithmetic coding, hierarchical mode, a height given by a DNL marker)
-//! returns [`LosslessError::Unsupported`], and the caller falls back to
-//! dicom-pixeldata. Damaged data returns [`LosslessError::Corrupt`], never a panic,
+//! returns [`JpegError::Unsupported`], and the caller falls back to
+//! dicom-pixeldata. Damaged data returns [`JpegError::Corrupt`], never a panic,
 //! and allocates no more than the output the caller asked for.
 
-/// Why a codestream was not decoded.
+/// Why a codestream was not decoded (by this decoder or by `jpeg_extended`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LosslessError {
+pub enum JpegError {
     /// A valid stream that this decoder does not handle; another decoder may.
-    #[error("not handled by the lossless JPEG decoder: {0}")]
+    #[error("not handled by radflow's JPEG decoder: {0}")]
     Unsupported(String),
     /// The stream is damaged or does not match the image it belongs to.
-    #[error("corrupt lossless JPEG data: {0}")]
+    #[error("corrupt JPEG data: {0}")]
     Corrupt(String),
 }
 
-use LosslessError::{Corrupt, Unsupported};
+use JpegError::{Corrupt, Unsupported};
 
 /// Bits of code looked up at once in a Huffman table.
 const LOOKUP_BITS: u32 = 10;
@@ -36,7 +36,7 @@ const FAST_BITS: u32 = 12;
 
 /// The difference coded by category `t` and its `t` extra bits `v` (T.81 H.1.2.2).
 #[inline(always)]
-fn difference(t: u32, v: u32) -> i32 {
+pub(crate) fn difference(t: u32, v: u32) -> i32 {
     match t {
         0 => 0,
         16 => 32768,
@@ -51,14 +51,16 @@ fn difference(t: u32, v: u32) -> i32 {
     }
 }
 
-/// A Huffman table for difference categories (0–16).
+/// A Huffman table: for difference categories (0–16) of lossless JPEG, or for any
+/// byte symbols (the DC and AC tables of DCT-based JPEG, see `jpeg_extended`).
 #[derive(Clone)]
-struct Huffman {
+pub(crate) struct Huffman {
     /// `lookup[next LOOKUP_BITS bits]` = `(code length, category)`; length 0 when the
     /// code is longer than `LOOKUP_BITS`.
     lookup: Vec<(u8, u8)>,
     /// `fast[next FAST_BITS bits]` = `(bits used, difference)` when a code and its
-    /// extra bits fit in `FAST_BITS`; 0 bits otherwise (slow path).
+    /// extra bits fit in `FAST_BITS`; 0 bits otherwise (slow path). Empty for a table
+    /// of byte symbols.
     fast: Vec<(u8, i32)>,
     /// Canonical decoding of longer codes: per length, the largest code (exclusive
     /// bound) and the offset of its symbols.
@@ -68,7 +70,33 @@ struct Huffman {
 }
 
 impl Huffman {
-    fn new(counts: &[u8; 16], symbols: &[u8]) -> Result<Self, LosslessError> {
+    /// A table of difference categories, with the combined fast lookup.
+    fn new(counts: &[u8; 16], symbols: &[u8]) -> Result<Self, JpegError> {
+        let mut table = Self::of_bytes(counts, symbols)?;
+        if let Some(symbol) = table.symbols.iter().find(|s| **s > 16) {
+            return Err(Corrupt(format!("difference category {symbol} > 16")));
+        }
+        // Code and extra bits in one lookup, for the short codes of common categories.
+        let mut fast = vec![(0u8, 0i32); 1 << FAST_BITS];
+        for (peek, e) in fast.iter_mut().enumerate() {
+            let (len, category) = table.lookup[peek >> (FAST_BITS - LOOKUP_BITS)];
+            let (len, t) = (u32::from(len), u32::from(category));
+            if len == 0 {
+                continue;
+            }
+            let extra = if t == 16 { 0 } else { t };
+            if len + extra > FAST_BITS {
+                continue;
+            }
+            let v = ((peek as u32) >> (FAST_BITS - len - extra)) & ((1 << extra) - 1);
+            *e = ((len + extra) as u8, difference(t, v));
+        }
+        table.fast = fast;
+        Ok(table)
+    }
+
+    /// A table of any byte symbols, from a DHT segment's code counts and symbols.
+    pub(crate) fn of_bytes(counts: &[u8; 16], symbols: &[u8]) -> Result<Self, JpegError> {
         let mut lookup = vec![(0u8, 0u8); 1 << LOOKUP_BITS];
         let mut max_code = [-1i32; 17];
         let mut offset = [0i32; 17];
@@ -81,8 +109,10 @@ impl Huffman {
                 let symbol = *symbols
                     .get(k)
                     .ok_or_else(|| Corrupt("a Huffman table is short of symbols".into()))?;
-                if symbol > 16 {
-                    return Err(Corrupt(format!("difference category {symbol} > 16")));
+                // Checked before the code is used: an overfull table would index past
+                // the lookup.
+                if code >= 1 << len {
+                    return Err(Corrupt("a Huffman table has too many codes".into()));
                 }
                 if len as u32 <= LOOKUP_BITS {
                     let shift = LOOKUP_BITS - len as u32;
@@ -94,30 +124,12 @@ impl Huffman {
                 code += 1;
                 k += 1;
             }
-            if code > 1 << len {
-                return Err(Corrupt("a Huffman table has too many codes".into()));
-            }
             max_code[len] = code;
             code <<= 1;
         }
-        // Code and extra bits in one lookup, for the short codes of common categories.
-        let mut fast = vec![(0u8, 0i32); 1 << FAST_BITS];
-        for (peek, e) in fast.iter_mut().enumerate() {
-            let (len, category) = lookup[peek >> (FAST_BITS - LOOKUP_BITS)];
-            let (len, t) = (u32::from(len), u32::from(category));
-            if len == 0 {
-                continue;
-            }
-            let extra = if t == 16 { 0 } else { t };
-            if len + extra > FAST_BITS {
-                continue;
-            }
-            let v = ((peek as u32) >> (FAST_BITS - len - extra)) & ((1 << extra) - 1);
-            *e = ((len + extra) as u8, difference(t, v));
-        }
         Ok(Huffman {
             lookup,
-            fast,
+            fast: Vec::new(),
             max_code,
             offset,
             symbols: symbols[..k].to_vec(),
@@ -126,7 +138,7 @@ impl Huffman {
 }
 
 /// Reads entropy-coded bits, removing stuffed zero bytes and stopping at markers.
-struct Bits<'a> {
+pub(crate) struct Bits<'a> {
     data: &'a [u8],
     pos: usize,
     /// Valid bits, left-aligned.
@@ -134,22 +146,38 @@ struct Bits<'a> {
     n: u32,
     /// A marker was met: zeros are fed from here on.
     at_marker: bool,
+    /// Bits of those zeros put in the buffer since the last restart.
+    fed: u32,
 }
 
 impl<'a> Bits<'a> {
-    fn new(data: &'a [u8], pos: usize) -> Self {
+    pub(crate) fn new(data: &'a [u8], pos: usize) -> Self {
         Bits {
             data,
             pos,
             acc: 0,
             n: 0,
             at_marker: false,
+            fed: 0,
         }
     }
 
-    /// Tops the buffer up to at least 57 bits (zeros past a marker or the end).
+    /// Fails if decoding used bits the stream does not have: the entropy-coded data
+    /// ended (a marker or the end of the stream) before the image or the restart
+    /// interval did, so its last samples are zeros made up by the reader.
+    pub(crate) fn check_complete(&self) -> Result<(), JpegError> {
+        if self.fed > self.n {
+            return Err(Corrupt(
+                "the entropy-coded data end before the image does".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tops the buffer up to at least 57 bits (zeros past a marker or the end); call
+    /// with fewer than 57.
     #[inline(always)]
-    fn refill(&mut self) {
+    pub(crate) fn refill(&mut self) {
         // Fast path: eight bytes at once when none of them is 0xFF.
         if !self.at_marker
             && let Some(chunk) = self.data.get(self.pos..self.pos + 8)
@@ -169,6 +197,7 @@ impl<'a> Bits<'a> {
         }
         while self.n <= 56 {
             let byte = if self.at_marker || self.pos >= self.data.len() {
+                self.fed = self.fed.saturating_add(8);
                 0
             } else {
                 let b = self.data[self.pos];
@@ -188,8 +217,14 @@ impl<'a> Bits<'a> {
         }
     }
 
+    /// Bits in the buffer.
     #[inline(always)]
-    fn take(&mut self, k: u32) -> u32 {
+    pub(crate) fn available(&self) -> u32 {
+        self.n
+    }
+
+    #[inline(always)]
+    pub(crate) fn take(&mut self, k: u32) -> u32 {
         // k ≤ 16 and refill keeps at least 57 bits.
         let v = (self.acc >> (64 - k)) as u32;
         self.acc <<= k;
@@ -198,7 +233,7 @@ impl<'a> Bits<'a> {
     }
 
     #[inline(always)]
-    fn decode(&mut self, h: &Huffman) -> Result<u8, LosslessError> {
+    pub(crate) fn decode(&mut self, h: &Huffman) -> Result<u8, JpegError> {
         let peek = (self.acc >> (64 - LOOKUP_BITS)) as usize;
         let (len, symbol) = h.lookup[peek];
         if len > 0 {
@@ -224,7 +259,7 @@ impl<'a> Bits<'a> {
 
     /// The next difference.
     #[inline(always)]
-    fn difference(&mut self, h: &Huffman) -> Result<i32, LosslessError> {
+    fn difference(&mut self, h: &Huffman) -> Result<i32, JpegError> {
         if self.n < 32 {
             self.refill();
         }
@@ -240,11 +275,13 @@ impl<'a> Bits<'a> {
     }
 
     /// Skips to the next byte boundary and over a restart marker; returns its number.
-    fn restart(&mut self) -> Result<u8, LosslessError> {
+    pub(crate) fn restart(&mut self) -> Result<u8, JpegError> {
+        self.check_complete()?;
         // Bytes already in the buffer are behind `pos`; the marker is where the
         // entropy data stopped.
         self.acc = 0;
         self.n = 0;
+        self.fed = 0;
         let mut p = self.pos;
         while p + 1 < self.data.len() && !(self.data[p] == 0xFF && self.data[p + 1] != 0) {
             p += 1;
@@ -273,13 +310,13 @@ struct Header {
     data_start: usize,
 }
 
-fn u16_at(b: &[u8], p: usize) -> Result<usize, LosslessError> {
+pub(crate) fn u16_at(b: &[u8], p: usize) -> Result<usize, JpegError> {
     b.get(p..p + 2)
         .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
         .ok_or_else(|| Corrupt("the stream ends inside a marker segment".into()))
 }
 
-fn parse(b: &[u8]) -> Result<Header, LosslessError> {
+fn parse(b: &[u8]) -> Result<Header, JpegError> {
     if b.get(0..2) != Some(&[0xFF, 0xD8]) {
         return Err(Corrupt("no start-of-image marker".into()));
     }
@@ -401,7 +438,7 @@ pub fn decode(
     cols: usize,
     bytes_per_sample: usize,
     out: &mut Vec<u8>,
-) -> Result<(), LosslessError> {
+) -> Result<(), JpegError> {
     let h = parse(stream)?;
     if (h.rows, h.cols) != (rows, cols) {
         return Err(Corrupt(format!(
@@ -482,7 +519,7 @@ pub fn decode(
         }
         std::mem::swap(&mut prev, &mut cur);
     }
-    Ok(())
+    bits.check_complete()
 }
 
 /// Decodes samples 1.. of a line with predictor `predict(left, above, above-left)`.
@@ -493,7 +530,7 @@ fn line(
     cur: &mut [i32],
     prev: &[i32],
     predict: impl Fn(i32, i32, i32) -> i32,
-) -> Result<(), LosslessError> {
+) -> Result<(), JpegError> {
     let mut left = cur[0];
     for c in 1..cur.len() {
         let v = (predict(left, prev[c], prev[c - 1]) + bits.difference(table)?) & 0xFFFF;
@@ -699,8 +736,14 @@ mod tests {
             decode(&sof0, 9, 8, 2, &mut out),
             Err(Unsupported(_))
         ));
-        for len in 0..stream.len() {
-            let _ = decode(&stream[..len], 9, 8, 2, &mut out);
+        // A stream cut before its end-of-image marker is an error, never made-up
+        // samples.
+        assert_eq!(&stream[stream.len() - 2..], [0xFF, 0xD9]);
+        for len in 0..stream.len() - 2 {
+            assert!(
+                decode(&stream[..len], 9, 8, 2, &mut out).is_err(),
+                "cut at {len}"
+            );
         }
         let mut s = 0x9E37_79B9u32;
         for _ in 0..3000 {

@@ -16,6 +16,7 @@
 pub mod convert;
 pub mod decode;
 pub mod geometry;
+pub mod jpeg_extended;
 pub mod jpeg_lossless;
 mod mosaic;
 pub mod nifti;

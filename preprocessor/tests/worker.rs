@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{TempDir, dcmtk, files};
-use dicom_dictionary_std::tags;
-use dicom_object::OpenFileOptions;
+use common::{TempDir, files};
+use dicom_core::value::PixelFragmentSequence;
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
 use radflow_preprocessor::geometry::GeometryOptions;
 use radflow_preprocessor::synth::{PhantomSpec, write_series};
 use radflow_preprocessor::worker::{self, Preprocessor, VolumeMeta};
@@ -75,6 +77,33 @@ fn read_all(dir: &std::path::Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A file relabelled as MPEG-2 video, a syntax the preprocessor does not decode, with
+/// its pixel data as one fragment.
+fn as_video(bytes: &[u8]) -> Vec<u8> {
+    let obj = OpenFileOptions::new().from_reader(bytes).unwrap();
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(obj.meta().media_storage_sop_class_uid())
+        .media_storage_sop_instance_uid(obj.meta().media_storage_sop_instance_uid())
+        .transfer_syntax(uids::MPEG2MPML)
+        .implementation_class_uid("2.25.99")
+        .build()
+        .unwrap();
+    let mut dataset = obj.into_inner();
+    let frame = dataset
+        .element(tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+    dataset.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new_fragments(vec![frame.into_owned()]),
+    ));
+    let mut out = Vec::new();
+    dataset.with_exact_meta(meta).write_all(&mut out).unwrap();
+    out
+}
+
 /// A file with one attribute removed.
 fn without(bytes: &[u8], tag: dicom_core::Tag) -> Vec<u8> {
     let mut obj = OpenFileOptions::new().from_reader(bytes).unwrap();
@@ -110,10 +139,9 @@ async fn malformed_series_are_dead_lettered_and_the_worker_keeps_going() {
     let len = files_[5].len();
     files_[5].truncate(len - 700);
     send(&store, &*bus, "2.25.3", files_).await;
-    // 4. A syntax that cannot be decoded here (JPEG Extended, 12-bit, from DCMTK).
-    let extended = t.path("extended");
-    dcmtk("dcmcjpeg", &["+ee"], &good, &extended);
-    send(&store, &*bus, "2.25.4", read_all(&extended)).await;
+    // 4. A syntax that cannot be decoded here (video).
+    let video = read_all(&good).iter().map(|f| as_video(f)).collect();
+    send(&store, &*bus, "2.25.4", video).await;
     // 5. Not a volume: a single image. Skipped, not dead-lettered.
     let mut single = read_all(&good);
     single.truncate(1);
@@ -184,7 +212,7 @@ async fn malformed_series_are_dead_lettered_and_the_worker_keeps_going() {
         (
             "2.25.4",
             "unsupported_transfer_syntax",
-            "(JPEG Extended (Process 2 & 4) with 12-bit samples) cannot be decoded",
+            "transfer syntax 1.2.840.10008.1.2.4.100 (MPEG2",
         ),
     ];
     for (series, code, reason) in expect {

@@ -18,7 +18,9 @@
 
 use std::sync::OnceLock;
 
-use crate::jpeg_lossless::{Bits, Huffman, JpegError, difference, u16_at};
+use crate::jpeg_lossless::{
+    Bits, Huffman, JpegError, difference, huffman_tables, u16_at, walk_segments,
+};
 use JpegError::{Corrupt, Unsupported};
 
 /// Position in the 8×8 block (row-major) of the `k`-th coefficient in zig-zag order.
@@ -43,33 +45,13 @@ struct Header {
 }
 
 fn parse(b: &[u8]) -> Result<Header, JpegError> {
-    if b.get(0..2) != Some(&[0xFF, 0xD8]) {
-        return Err(Corrupt("no start-of-image marker".into()));
-    }
-    let mut p = 2;
     let mut quant: [Option<[u16; 64]>; 4] = [None; 4];
     let mut dc: [Option<Huffman>; 4] = [None, None, None, None];
     let mut ac: [Option<Huffman>; 4] = [None, None, None, None];
     // Precision, rows, columns, component id, quantisation table.
     let mut frame: Option<(u32, usize, usize, u8, usize)> = None;
     let mut restart_interval = 0usize;
-    loop {
-        while b.get(p) == Some(&0xFF) && b.get(p + 1) == Some(&0xFF) {
-            p += 1;
-        }
-        let marker = match b.get(p..p + 2) {
-            Some([0xFF, m]) => *m,
-            _ => return Err(Corrupt(format!("expected a marker at byte {p}"))),
-        };
-        p += 2;
-        if marker == 0xD8 || (0xD0..=0xD7).contains(&marker) || marker == 0x01 {
-            continue;
-        }
-        let len = u16_at(b, p)?;
-        let seg = b
-            .get(p + 2..p + len)
-            .filter(|_| len >= 2)
-            .ok_or_else(|| Corrupt("a marker segment runs past the end".into()))?;
+    walk_segments(b, |marker, seg, end| {
         match marker {
             0xC0 | 0xC1 => {
                 if seg.len() < 6 {
@@ -122,31 +104,15 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
                     q += 1 + size;
                 }
             }
-            0xC4 => {
-                let mut q = 0;
-                while q < seg.len() {
-                    let (class, id) = (seg[q] >> 4, usize::from(seg[q] & 0x0F));
-                    let counts: [u8; 16] = seg
-                        .get(q + 1..q + 17)
-                        .ok_or_else(|| Corrupt("short Huffman table".into()))?
-                        .try_into()
-                        .expect("16 bytes");
-                    let total: usize = counts.iter().map(|c| usize::from(*c)).sum();
-                    let symbols = seg
-                        .get(q + 17..q + 17 + total)
-                        .ok_or_else(|| Corrupt("short Huffman table".into()))?;
-                    if class > 1 || id > 3 {
-                        return Err(Corrupt("a bad Huffman table header".into()));
-                    }
-                    let table = Some(Huffman::of_bytes(&counts, symbols)?);
-                    if class == 0 {
-                        dc[id] = table;
-                    } else {
-                        ac[id] = table;
-                    }
-                    q += 17 + total;
+            0xC4 => huffman_tables(seg, |class, id, counts, symbols| {
+                let table = Some(Huffman::of_bytes(counts, symbols)?);
+                if class == 0 {
+                    dc[id] = table;
+                } else {
+                    ac[id] = table;
                 }
-            }
+                Ok(())
+            })?,
             0xDD => {
                 restart_interval = u16_at(seg, 0)?;
             }
@@ -170,7 +136,7 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
                         .flatten()
                         .ok_or_else(|| Corrupt(format!("{what} Huffman table {id} is not defined")))
                 };
-                return Ok(Header {
+                return Ok(Some(Header {
                     precision,
                     rows,
                     cols,
@@ -180,13 +146,13 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
                     dc: table(&dc, d, "DC")?,
                     ac: table(&ac, a, "AC")?,
                     restart_interval,
-                    data_start: p + len,
-                });
+                    data_start: end,
+                }));
             }
             _ => {}
         }
-        p += len;
-    }
+        Ok(None)
+    })
 }
 
 /// `COS[x][u]` = C(u)/2 · cos((2x+1)uπ/16), the 1-D inverse DCT basis (T.81 A.3.3).

@@ -316,14 +316,17 @@ pub(crate) fn u16_at(b: &[u8], p: usize) -> Result<usize, JpegError> {
         .ok_or_else(|| Corrupt("the stream ends inside a marker segment".into()))
 }
 
-fn parse(b: &[u8]) -> Result<Header, JpegError> {
+/// Walks the marker segments of a JPEG stream from its start-of-image marker, calling
+/// `segment(marker, contents, end)` for each one with a length (`end`: the offset
+/// after it) until it returns a value.
+pub(crate) fn walk_segments<T>(
+    b: &[u8],
+    mut segment: impl FnMut(u8, &[u8], usize) -> Result<Option<T>, JpegError>,
+) -> Result<T, JpegError> {
     if b.get(0..2) != Some(&[0xFF, 0xD8]) {
         return Err(Corrupt("no start-of-image marker".into()));
     }
     let mut p = 2;
-    let mut tables: [Option<Huffman>; 4] = [None, None, None, None];
-    let mut frame: Option<(u32, usize, usize, u8)> = None;
-    let mut restart_interval = 0usize;
     loop {
         // Markers may be preceded by fill bytes (0xFF).
         while b.get(p) == Some(&0xFF) && b.get(p + 1) == Some(&0xFF) {
@@ -342,6 +345,44 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
             .get(p + 2..p + len)
             .filter(|_| len >= 2)
             .ok_or_else(|| Corrupt("a marker segment runs past the end".into()))?;
+        if let Some(done) = segment(marker, seg, p + len)? {
+            return Ok(done);
+        }
+        p += len;
+    }
+}
+
+/// The tables of a DHT segment: `table(class, id, counts, symbols)` for each.
+pub(crate) fn huffman_tables(
+    seg: &[u8],
+    mut table: impl FnMut(u8, usize, &[u8; 16], &[u8]) -> Result<(), JpegError>,
+) -> Result<(), JpegError> {
+    let mut q = 0;
+    while q < seg.len() {
+        let (class, id) = (seg[q] >> 4, usize::from(seg[q] & 0x0F));
+        let counts: [u8; 16] = seg
+            .get(q + 1..q + 17)
+            .ok_or_else(|| Corrupt("short Huffman table".into()))?
+            .try_into()
+            .expect("16 bytes");
+        let total: usize = counts.iter().map(|c| usize::from(*c)).sum();
+        let symbols = seg
+            .get(q + 17..q + 17 + total)
+            .ok_or_else(|| Corrupt("short Huffman table".into()))?;
+        if class > 1 || id > 3 {
+            return Err(Corrupt(format!("Huffman table {class}/{id}")));
+        }
+        table(class, id, &counts, symbols)?;
+        q += 17 + total;
+    }
+    Ok(())
+}
+
+fn parse(b: &[u8]) -> Result<Header, JpegError> {
+    let mut tables: [Option<Huffman>; 4] = [None, None, None, None];
+    let mut frame: Option<(u32, usize, usize, u8)> = None;
+    let mut restart_interval = 0usize;
+    walk_segments(b, |marker, seg, end| {
         match marker {
             0xC3 => {
                 if seg.len() < 6 {
@@ -364,29 +405,13 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
             0xC0..=0xCF if marker != 0xC4 && marker != 0xC8 && marker != 0xCC => {
                 return Err(Unsupported(format!("frame type SOF{}", marker - 0xC0)));
             }
-            0xC4 => {
-                let mut q = 0;
-                while q < seg.len() {
-                    let class_id = seg[q];
-                    let counts: [u8; 16] = seg
-                        .get(q + 1..q + 17)
-                        .ok_or_else(|| Corrupt("short Huffman table".into()))?
-                        .try_into()
-                        .expect("16 bytes");
-                    let total: usize = counts.iter().map(|c| usize::from(*c)).sum();
-                    let symbols = seg
-                        .get(q + 17..q + 17 + total)
-                        .ok_or_else(|| Corrupt("short Huffman table".into()))?;
-                    if class_id >> 4 == 0 {
-                        let id = usize::from(class_id & 0x0F);
-                        if id > 3 {
-                            return Err(Corrupt(format!("Huffman table id {id}")));
-                        }
-                        tables[id] = Some(Huffman::new(&counts, symbols)?);
-                    }
-                    q += 17 + total;
+            0xC4 => huffman_tables(seg, |class, id, counts, symbols| {
+                // AC tables mean nothing to a lossless scan.
+                if class == 0 {
+                    tables[id] = Some(Huffman::new(counts, symbols)?);
                 }
-            }
+                Ok(())
+            })?,
             0xDD => {
                 restart_interval = u16_at(seg, 0)?;
             }
@@ -413,7 +438,7 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
                     .cloned()
                     .flatten()
                     .ok_or_else(|| Corrupt(format!("Huffman table {table} is not defined")))?;
-                return Ok(Header {
+                return Ok(Some(Header {
                     precision,
                     rows,
                     cols,
@@ -421,13 +446,13 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
                     point_transform,
                     restart_interval,
                     table,
-                    data_start: p + len,
-                });
+                    data_start: end,
+                }));
             }
             _ => {}
         }
-        p += len;
-    }
+        Ok(None)
+    })
 }
 
 /// Decodes one codestream into `out` as little-endian samples of `bytes_per_sample`

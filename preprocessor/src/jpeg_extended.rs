@@ -181,19 +181,27 @@ fn inverse_dct(coef: &[f32; 64], precision: u32, out: &mut [i32; 64]) {
     let cos = cosines();
     let shift = (1i32 << (precision - 1)) as f32;
     let max = (1i32 << precision) - 1;
-    // Rows first (over u), then columns (over v).
-    let mut tmp = [0f32; 64];
+    // Rows first (over u), then columns (over v). A row of zero coefficients adds
+    // nothing, and in a compressed image most rows are zero: only the others are
+    // transformed and summed (adding 0.0 does not change a sum, so the result is the
+    // same as the full computation's).
+    let mut tmp = [[0f32; 8]; 8];
+    let mut nonzero = [0usize; 8];
+    let mut n = 0;
     for v in 0..8 {
         let row = &coef[v * 8..v * 8 + 8];
-        for x in 0..8 {
-            let c = &cos[x];
-            tmp[v * 8 + x] = row.iter().zip(c).map(|(a, b)| a * b).sum();
+        if row.iter().all(|c| *c == 0.0) {
+            continue;
         }
+        for (x, t) in tmp[v].iter_mut().enumerate() {
+            *t = row.iter().zip(&cos[x]).map(|(a, b)| a * b).sum();
+        }
+        nonzero[n] = v;
+        n += 1;
     }
-    for x in 0..8 {
-        for y in 0..8 {
-            let c = &cos[y];
-            let s: f32 = (0..8).map(|v| tmp[v * 8 + x] * c[v]).sum();
+    for (y, c) in cos.iter().enumerate() {
+        for x in 0..8 {
+            let s: f32 = nonzero[..n].iter().map(|&v| tmp[v][x] * c[v]).sum();
             out[y * 8 + x] = ((s + shift).round() as i32).clamp(0, max);
         }
     }

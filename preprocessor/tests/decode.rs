@@ -528,35 +528,57 @@ fn damaged_files_fail_cleanly() {
 }
 
 /// A frame of stored samples as one High-Throughput JPEG 2000 codestream, made by
-/// OpenJPH's `ojph_compress` (the HTJ2K reference encoder), reversible.
-fn htj2k_encode(samples: &[u16], cols: u16, rows: u16, bits: u16, signed: bool) -> Vec<u8> {
+/// OpenJPH's `ojph_compress` (the HTJ2K reference encoder): reversible, or
+/// irreversible with quantisation step `qstep`. Returns the codestream and, for
+/// checking a lossy one, OpenJPH's own decoding of it (`ojph_expand`).
+fn htj2k_encode(
+    samples: &[u16],
+    (cols, rows): (u16, u16),
+    bits: u16,
+    signed: bool,
+    qstep: Option<&str>,
+) -> (Vec<u8>, Vec<u16>) {
     let dir = std::env::temp_dir().join(format!(
-        "radflow-htj2k-{}-{bits}-{signed}",
-        std::process::id()
+        "radflow-htj2k-{}-{bits}-{signed}-{}",
+        std::process::id(),
+        qstep.unwrap_or("reversible")
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (raw, j2c) = (dir.join("in.yuv"), dir.join("out.j2c"));
+    let (raw, j2c, back) = (
+        dir.join("in.yuv"),
+        dir.join("out.j2c"),
+        dir.join("back.yuv"),
+    );
     let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
     std::fs::write(&raw, bytes).unwrap();
-    let out = std::process::Command::new("ojph_compress")
+    let mut compress = std::process::Command::new("ojph_compress");
+    compress
         .args(["-i", raw.to_str().unwrap(), "-o", j2c.to_str().unwrap()])
-        .args([
-            "-reversible",
-            "true",
-            "-num_comps",
-            "1",
-            "-downsamp",
-            "{1,1}",
-        ])
+        .args(["-num_comps", "1", "-downsamp", "{1,1}"])
         .args(["-dims", &format!("{{{cols},{rows}}}")])
         .args(["-bit_depth", &bits.to_string()])
-        .args(["-signed", if signed { "true" } else { "false" }])
+        .args(["-signed", if signed { "true" } else { "false" }]);
+    match qstep {
+        None => compress.args(["-reversible", "true"]),
+        Some(q) => compress.args(["-qstep", q]),
+    };
+    let out = compress
         .output()
         .expect("ojph_compress (Debian openjph-tools) runs");
     assert!(out.status.success(), "{out:?}");
+    let out = std::process::Command::new("ojph_expand")
+        .args(["-i", j2c.to_str().unwrap(), "-o", back.to_str().unwrap()])
+        .output()
+        .expect("ojph_expand runs");
+    assert!(out.status.success(), "{out:?}");
     let stream = std::fs::read(&j2c).unwrap();
+    let decoded = std::fs::read(&back)
+        .unwrap()
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
     std::fs::remove_dir_all(&dir).unwrap();
-    stream
+    (stream, decoded)
 }
 
 /// CT of 16 and 12 bits stored, unsigned and signed, in each High-Throughput JPEG 2000
@@ -588,9 +610,9 @@ fn htj2k_decodes_exactly() {
         o.put(DataElement::new(
             tags::PIXEL_DATA,
             VR::OB,
-            PixelFragmentSequence::new_fragments(vec![htj2k_encode(
-                &stored, cols, rows, bits, signed,
-            )]),
+            PixelFragmentSequence::new_fragments(vec![
+                htj2k_encode(&stored, (cols, rows), bits, signed, None).0,
+            ]),
         ));
         let what = format!("{bits} bits, signed {signed}, {ts}");
         let s = read_slice(&file(o, ts)).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -604,6 +626,43 @@ fn htj2k_decodes_exactly() {
             .count();
         assert_eq!(wrong, 0, "{what}: {wrong} of {n} samples differ");
     }
+}
+
+/// Lossy (irreversible) HTJ2K: radflow's values are OpenJPH's own decoding of the
+/// codestream, to within the one step two conforming 9/7 inverse transforms may differ.
+#[test]
+fn lossy_htj2k_matches_the_reference_decoder() {
+    let (rows, cols) = (40u16, 36u16);
+    let n = usize::from(rows) * usize::from(cols);
+    // Smooth anatomy-like structure with some noise, unsigned 16-bit.
+    let stored: Vec<u16> = (0..n)
+        .map(|i| {
+            let (r, c) = (
+                (i / usize::from(cols)) as f64,
+                (i % usize::from(cols)) as f64,
+            );
+            (2000.0 + 900.0 * (c / 5.0).sin() + 700.0 * (r / 7.0).cos()) as u16
+                + ((i * 7919) % 40) as u16
+        })
+        .collect();
+    let (stream, reference) = htj2k_encode(&stored, (cols, rows), 16, false, Some("0.001"));
+    let mut o = image(rows, cols, (16, 16, 15), false);
+    rescale(&mut o, "1", "-1024");
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PixelFragmentSequence::new_fragments(vec![stream]),
+    ));
+    let s = read_slice(&file(o, uids::HTJ2K)).unwrap();
+    let worst = s
+        .pixels
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - (f32::from(*b) - 1024.0)).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= 1.0, "off by {worst}");
+    // Lossy: the reference itself is not the input, so the comparison can tell.
+    assert_ne!(reference, stored);
 }
 
 /// Encapsulated Uncompressed (each frame a fragment of the native bytes) and Deflated

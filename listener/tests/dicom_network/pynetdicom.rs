@@ -32,6 +32,20 @@ if assoc.is_established:
 print(json.dumps(out))
 "#;
 
+/// Runs a pynetdicom script (written into `dir` as `name`) with `args`; returns the
+/// JSON report it prints last.
+async fn run_script(dir: &TempDir, name: &str, script: &str, args: &[String]) -> serde_json::Value {
+    let path = dir.path(name);
+    std::fs::write(&path, script).unwrap();
+    let mut all = vec![path.to_str().unwrap()];
+    all.extend(args.iter().map(String::as_str));
+    let out = run_tool(&python_with_pynetdicom(), &all).await;
+    assert!(out.status.success(), "script failed: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsupported_contexts_are_refused_and_ct_still_accepted() {
     let server = TestServer::start(ScpConfig::default()).await;
@@ -39,24 +53,13 @@ async fn unsupported_contexts_are_refused_and_ct_still_accepted() {
     let ct = Ct::new(&new_uid(), &new_uid(), 1, 64);
     let path = dir.path("ct.dcm");
     write_ct(&path, &ct);
-    let script = dir.path("scu.py");
-    std::fs::write(&script, SCRIPT).unwrap();
-
-    let python = python_with_pynetdicom();
-    let out = run_tool(
-        &python,
-        &[
-            script.to_str().unwrap(),
-            &server.port(),
-            path.to_str().unwrap(),
-        ],
+    let report = run_script(
+        &dir,
+        "scu.py",
+        SCRIPT,
+        &[server.port(), path.to_str().unwrap().to_string()],
     )
     .await;
-    assert!(out.status.success(), "script failed: {}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let report: serde_json::Value =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
 
     assert_eq!(report["established"], true);
     // 0 acceptance, 3 abstract syntax not supported, 4 transfer syntaxes not supported.
@@ -127,7 +130,6 @@ async fn concurrent_associations_in_every_compressed_syntax() {
     let dir = TempDir::new("concurrent");
     let study = new_uid();
     let series = new_uid();
-    let python = python_with_pynetdicom();
 
     // Inputs: explicit VR; JPEG process 14 (dcmcjpeg +el, which storescu cannot
     // propose); a source for the JPEG 2000 files that the script writes.
@@ -166,22 +168,14 @@ async fn concurrent_associations_in_every_compressed_syntax() {
     sent.push((j2k_lossless.clone(), "1.2.840.10008.1.2.4.90"));
     sent.push((j2k_lossy.clone(), "1.2.840.10008.1.2.4.91"));
 
-    let script = dir.path("concurrent.py");
-    std::fs::write(&script, CONCURRENT).unwrap();
     let mut args = vec![
-        script.to_str().unwrap().to_string(),
         server.port(),
         j2k_source.to_str().unwrap().to_string(),
         j2k_lossless.to_str().unwrap().to_string(),
         j2k_lossy.to_str().unwrap().to_string(),
     ];
     args.extend(groups.iter().map(|g| g.join(",")));
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_tool(&python, &arg_refs).await;
-    assert!(out.status.success(), "script failed: {}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let report = run_script(&dir, "concurrent.py", CONCURRENT, &args).await;
     for n in 0..4 {
         let r = &report[n.to_string()];
         assert_eq!(r["established"], true, "{report}");
@@ -281,20 +275,13 @@ async fn htj2k_and_newer_encapsulated_syntaxes_are_accepted_and_stored_exactly()
         write_ct(&source, &Ct::new(&study, &series, n as u32 + 1, 64));
         pairs.push((source, dir.path(&format!("{name}.dcm"))));
     }
-    let script = dir.path("newer.py");
-    std::fs::write(&script, NEWER_SYNTAXES).unwrap();
-    let mut args = vec![script.to_str().unwrap().to_string(), server.port()];
+    let mut args = vec![server.port()];
     args.extend(
         pairs
             .iter()
             .map(|(s, o)| format!("{},{}", s.display(), o.display())),
     );
-    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_tool(&python_with_pynetdicom(), &arg_refs).await;
-    assert!(out.status.success(), "script failed: {}", text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let report = run_script(&dir, "newer.py", NEWER_SYNTAXES, &args).await;
     assert_eq!(report["established"], true, "{report}");
     let mut proposed = vec![
         "1.2.840.10008.1.2.4.201",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Preprocessor speed and memory: a 300-slice 512x512 CT series (radflow's phantom,
-1 mm slices), uncompressed, JPEG Lossless SV1 (DCMTK dcmcjpeg +e1) and lossy 12-bit
-JPEG Extended (dcmcjpeg +ee), taken through read + decode + build + resample to 1.5 mm
-+ CT window + write .nii.gz by:
+1 mm slices), uncompressed, JPEG Lossless SV1 (DCMTK dcmcjpeg +e1), High-Throughput JPEG
+2000 lossless (OpenJPH's ojph_compress, through preprocessor/tests/reference.py) and
+lossy 12-bit JPEG Extended (dcmcjpeg +ee), taken through read + decode + build +
+resample to 1.5 mm + CT window + write .nii.gz by:
 
 - radflow:     radflow volume SERIES -o OUT.nii.gz --preset demo-tissue
 - SimpleITK:   ImageSeriesReader + ResampleImageFilter + Clamp + WriteImage
@@ -31,6 +32,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = os.path.join(HERE, "preprocessor_tools.py")
+REFERENCE = os.path.join(HERE, "..", "preprocessor", "tests", "reference.py")
 
 
 def timed(cmd):
@@ -61,6 +63,7 @@ def main():
     plain = os.path.join(work, "ct")
     lossless = os.path.join(work, "ct-jpeg-lossless")
     extended = os.path.join(work, "ct-jpeg-extended")
+    htj2k = os.path.join(work, "ct-htj2k")
     if not os.path.isdir(plain):
         subprocess.run(
             [args.radflow, "synth", "--out", plain, "--slices", "300", "--size", "512",
@@ -83,6 +86,9 @@ def main():
                     check=True,
                 )
 
+    if not os.path.isdir(htj2k):
+        subprocess.run([python, REFERENCE, "encode_htj2k", plain, htj2k], check=True)
+
     def size_mb(d):
         return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) / 1e6
 
@@ -95,6 +101,7 @@ def main():
     series = [
         ("uncompressed", plain, "SimpleITK"),
         ("JPEG Lossless SV1", lossless, "SimpleITK"),
+        ("HTJ2K lossless", htj2k, "SimpleITK"),
         ("JPEG Extended 12-bit", extended, "dicom2nifti"),
     ]
     for label, src, reference in series:

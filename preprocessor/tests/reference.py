@@ -26,7 +26,8 @@ Other commands (``argv[1]``): ``paths`` prints where the packages keep their tes
 files; ``replicate SRC OUT N STEP`` writes N copies of one DICOM file as a series,
 STEP mm apart along the slice normal; ``encode_j2k SRC OUT`` re-encodes a file as JPEG
 2000 lossless with pydicom; ``encode_htj2k SRC OUT`` as High-Throughput JPEG 2000
-lossless with OpenJPH's ``ojph_compress`` (the HTJ2K reference encoder).
+lossless with OpenJPH's ``ojph_compress`` (the HTJ2K reference encoder), every file of
+SRC into OUT when SRC is a folder.
 """
 
 import gzip
@@ -315,7 +316,14 @@ def main():
             "nibabel": os.path.join(os.path.dirname(nib.__file__), "nicom", "tests", "data"),
         }))
     elif cmd == "encode_htj2k":
-        encode_htj2k(sys.argv[2], sys.argv[3])
+        src, out = sys.argv[2], sys.argv[3]
+        if os.path.isdir(src):
+            # A folder: every file, in one process (the preprocessor benchmark).
+            os.makedirs(out, exist_ok=True)
+            for name in sorted(os.listdir(src)):
+                encode_htj2k(os.path.join(src, name), os.path.join(out, name))
+        else:
+            encode_htj2k(src, out)
     elif cmd == "replicate":
         replicate(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     elif cmd == "encode_j2k":

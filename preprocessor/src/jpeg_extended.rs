@@ -19,7 +19,7 @@
 use std::sync::OnceLock;
 
 use crate::jpeg_lossless::{
-    Bits, Huffman, JpegError, difference, huffman_tables, u16_at, walk_segments,
+    Bits, Huffman, JpegError, difference, huffman_tables, same_size, u16_at, walk_segments,
 };
 use JpegError::{Corrupt, Unsupported};
 
@@ -217,12 +217,7 @@ pub fn decode(
     out: &mut Vec<u8>,
 ) -> Result<(), JpegError> {
     let h = parse(stream)?;
-    if (h.rows, h.cols) != (rows, cols) {
-        return Err(Corrupt(format!(
-            "the stream holds {}x{} samples, the image is {cols}x{rows}",
-            h.cols, h.rows
-        )));
-    }
+    same_size((h.rows, h.cols), (rows, cols))?;
     if !(1..=2).contains(&bytes_per_sample) || (bytes_per_sample == 1 && h.precision > 8) {
         return Err(Unsupported(format!(
             "{}-bit samples into {bytes_per_sample}-byte samples",

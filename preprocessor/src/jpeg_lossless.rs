@@ -455,6 +455,17 @@ fn parse(b: &[u8]) -> Result<Header, JpegError> {
     })
 }
 
+/// Fails unless a stream's frame header (`rows`, `cols`) describes the image it is in.
+pub(crate) fn same_size(stream: (usize, usize), image: (usize, usize)) -> Result<(), JpegError> {
+    if stream != image {
+        return Err(Corrupt(format!(
+            "the stream holds {}x{} samples, the image is {}x{}",
+            stream.1, stream.0, image.1, image.0
+        )));
+    }
+    Ok(())
+}
+
 /// Decodes one codestream into `out` as little-endian samples of `bytes_per_sample`
 /// (1 or 2) bytes, for an image of `rows` × `cols`; `out` is cleared first.
 pub fn decode(
@@ -465,12 +476,7 @@ pub fn decode(
     out: &mut Vec<u8>,
 ) -> Result<(), JpegError> {
     let h = parse(stream)?;
-    if (h.rows, h.cols) != (rows, cols) {
-        return Err(Corrupt(format!(
-            "the stream holds {}x{} samples, the image is {cols}x{rows}",
-            h.cols, h.rows
-        )));
-    }
+    same_size((h.rows, h.cols), (rows, cols))?;
     if h.restart_interval > 0 && h.restart_interval % cols != 0 {
         return Err(Unsupported(
             "restart intervals that start inside a line".into(),

@@ -287,6 +287,11 @@ pub struct ListenerArgs {
     /// (comma-separated).
     #[arg(long, env = "RADFLOW_PRIVATE_SOP_CLASSES", value_delimiter = ',')]
     pub private_sop_classes: Vec<String>,
+    /// Transfer syntaxes to accept (comma-separated): UIDs, `default` (every syntax
+    /// the preprocessor decodes) or `lossless` (the lossless ones among them). Default:
+    /// `default`.
+    #[arg(long, env = "RADFLOW_TRANSFER_SYNTAXES", value_delimiter = ',')]
+    pub transfer_syntaxes: Vec<String>,
     /// Instances larger than this many bytes are written to the store in parts as
     /// they arrive instead of being held whole in memory.
     #[arg(long, env = "RADFLOW_STREAM_THRESHOLD", default_value_t = 16 << 20)]

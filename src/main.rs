@@ -168,6 +168,7 @@ fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .collect(),
+        transfer_syntaxes: transfer_syntaxes(args)?,
         max_pdu: args.max_pdu,
         max_associations: args.max_associations,
         max_instance_bytes: args.max_instance_bytes,
@@ -178,6 +179,24 @@ fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
         tls,
         ..ScpConfig::default()
     })
+}
+
+/// The listener's transfer syntaxes; a syntax the preprocessor cannot decode is
+/// accepted and stored as received, with a warning, since its series will be refused
+/// (or skipped, when its objects are not cross-sectional images).
+fn transfer_syntaxes(args: &ListenerArgs) -> Result<Vec<String>> {
+    let list = radflow_listener::sop_classes::transfer_syntaxes_from(&args.transfer_syntaxes)
+        .map_err(|e| anyhow::anyhow!("--transfer-syntaxes: {e}"))?;
+    for uid in &list {
+        if !radflow_preprocessor::decode::decodes_transfer_syntax(uid) {
+            tracing::warn!(
+                transfer_syntax = %uid,
+                "accepted transfer syntax that the preprocessor does not decode: instances \
+                 are stored as received, image series in it will be refused"
+            );
+        }
+    }
+    Ok(list)
 }
 
 fn admission_config(args: &ListenerArgs) -> AdmissionConfig {

@@ -120,6 +120,26 @@ fn ready_events(nats: &NatsServer, series: &str) -> Vec<SeriesReady> {
     })
 }
 
+/// A misspelt `--transfer-syntaxes` stops the listener at start, naming the option,
+/// rather than leaving it to refuse every sender.
+#[test]
+fn an_unknown_transfer_syntax_stops_the_listener_at_start() {
+    let t = TempDir::new("bad-syntax");
+    let out = radflow()
+        .args(["run", "--data", t.path().to_str().unwrap()])
+        .args(["--dicom-port", &free_port().to_string()])
+        .args(["--http-port", &free_port().to_string()])
+        .args(["--transfer-syntaxes", "lossless,jpeg-lossless"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--transfer-syntaxes") && stderr.contains("\"jpeg-lossless\""),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn sigkill_mid_association_loses_no_acknowledged_instance() {
     let nats = NatsServer::start().expect("nats-server");

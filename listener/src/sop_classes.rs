@@ -48,6 +48,60 @@ pub const DEFAULT_TRANSFER_SYNTAXES: &[&str] = &[
     "1.2.840.10008.1.2.8.1",   // Deflated Image Frame Compression
 ];
 
+/// The lossless subset of [`DEFAULT_TRANSFER_SYNTAXES`], which `--transfer-syntaxes
+/// lossless` accepts: for sites whose models must never see lossy-compressed pixels
+/// (a sender that has the original then sends it uncompressed or losslessly coded).
+pub const LOSSLESS_TRANSFER_SYNTAXES: &[&str] = &[
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    "1.2.840.10008.1.2.4.57", // JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70", // JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80", // JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90", // JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.92", // JPEG 2000 Part 2 Multi-component Lossless
+    "1.2.840.10008.1.2.4.201", // High-Throughput JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.202", // High-Throughput JPEG 2000 with RPCL Options Lossless
+    "1.2.840.10008.1.2.5",    // RLE Lossless
+    "1.2.840.10008.1.2.1.98", // Encapsulated Uncompressed Explicit VR Little Endian
+    "1.2.840.10008.1.2.8.1",  // Deflated Image Frame Compression
+];
+
+/// The transfer syntaxes to accept, from an operator's list (`--transfer-syntaxes`):
+/// UIDs of transfer syntaxes the DICOM standard defines, and the words `default` (the
+/// [`DEFAULT_TRANSFER_SYNTAXES`]) and `lossless` ([`LOSSLESS_TRANSFER_SYNTAXES`]), in
+/// any mix. An empty list means the default. Order does not matter: the sender's
+/// preference decides among the syntaxes it proposes.
+pub fn transfer_syntaxes_from(items: &[String]) -> Result<Vec<String>, String> {
+    use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+    fn add(out: &mut Vec<String>, uids: &[&str]) {
+        for uid in uids {
+            if !out.iter().any(|u| u == uid) {
+                out.push((*uid).to_owned());
+            }
+        }
+    }
+    let mut out: Vec<String> = Vec::new();
+    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        match item {
+            "default" => add(&mut out, DEFAULT_TRANSFER_SYNTAXES),
+            "lossless" => add(&mut out, LOSSLESS_TRANSFER_SYNTAXES),
+            uid if TransferSyntaxRegistry.get(uid).is_some() => add(&mut out, &[uid]),
+            other => {
+                return Err(format!(
+                    "{other:?} is not a transfer syntax UID of the DICOM standard, nor \
+                     `default` or `lossless`"
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        add(&mut out, DEFAULT_TRANSFER_SYNTAXES);
+    }
+    Ok(out)
+}
+
 /// Names that contain "Storage" in the dictionary but are not services of the Storage
 /// Service Class (they are never the subject of a C-STORE).
 const NOT_STORAGE: &[&str] = &[
@@ -96,6 +150,37 @@ mod tests {
             ("1.2.840.10008.5.1.4.1.1.128", "PET Image Storage"),
         ] {
             assert!(is_storage_sop_class(uid), "{what} ({uid}) must be storage");
+        }
+    }
+
+    #[test]
+    fn transfer_syntax_lists_from_an_operator() {
+        let list = |items: &[&str]| {
+            transfer_syntaxes_from(&items.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(list(&[]).unwrap(), DEFAULT_TRANSFER_SYNTAXES);
+        assert_eq!(list(&[" "]).unwrap(), DEFAULT_TRANSFER_SYNTAXES);
+        let lossless = list(&["lossless"]).unwrap();
+        assert_eq!(lossless, LOSSLESS_TRANSFER_SYNTAXES);
+        assert!(!lossless.iter().any(|u| u == "1.2.840.10008.1.2.4.50"));
+        // Every lossless syntax is also a default one.
+        assert!(
+            lossless
+                .iter()
+                .all(|u| DEFAULT_TRANSFER_SYNTAXES.contains(&u.as_str()))
+        );
+        // A standard syntax outside the default (MPEG-4 video), once, after the rest.
+        let more = list(&[
+            "lossless",
+            " 1.2.840.10008.1.2.4.102",
+            "1.2.840.10008.1.2.1",
+        ]);
+        let more = more.unwrap();
+        assert_eq!(more.len(), LOSSLESS_TRANSFER_SYNTAXES.len() + 1);
+        assert_eq!(more.last().unwrap(), "1.2.840.10008.1.2.4.102");
+        for bad in ["1.2.3.4", "jpeg", "1.2.840.10008.5.1.4.1.1.2"] {
+            let e = list(&[bad]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
         }
     }
 

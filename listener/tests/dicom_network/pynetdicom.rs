@@ -315,3 +315,60 @@ async fn htj2k_and_newer_encapsulated_syntaxes_are_accepted_and_stored_exactly()
         assert_stored_exactly(find(&received, &uid), sent, ts, "PYNEWTS");
     }
 }
+
+/// Proposes CT Image Storage in one syntax per context and reports each context's
+/// result.
+const ONE_SYNTAX_PER_CONTEXT: &str = r#"
+import json, sys
+from pynetdicom import AE
+
+port, syntaxes = int(sys.argv[1]), sys.argv[2:]
+ae = AE(ae_title="PYLOSSLESS")
+for ts in syntaxes:
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [ts])
+assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+out = {"established": assoc.is_established, "results": {}}
+if assoc.is_established:
+    for cx in assoc.accepted_contexts + assoc.rejected_contexts:
+        out["results"][cx.transfer_syntax[0]] = cx.result
+    assoc.release()
+print(json.dumps(out))
+"#;
+
+/// A site that accepts lossless syntaxes only refuses the lossy ones per context, with
+/// "transfer syntaxes not supported", so the sender can send the original instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossless_only_listener_refuses_lossy_contexts() {
+    let syntaxes =
+        radflow_listener::sop_classes::transfer_syntaxes_from(&["lossless".into()]).unwrap();
+    let server = TestServer::start(ScpConfig {
+        transfer_syntaxes: syntaxes,
+        ..ScpConfig::default()
+    })
+    .await;
+    let dir = TempDir::new("lossless-only");
+    let lossy = [
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.203",
+    ];
+    let lossless = [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.201",
+    ];
+    let mut args = vec![server.port()];
+    args.extend(lossy.iter().chain(&lossless).map(|s| s.to_string()));
+    let report = run_script(&dir, "lossless.py", ONE_SYNTAX_PER_CONTEXT, &args).await;
+    assert_eq!(report["established"], true, "{report}");
+    // 0 acceptance, 4 transfer syntaxes not supported.
+    for ts in lossy {
+        assert_eq!(report["results"][ts], 4, "{ts}: {report}");
+    }
+    for ts in lossless {
+        assert_eq!(report["results"][ts], 0, "{ts}: {report}");
+    }
+}

@@ -63,7 +63,8 @@ use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
 
 use crate::jpeg_extended;
-use crate::jpeg_lossless::{self, JpegError};
+use crate::jpeg_lossless;
+use crate::jpeg_stream::JpegError;
 use crate::mosaic;
 use crate::scan::{self, PixelSpan};
 
@@ -534,12 +535,17 @@ fn decode_checked(
                 detail,
             };
             let mut buf = Vec::with_capacity(frame_len);
-            // radflow's own decoders: lossless JPEG (see `jpeg_lossless`), and JPEG
-            // Extended with samples over 8 bits, which dicom-pixeldata's JPEG codec
-            // does not decode (see `jpeg_extended`).
-            let own: Option<JpegDecoder> = match p.ts_uid.as_str() {
-                uids::JPEG_LOSSLESS | uids::JPEG_LOSSLESS_SV1 => Some(jpeg_lossless::decode),
-                uids::JPEG_EXTENDED12_BIT if format.bits_stored > 8 => Some(jpeg_extended::decode),
+            // radflow's own decoders: lossless JPEG (see `jpeg_lossless`), with
+            // dicom-pixeldata for the streams it declines; and JPEG Extended with
+            // samples over 8 bits, which dicom-pixeldata's JPEG codec does not decode
+            // at all (see `jpeg_extended`), so what it declines is refused by name.
+            let own: Option<(JpegDecoder, bool)> = match p.ts_uid.as_str() {
+                uids::JPEG_LOSSLESS | uids::JPEG_LOSSLESS_SV1 => {
+                    Some((jpeg_lossless::decode, true))
+                }
+                uids::JPEG_EXTENDED12_BIT if format.bits_stored > 8 => {
+                    Some((jpeg_extended::decode, false))
+                }
                 _ => None,
             };
             for (frame, outs) in by_frame {
@@ -547,7 +553,7 @@ fn decode_checked(
                 // Through radflow's decoder when it handles the stream, else through
                 // dicom-pixeldata.
                 let mut done = false;
-                if let Some(decode) = own
+                if let Some((decode, fallback)) = own
                     && let Some(data) = obj.frame_pixel_data(frame)
                 {
                     match decode(
@@ -558,6 +564,15 @@ fn decode_checked(
                         &mut buf,
                     ) {
                         Ok(()) => done = true,
+                        Err(JpegError::Unsupported(why)) if !fallback => {
+                            return Err(DecodeError::UnsupportedTransferSyntax {
+                                uid: p.ts_uid.clone(),
+                                name: format!(
+                                    "{} with {}-bit samples, {why}",
+                                    p.ts_name, format.bits_stored
+                                ),
+                            });
+                        }
                         Err(JpegError::Unsupported(_)) => buf.clear(),
                         Err(e) => return Err(codec_error(e.to_string())),
                     }

@@ -7,9 +7,9 @@
 //! decoder handles what DICOM grey-scale images use: one component, any sampling
 //! factors (one component makes each block its own MCU), 8- or 16-bit quantisation
 //! tables, restart intervals. The inverse DCT is computed in `f32` from the T.81
-//! definition (A.3.3) and rounded, so results may differ by one from integer
-//! implementations such as IJG's (which DCMTK uses), as any two conforming decoders
-//! may (T.83 allows a difference of one).
+//! definition (A.3.3) and rounded; T.81 leaves the arithmetic of the inverse DCT to
+//! the decoder, so samples may differ by one from integer implementations such as
+//! IJG's (which DCMTK uses), as they do between any two decoders.
 //!
 //! Anything else (several components, progressive or arithmetic coding, lossless or
 //! hierarchical frames, a height given by a DNL marker) returns
@@ -18,7 +18,7 @@
 
 use std::sync::OnceLock;
 
-use crate::jpeg_lossless::{
+use crate::jpeg_stream::{
     Bits, Huffman, JpegError, difference, huffman_tables, same_size, u16_at, walk_segments,
 };
 use JpegError::{Corrupt, Unsupported};
@@ -499,6 +499,10 @@ mod tests {
             .collect())
     }
 
+    /// The encoder here shares the decoder's DCT basis, so this checks the coding
+    /// (Huffman, zig-zag, quantisation, edges), not the basis itself: streams of real
+    /// encoders are compared with DCMTK's and libjpeg's decoding in
+    /// `tests/references.rs`.
     #[test]
     fn round_trips_within_the_quantisation_error() {
         // Sizes that are and are not multiples of the block size.

@@ -4,8 +4,9 @@
 //!
 //! - [`decode`] reads one file: its images' headers, then their pixels in physical
 //!   units; `scan` checks a file's structure before anything parses it,
-//!   `mosaic` cuts Siemens mosaics into slices and [`jpeg_lossless`] decodes the
-//!   commonest compressed syntax fast.
+//!   `mosaic` cuts Siemens mosaics into slices, [`jpeg_lossless`] decodes the
+//!   commonest compressed syntax fast and [`jpeg_extended`] the 12-bit lossy one no
+//!   crate reads (both on [`jpeg_stream`]).
 //! - [`select`] decides which images of a series make its volume (and why the others
 //!   do not); [`geometry`] orders them along the slice normal and plans the regular
 //!   grid; [`convert`] decodes the chosen images straight into that grid.
@@ -18,6 +19,7 @@ pub mod decode;
 pub mod geometry;
 pub mod jpeg_extended;
 pub mod jpeg_lossless;
+pub mod jpeg_stream;
 mod mosaic;
 pub mod nifti;
 pub mod normalize;

@@ -193,6 +193,24 @@ fn every_transfer_syntax_decodes_like_simpleitk() {
     assert!(max <= 1.0 && mean < 0.1, "max {max}, mean {mean}");
     // Lossy, and not a copy of the source: the comparison can tell.
     assert_ne!(ours.data, reference.data);
+    // A 12-bit stream radflow's decoder does not handle (its frame header turned
+    // progressive) is refused by name, not handed to a codec that cannot read it.
+    let mut progressive = std::fs::read(&files(&extended)[0]).unwrap();
+    let sof1 = progressive
+        .windows(2)
+        .rposition(|w| w == [0xFF, 0xC1])
+        .expect("a SOF1 marker");
+    progressive[sof1 + 1] = 0xC2;
+    let e = decode::read_slice(&progressive).unwrap_err();
+    assert!(
+        matches!(e, decode::DecodeError::UnsupportedTransferSyntax { .. }),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("with 12-bit samples, frame type SOF2"),
+        "{e}"
+    );
 }
 
 #[test]

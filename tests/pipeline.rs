@@ -185,13 +185,14 @@ fn embedded_pipeline_recovers_after_a_crash() {
         "storescu failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The listener logs the release just after answering it, so storescu can exit a
+    // moment before the line is written: wait for it (well inside the 2 s quiet
+    // period that follows a release), then crash.
+    wait_for("the release in the log", Duration::from_secs(1), || {
+        first.logs().contains("association released").then_some(())
+    });
     first.kill();
     assert!(!summary_path(&data, &truth.series_uid).exists());
-    assert!(
-        first.logs().contains("association released"),
-        "{}",
-        first.logs()
-    );
     assert!(
         !first.logs().contains("series ready"),
         "the series became ready before the crash"

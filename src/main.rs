@@ -6,6 +6,8 @@
 mod cli;
 mod export;
 mod ops;
+#[cfg(test)]
+mod reference;
 mod score;
 mod tools;
 

@@ -100,8 +100,8 @@ pub struct ScoreArgs {
 pub struct SourceArgs {
     #[command(flatten)]
     pub bus: BusArgs,
-    /// HTTP address of a running radflow (e.g. http://127.0.0.1:8080); used instead of
-    /// NATS, and the only way to inspect the embedded mode.
+    /// HTTP address of a running radflow, the way to inspect the embedded mode. Without
+    /// it and without --nats-url: the local `radflow run`, http://127.0.0.1:8080.
     #[arg(long, env = "RADFLOW_URL")]
     pub url: Option<String>,
 }

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::progress::Progress;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use radflow_inferer::worker::Summary;
@@ -213,6 +214,7 @@ pub async fn export_dataset(args: ExportArgs) -> Result<()> {
         jobs.len()
     );
 
+    let progress = Progress::new(jobs.len() as u64, "series");
     let mut exported: Vec<Exported> = Vec::with_capacity(jobs.len());
     let mut skipped = 0usize;
     let mut queue = jobs.into_iter();
@@ -230,13 +232,18 @@ pub async fn export_dataset(args: ExportArgs) -> Result<()> {
             break;
         };
         match done.context("an export task failed")? {
-            (_, Ok(e)) => exported.push(e),
+            (_, Ok(e)) => {
+                progress.inc(0);
+                exported.push(e);
+            }
             (series, Err(why)) => {
                 skipped += 1;
-                eprintln!("skipped series {series}: {why:#}");
+                progress.println(format!("skipped series {series}: {why:#}"));
+                progress.inc(0);
             }
         }
     }
+    progress.finish();
     exported.sort_by(|a, b| a.item.id.cmp(&b.item.id));
 
     // The manifest: the registry's labels (or the results' own), then any other value

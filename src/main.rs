@@ -6,6 +6,7 @@
 mod cli;
 mod export;
 mod ops;
+mod progress;
 #[cfg(test)]
 mod reference;
 mod score;

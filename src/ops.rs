@@ -1,8 +1,10 @@
 //! The operator commands: `status` and `dlq`.
 //!
-//! Both read either NATS directly (`--nats-url`) or a running radflow's HTTP port
-//! (`--url`, which is how the embedded mode is inspected); the report itself is built
-//! by `radflow_shared::status` in both cases.
+//! Both read either NATS directly (`--nats-url`, distributed mode) or a running
+//! radflow's HTTP port (`--url`, which is how the embedded mode is inspected); the report
+//! itself is built by `radflow_shared::status` in both cases. With neither, they ask the
+//! embedded instance on this machine ([`LOCAL_URL`]), which is what `radflow run` serves
+//! by default, so `radflow status` right after `radflow run` needs no flag.
 
 use std::time::Duration;
 
@@ -14,19 +16,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DlqArgs, DlqCommand, SourceArgs, StatusArgs};
 
+/// The HTTP address of `radflow run` with its default `--http-port`.
+pub const LOCAL_URL: &str = "http://127.0.0.1:8080";
+
 enum Source {
     Nats(std::sync::Arc<radflow_shared::bus::NatsBus>),
-    Http(String),
+    Http { url: String, defaulted: bool },
 }
 
 async fn open(args: &SourceArgs) -> Result<Source> {
     if let Some(url) = &args.url {
-        return Ok(Source::Http(url.trim_end_matches('/').to_owned()));
+        let url = url.trim_end_matches('/').to_owned();
+        return Ok(Source::Http {
+            url,
+            defaulted: false,
+        });
     }
     if args.bus.nats_url.is_none() {
-        bail!(
-            "say where to look: --nats-url nats://… (distributed) or --url http://host:8080 (a running radflow)"
-        );
+        let url = LOCAL_URL.to_owned();
+        return Ok(Source::Http {
+            url,
+            defaulted: true,
+        });
     }
     let cancel = CancellationToken::new();
     let connect = args.bus.connect_nats("radflow-ops", &cancel);
@@ -36,12 +47,37 @@ async fn open(args: &SourceArgs) -> Result<Source> {
     Ok(Source::Nats(bus))
 }
 
+impl Source {
+    /// GET or POST `path` on a running radflow's HTTP port.
+    async fn http_json<T: serde::de::DeserializeOwned>(
+        base: &str,
+        defaulted: bool,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<T> {
+        http_json(method, format!("{base}{path}"))
+            .await
+            .map_err(|e| {
+                if defaulted {
+                    e.context(format!(
+                        "no radflow answers at {LOCAL_URL}: start one with `radflow run`, or say \
+                     where to look: --url http://host:port (RADFLOW_URL) for a running radflow, \
+                     --nats-url nats://host:4222 for the distributed mode"
+                    ))
+                } else {
+                    e
+                }
+            })
+    }
+}
+
 async fn http_json<T: serde::de::DeserializeOwned>(
     method: reqwest::Method,
     url: String,
 ) -> Result<T> {
     let resp = reqwest::Client::new()
         .request(method, &url)
+        .timeout(Duration::from_secs(30))
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
@@ -56,7 +92,9 @@ async fn http_json<T: serde::de::DeserializeOwned>(
 async fn report(source: &Source, args: &StatusArgs) -> Result<StatusReport> {
     let mut report = match source {
         Source::Nats(bus) => status::collect(&**bus as &dyn Bus, args.recent).await?,
-        Source::Http(url) => http_json(reqwest::Method::GET, format!("{url}/status")).await?,
+        Source::Http { url, defaulted } => {
+            Source::http_json(url, *defaulted, reqwest::Method::GET, "/status").await?
+        }
     };
     if let Some(monitor) = &args.nats_monitor_url {
         match status::server_info(monitor).await {
@@ -96,7 +134,9 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
         DlqCommand::List { source, json } => {
             let list: Vec<Failure> = match open(&source).await? {
                 Source::Nats(bus) => status::dead_letters(&*bus, 10_000).await?,
-                Source::Http(url) => http_json(reqwest::Method::GET, format!("{url}/dlq")).await?,
+                Source::Http { url, defaulted } => {
+                    Source::http_json(&url, defaulted, reqwest::Method::GET, "/dlq").await?
+                }
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -113,10 +153,11 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
             debug_assert!(all || seq.is_some());
             let n = match open(&source).await? {
                 Source::Nats(bus) => status::replay(&*bus, seq).await?,
-                Source::Http(url) => {
+                Source::Http { url, defaulted } => {
                     let q = seq.map(|s| format!("?seq={s}")).unwrap_or_default();
+                    let path = format!("/dlq/replay{q}");
                     let v: serde_json::Value =
-                        http_json(reqwest::Method::POST, format!("{url}/dlq/replay{q}")).await?;
+                        Source::http_json(&url, defaulted, reqwest::Method::POST, &path).await?;
                     v["replayed"].as_u64().unwrap_or(0) as usize
                 }
             };

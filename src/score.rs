@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ScoreArgs;
+use crate::progress::Progress;
 
 /// What the filters look at, read from the first instance of a series.
 #[derive(Debug, Clone, Default)]
@@ -140,17 +141,6 @@ async fn upload(store: &Store, folder: &Path) -> Result<Vec<(String, String)>> {
     Ok(series.into_iter().collect())
 }
 
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} series  {per_sec}  ETA {eta}  {msg}",
-        )
-        .expect("a valid progress template"),
-    );
-    bar
-}
-
 /// `radflow score`
 pub async fn score(args: ScoreArgs) -> Result<()> {
     let registry = Registry::load_or_builtin(args.models.models.as_deref())?;
@@ -252,7 +242,7 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
     );
 
     // 4. Feed with a bounded number in flight, following results and dead letters.
-    let bar = progress_bar(todo.len() as u64);
+    let bar = Progress::new(todo.len() as u64, "series");
     let started = Instant::now();
     let mut queue = todo.into_iter();
     let mut in_flight: HashMap<usize, Instant> = HashMap::new();
@@ -300,7 +290,7 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
         for i in finished {
             in_flight.remove(&i);
             rows[i].status = "scored".into();
-            bar.inc(1);
+            bar.inc(0);
         }
         // Failed: a dead letter with the request's correlation id.
         if last_dlq_check.elapsed() > Duration::from_secs(3) && !in_flight.is_empty() {
@@ -314,12 +304,12 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
                     in_flight.remove(&i);
                     rows[i].status = "failed".into();
                     rows[i].failure = Some(format!("{} ({}: {})", f.code, f.stage, f.reason));
-                    bar.inc(1);
+                    bar.inc(0);
                 }
             }
         }
     }
-    bar.finish_with_message(format!("in {:.0?}", started.elapsed()));
+    bar.finish();
 
     // 5. Figures of the finished ones, then the report.
     for row in rows

@@ -9,6 +9,7 @@ use radflow_preprocessor::synth::{PhantomSpec, SynthSyntax};
 use radflow_shared::models::Registry;
 
 use crate::cli::{GeometryArgs, SendArgs, SynthArgs, VolumeArgs};
+use crate::progress::Progress;
 
 /// `radflow synth`: a phantom study as DICOM files, plus `truth.json` beside them.
 pub fn synth(args: SynthArgs) -> Result<()> {
@@ -90,10 +91,17 @@ pub async fn send(args: SendArgs) -> Result<()> {
     radflow_listener::scu::echo(&args.to, &args.calling_ae, &args.called_ae)
         .await
         .with_context(|| format!("C-ECHO to {} ({}) failed", args.to, args.called_ae))?;
-    let report =
-        radflow_listener::scu::send_files(&args.to, &args.calling_ae, &args.called_ae, &files)
-            .await
-            .with_context(|| format!("sending to {} failed", args.to))?;
+    let progress = Progress::new(files.len() as u64, "files");
+    let report = radflow_listener::scu::send_files_with_progress(
+        &args.to,
+        &args.calling_ae,
+        &args.called_ae,
+        &files,
+        &mut |bytes| progress.inc(bytes),
+    )
+    .await
+    .with_context(|| format!("sending to {} failed", args.to))?;
+    progress.finish();
     println!(
         "sent {} instance(s) to {} ({}); {} failed, {} skipped (not DICOM)",
         report.sent,

@@ -207,6 +207,12 @@ fn export_dataset_writes_aligned_pairs_and_deidentifies() {
     let out = run_ok(export(&plain, &[]), "radflow export-dataset");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("3 exported, 0 skipped"), "{stdout}");
+    // Not on a terminal: progress comes as plain lines on stderr, the last one complete.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l.starts_with("3/3 series (100 %)")),
+        "{stderr}"
+    );
     let report = check(&plain, &uids, &store);
     let manifest = &report["manifest"];
     assert_eq!(manifest["schema_version"], 1);

@@ -294,6 +294,86 @@ fn embedded_status_over_http() {
     assert_eq!(report["assembling"][0]["instances"], 4);
 }
 
+/// What a newcomer does: `radflow run` in an empty folder with its defaults (HTTP on
+/// 8080), a study sent, then `radflow status` and `radflow dlq list` with no flags at
+/// all find that instance. Only the DICOM port is moved off 11112, so that a DICOM node
+/// running on the machine cannot get in the way; the HTTP port is the default one, which
+/// is the point of the test. Before the instance starts, `radflow status` says where it
+/// looked and how to point it elsewhere, instead of a bare connection error.
+#[test]
+fn status_and_dlq_find_the_local_instance_without_flags() {
+    let work = TempDir::new("status-no-flags");
+    let no_flags = |args: &[&str]| {
+        let mut cmd = radflow();
+        cmd.current_dir(work.path())
+            .env_remove("RADFLOW_URL")
+            .env_remove("RADFLOW_NATS_URL")
+            .args(args);
+        cmd
+    };
+    let out = no_flags(&["status", "--json"]).output().unwrap();
+    assert!(!out.status.success(), "nothing should answer on 8080 yet");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http://127.0.0.1:8080"), "{err}");
+    assert!(err.contains("--nats-url") && err.contains("--url"), "{err}");
+
+    let dicom_port = free_port();
+    let mut cmd = radflow();
+    cmd.current_dir(work.path())
+        .env("ORT_DYLIB_PATH", ort_library())
+        .env_remove("RADFLOW_URL")
+        .env_remove("RADFLOW_NATS_URL")
+        .args(["run", "--dicom-port", &dicom_port.to_string()])
+        .args(["--series-quiet-secs", "30"]);
+    let mut run = Proc::spawn("run", cmd, work.path());
+    wait_port(dicom_port, &mut [&mut run]);
+    wait_port(8080, &mut [&mut run]);
+
+    let series = work.path().join("series");
+    let truth = synth(&series, 32, 3, &[]);
+    let mut send = radflow();
+    send.arg("send")
+        .arg(&series)
+        .args(["--to", &format!("127.0.0.1:{dicom_port}")]);
+    let sent = run_ok(send, "radflow send");
+    // Not on a terminal: progress as plain lines on stderr, the last one complete (the
+    // phantom's truth.json is a file too, skipped as not DICOM).
+    let stderr = String::from_utf8_lossy(&sent.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("4/4 files (100 %)") && l.contains("MB/s")),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&sent.stdout);
+    assert!(stdout.contains("sent 3 instance(s)"), "{stdout}");
+    assert!(
+        work.path().join("radflow-data/dicom").is_dir(),
+        "`radflow run` keeps its data in ./radflow-data"
+    );
+
+    let json = |args: &[&str]| {
+        let out = run_ok(no_flags(args), &format!("radflow {}", args.join(" ")));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let report = wait_for(
+        "the study in `radflow status`",
+        Duration::from_secs(20),
+        || {
+            let r = json(&["status", "--json"]);
+            (r["assembling"].as_array()?.len() == 1).then_some(r)
+        },
+    );
+    assert_eq!(report["bus"], "in-process");
+    assert_eq!(
+        report["assembling"][0]["series_uid"],
+        truth.series_uid.as_str()
+    );
+    assert_eq!(report["assembling"][0]["instances"], 3);
+    assert_eq!(json(&["dlq", "list", "--json"]), serde_json::json!([]));
+    run.assert_running();
+}
+
 /// A minimal OTLP/HTTP receiver: records the bodies POSTed to /v1/traces.
 fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     use std::io::{BufRead, BufReader, Read, Write};

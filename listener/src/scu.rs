@@ -152,17 +152,36 @@ pub async fn send_files(
     called_ae: &str,
     files: &[PathBuf],
 ) -> Result<SendReport, ScuError> {
+    send_files_with_progress(addr, calling_ae, called_ae, files, &mut |_| {}).await
+}
+
+/// [`send_files`], calling `on_file` once per file as it is done with (sent, failed or
+/// skipped), with the number of dataset bytes sent for it (0 if none), so a caller can
+/// show progress.
+pub async fn send_files_with_progress(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    files: &[PathBuf],
+    on_file: &mut (dyn FnMut(u64) + Send),
+) -> Result<SendReport, ScuError> {
     let mut report = SendReport::default();
     let mut prepared = Vec::new();
     for path in files {
         match read_meta(path) {
             Ok(Some(p)) => prepared.push(p),
-            Ok(None) => report.skipped.push(path.clone()),
-            Err(comment) => report.failed.push(FailedFile {
-                path: path.clone(),
-                status: None,
-                comment,
-            }),
+            Ok(None) => {
+                report.skipped.push(path.clone());
+                on_file(0);
+            }
+            Err(comment) => {
+                report.failed.push(FailedFile {
+                    path: path.clone(),
+                    status: None,
+                    comment,
+                });
+                on_file(0);
+            }
         }
     }
 
@@ -194,12 +213,13 @@ pub async fn send_files(
                     report
                         .failed
                         .push(not_sent(p, "receiver accepted no presentation context"));
+                    on_file(0);
                 }
                 continue;
             }
             Err(e) => return Err(e),
         };
-        send_batch(&mut assoc, &batch_files, &mut report).await;
+        send_batch(&mut assoc, &batch_files, &mut report, on_file).await;
         let _ = assoc.release().await;
     }
     Ok(report)
@@ -210,6 +230,7 @@ async fn send_batch(
     assoc: &mut AsyncClientAssociation<TcpStream>,
     files: &[&Prepared],
     report: &mut SendReport,
+    on_file: &mut (dyn FnMut(u64) + Send),
 ) {
     let mut message_id: u16 = 0;
     for (i, p) in files.iter().enumerate() {
@@ -223,17 +244,21 @@ async fn send_batch(
                 p,
                 "receiver refused the SOP class or transfer syntax",
             ));
+            on_file(0);
             continue;
         };
         let dataset = match read_dataset(p).await {
             Ok(d) => d,
             Err(comment) => {
                 report.failed.push(not_sent(p, &comment));
+                on_file(0);
                 continue;
             }
         };
         message_id = message_id.wrapping_add(1).max(1);
-        match store_one(assoc, context_id, message_id, p, &dataset).await {
+        let result = store_one(assoc, context_id, message_id, p, &dataset).await;
+        on_file(dataset.len() as u64);
+        match result {
             Ok(response) => {
                 let status = response.status.unwrap_or(dimse::CANNOT_UNDERSTAND);
                 match dimse::status_kind(status) {
@@ -251,6 +276,7 @@ async fn send_batch(
                     report
                         .failed
                         .push(not_sent(rest, "not sent: the association ended"));
+                    on_file(0);
                 }
                 return;
             }

@@ -35,6 +35,14 @@ pub fn dcmtk(tool: &str) -> Command {
     c
 }
 
+/// The ONNX Runtime library of the repository's `.venv`, for a radflow started outside
+/// the repository (which would not find it by itself).
+pub fn ort_library() -> PathBuf {
+    // Tests run in the repository, where the library is found as `radflow run` finds it.
+    radflow_inferer::runtime::locate_library(None)
+        .unwrap_or_else(|e| panic!("ONNX Runtime library not found ({e}): run .ci/setup"))
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

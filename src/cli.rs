@@ -152,6 +152,10 @@ pub enum DlqCommand {
         /// Replay every dead letter.
         #[arg(long)]
         all: bool,
+        /// The admin token of the radflow at --url (its --admin-token), sent as a
+        /// bearer token; not needed with --nats-url.
+        #[arg(long, env = "RADFLOW_ADMIN_TOKEN")]
+        admin_token: Option<radflow_shared::secret::Secret>,
     },
 }
 

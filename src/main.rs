@@ -297,7 +297,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let health = Health::new(Some(bus.clone()), Some(store.clone()));
     let inferer_ready = health.component("inferer");
     let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
-    health.enable_admin();
+    health.enable_admin(args.http.admin_token()?);
     let mut consumers = vec!["assembler".to_owned()];
     consumers.extend(with_lanes("preprocessor"));
     consumers.extend(inferer_consumers(&registry));

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use radflow_shared::bus::Bus;
+use radflow_shared::secret::Secret;
 use radflow_shared::status::{self, Failure, StatusReport};
 use radflow_shared::util::now_ms;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +55,9 @@ impl Source {
         defaulted: bool,
         method: reqwest::Method,
         path: &str,
+        token: Option<&Secret>,
     ) -> Result<T> {
-        http_json(method, format!("{base}{path}"))
+        http_json(method, format!("{base}{path}"), token)
             .await
             .map_err(|e| {
                 if defaulted {
@@ -74,10 +76,15 @@ impl Source {
 async fn http_json<T: serde::de::DeserializeOwned>(
     method: reqwest::Method,
     url: String,
+    token: Option<&Secret>,
 ) -> Result<T> {
-    let resp = reqwest::Client::new()
+    let mut request = reqwest::Client::new()
         .request(method, &url)
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(30));
+    if let Some(token) = token {
+        request = request.bearer_auth(token.expose());
+    }
+    let resp = request
         .send()
         .await
         .with_context(|| format!("cannot reach {url}"))?;
@@ -93,7 +100,7 @@ async fn report(source: &Source, args: &StatusArgs) -> Result<StatusReport> {
     let mut report = match source {
         Source::Nats(bus) => status::collect(&**bus as &dyn Bus, args.recent).await?,
         Source::Http { url, defaulted } => {
-            Source::http_json(url, *defaulted, reqwest::Method::GET, "/status").await?
+            Source::http_json(url, *defaulted, reqwest::Method::GET, "/status", None).await?
         }
     };
     if let Some(monitor) = &args.nats_monitor_url {
@@ -135,7 +142,7 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
             let list: Vec<Failure> = match open(&source).await? {
                 Source::Nats(bus) => status::dead_letters(&*bus, 10_000).await?,
                 Source::Http { url, defaulted } => {
-                    Source::http_json(&url, defaulted, reqwest::Method::GET, "/dlq").await?
+                    Source::http_json(&url, defaulted, reqwest::Method::GET, "/dlq", None).await?
                 }
             };
             if json {
@@ -149,15 +156,26 @@ pub async fn dlq(args: DlqArgs) -> Result<()> {
                 }
             }
         }
-        DlqCommand::Replay { source, seq, all } => {
+        DlqCommand::Replay {
+            source,
+            seq,
+            all,
+            admin_token,
+        } => {
             debug_assert!(all || seq.is_some());
             let n = match open(&source).await? {
                 Source::Nats(bus) => status::replay(&*bus, seq).await?,
                 Source::Http { url, defaulted } => {
                     let q = seq.map(|s| format!("?seq={s}")).unwrap_or_default();
                     let path = format!("/dlq/replay{q}");
-                    let v: serde_json::Value =
-                        Source::http_json(&url, defaulted, reqwest::Method::POST, &path).await?;
+                    let v: serde_json::Value = Source::http_json(
+                        &url,
+                        defaulted,
+                        reqwest::Method::POST,
+                        &path,
+                        admin_token.as_ref(),
+                    )
+                    .await?;
                     v["replayed"].as_u64().unwrap_or(0) as usize
                 }
             };

@@ -308,6 +308,7 @@ fn status_and_dlq_find_the_local_instance_without_flags() {
         cmd.current_dir(work.path())
             .env_remove("RADFLOW_URL")
             .env_remove("RADFLOW_NATS_URL")
+            .env_remove("RADFLOW_ADMIN_TOKEN")
             .args(args);
         cmd
     };
@@ -321,6 +322,7 @@ fn status_and_dlq_find_the_local_instance_without_flags() {
     let mut cmd = radflow();
     cmd.current_dir(work.path())
         .env("ORT_DYLIB_PATH", ort_library())
+        .env("RADFLOW_ADMIN_TOKEN", "t0ken-of-the-admin")
         .env_remove("RADFLOW_URL")
         .env_remove("RADFLOW_NATS_URL")
         .args(["run", "--dicom-port", &dicom_port.to_string()])
@@ -371,6 +373,20 @@ fn status_and_dlq_find_the_local_instance_without_flags() {
     );
     assert_eq!(report["assembling"][0]["instances"], 3);
     assert_eq!(json(&["dlq", "list", "--json"]), serde_json::json!([]));
+
+    // Replay changes state: refused without the instance's admin token, done with it.
+    let refused = no_flags(&["dlq", "replay", "--all"]).output().unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("401") && err.contains("admin token"), "{err}");
+    let mut replay = no_flags(&["dlq", "replay", "--all"]);
+    replay.env("RADFLOW_ADMIN_TOKEN", "t0ken-of-the-admin");
+    let out = run_ok(replay, "radflow dlq replay with the token");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 0"));
+    assert!(
+        !run.logs().contains("t0ken-of-the-admin"),
+        "the admin token was logged"
+    );
     run.assert_running();
 }
 

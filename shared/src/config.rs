@@ -117,6 +117,35 @@ pub struct HttpArgs {
     /// Address the HTTP port binds to.
     #[arg(long, env = "RADFLOW_HTTP_ADDR", default_value = "0.0.0.0")]
     pub http_addr: String,
+    /// Token that `POST /dlq/replay` (embedded mode) requires as `Authorization: Bearer
+    /// <token>`. Without one, replay over HTTP is off. Prefer the variable or
+    /// --admin-token-file; never logged.
+    #[arg(long, env = "RADFLOW_ADMIN_TOKEN")]
+    pub admin_token: Option<Secret>,
+    /// File holding the admin token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "RADFLOW_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl HttpArgs {
+    /// The admin token, from the flag, the variable or the file (trimmed).
+    pub fn admin_token(&self) -> std::io::Result<Option<Secret>> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.admin_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("admin token file {}: {e}", path.display()),
+                    )
+                })?;
+                Ok(Some(Secret::new(text.trim())))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// Logging.

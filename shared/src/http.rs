@@ -8,8 +8,11 @@
 //!
 //! A process that holds the bus also answers `/status` and `/dlq` (JSON; what `radflow
 //! status` and `radflow dlq list` show), so the embedded mode, whose bus lives in the
-//! process, can be inspected from outside. `POST /dlq/replay[?seq=N]` is only served
-//! when enabled (embedded mode), since it changes state.
+//! process, can be inspected from outside. `POST /dlq/replay[?seq=N]` changes state, so
+//! it is served only by a process that holds the bus (embedded mode) *and* was given an
+//! admin token (`--admin-token`), and only to requests that present it as
+//! `Authorization: Bearer <token>`; it is off by default. The token is compared in
+//! constant time and never logged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,14 +25,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::store::Store;
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// What `/readyz` looks at.
 pub struct Health {
     bus: Option<Arc<dyn Bus>>,
     store: Option<Store>,
     draining: AtomicBool,
-    admin: AtomicBool,
+    admin: std::sync::Mutex<Option<Secret>>,
     components: std::sync::Mutex<Vec<(String, Arc<AtomicBool>)>>,
 }
 
@@ -39,7 +51,7 @@ impl Health {
             bus,
             store,
             draining: AtomicBool::new(false),
-            admin: AtomicBool::new(false),
+            admin: std::sync::Mutex::new(None),
             components: Default::default(),
         })
     }
@@ -54,9 +66,33 @@ impl Health {
         flag
     }
 
-    /// Serves `POST /dlq/replay` (embedded mode, where no other path to the bus exists).
-    pub fn enable_admin(&self) {
-        self.admin.store(true, Ordering::SeqCst);
+    /// Serves `POST /dlq/replay` to requests bearing `token` (embedded mode, where no
+    /// other path to the bus exists). Without a token the endpoint stays off.
+    pub fn enable_admin(&self, token: Option<Secret>) {
+        *self.admin.lock().unwrap() = token.filter(|t| !t.expose().is_empty());
+    }
+
+    /// Whether `authorization` (the header's value) carries the admin token.
+    fn admin_allowed(&self, authorization: Option<&str>) -> Result<(), (StatusCode, &'static str)> {
+        let admin = self.admin.lock().unwrap();
+        let Some(token) = admin.as_ref() else {
+            return Err((
+                StatusCode::NOT_FOUND,
+                "replay over HTTP is off: start radflow with --admin-token (RADFLOW_ADMIN_TOKEN), \
+                 or use radflow dlq replay --nats-url",
+            ));
+        };
+        let given = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+            Ok(())
+        } else {
+            Err((
+                StatusCode::UNAUTHORIZED,
+                "a valid admin token is required (Authorization: Bearer <token>)",
+            ))
+        }
     }
 
     /// Marks the process as draining: `/readyz` turns false.
@@ -194,19 +230,21 @@ struct ReplayQuery {
 
 async fn replay_handler(
     State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
     axum::extract::Query(q): axum::extract::Query<ReplayQuery>,
 ) -> axum::response::Response {
-    let Some(bus) = s
-        .health
-        .bus
-        .as_ref()
-        .filter(|_| s.health.admin.load(Ordering::SeqCst))
-    else {
+    let Some(bus) = s.health.bus.as_ref() else {
         return json_response(
             StatusCode::NOT_FOUND,
             json!({"error": "replay is served by embedded processes only; use radflow dlq replay --nats-url"}),
         );
     };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err((code, why)) = s.health.admin_allowed(authorization) {
+        return json_response(code, json!({"error": why}));
+    }
     match crate::status::replay(&**bus, q.seq).await {
         Ok(n) => json_response(StatusCode::OK, json!({"replayed": n})),
         Err(e) => json_response(
@@ -250,6 +288,60 @@ mod tests {
         assert!(ok, "{detail}");
         health.set_draining();
         assert!(!health.readiness().await.0);
+    }
+
+    /// `POST /dlq/replay` is off without a token, and with one it needs the right one.
+    #[tokio::test]
+    async fn replay_needs_the_admin_token() {
+        let bus: Arc<dyn Bus> = Arc::new(InProcBus::new());
+        let health = Health::new(Some(bus), None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            health.clone(),
+            Metrics::new(),
+            stop.clone(),
+        ));
+        let post = |auth: Option<&'static str>| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let auth = auth
+                .map(|a| format!("Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            let req =
+                format!("POST /dlq/replay HTTP/1.0\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let off = post(Some("Bearer anything")).await;
+        assert!(off.starts_with("HTTP/1.0 404"), "{off}");
+        assert!(off.contains("--admin-token"), "{off}");
+
+        health.enable_admin(Some(Secret::new("s3cr3t-t0ken")));
+        for wrong in [
+            None,
+            Some("Bearer s3cr3t-t0keN"),
+            Some("Basic s3cr3t-t0ken"),
+        ] {
+            let r = post(wrong).await;
+            assert!(r.starts_with("HTTP/1.0 401"), "{wrong:?}: {r}");
+        }
+        let ok = post(Some("Bearer s3cr3t-t0ken")).await;
+        assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
+        assert!(ok.contains("\"replayed\":0"), "{ok}");
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
     }
 
     #[tokio::test]

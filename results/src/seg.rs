@@ -539,6 +539,8 @@ fn frame_item(segment: u16, z: usize, source: &crate::SourceInstance) -> InMemDi
         VR::UI,
         &source.sop_instance_uid,
     );
+    // The frame is on the source image's grid, pixel for pixel.
+    put_str(&mut image, tags::SPATIAL_LOCATIONS_PRESERVED, VR::CS, "YES");
     put_seq(
         &mut image,
         tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,

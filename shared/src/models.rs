@@ -29,6 +29,11 @@
 //! name = "fat"
 //! color = "#e6c84b"
 //!
+//! [[model.codes]]                    # optional: how DICOM SEG and SR name label 1
+//! label = 1
+//! category = { scheme = "SCT", value = "85756007", meaning = "Tissue" }
+//! type = { scheme = "SCT", value = "55603005", meaning = "Fat" }
+//!
 //! [model.route]
 //! modalities = ["CT"]
 //! min_slices = 10
@@ -109,6 +114,14 @@ pub struct ModelSpec {
     /// another name, for classification models).
     #[serde(default, alias = "classes")]
     pub labels: Vec<LabelSpec>,
+    /// DICOM codes of the labels (SEG segment and SR finding), by label index; a
+    /// label without an entry gets the generic [`Code::tissue`] for both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<LabelCodes>,
+    /// How a segmentation result is written as DICOM SEG: `binary` (the label map) or
+    /// `fractional` (8-bit probabilities per label).
+    #[serde(default, skip_serializing_if = "SegmentationType::is_binary")]
+    pub segmentation_type: SegmentationType,
     /// Which series this model is run on.
     #[serde(default)]
     pub route: Route,
@@ -282,6 +295,85 @@ pub struct LabelSpec {
     /// For classification: score at or above which the class is reported positive.
     #[serde(default)]
     pub threshold: Option<f64>,
+}
+
+/// A coded concept of a DICOM coding scheme (SNOMED CT `SCT`, DICOM `DCM`, …): the
+/// triplet DICOM stores as Code Value, Coding Scheme Designator and Code Meaning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Code {
+    /// Coding Scheme Designator, e.g. `SCT` or `DCM`.
+    pub scheme: String,
+    /// Code Value, e.g. `85756007`.
+    pub value: String,
+    /// Code Meaning, e.g. `Tissue`.
+    pub meaning: String,
+}
+
+impl Code {
+    /// A code from its three parts.
+    pub fn new(scheme: &str, value: &str, meaning: &str) -> Self {
+        Self {
+            scheme: scheme.into(),
+            value: value.into(),
+            meaning: meaning.into(),
+        }
+    }
+
+    /// SNOMED CT 85756007 "Tissue": the category and type of a label whose model
+    /// gives no codes.
+    pub fn tissue() -> Self {
+        Self::new("SCT", "85756007", "Tissue")
+    }
+}
+
+/// The DICOM codes of one label: Segmented Property Category and Type of its SEG
+/// segment, and the Finding of its SR measurement group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelCodes {
+    /// The label index these codes describe.
+    pub label: u8,
+    /// Segmented Property Category (DICOM CID 7150, e.g. SCT 85756007 "Tissue",
+    /// SCT 91723000 "Anatomical Structure").
+    #[serde(default = "Code::tissue")]
+    pub category: Code,
+    /// Segmented Property Type (e.g. SCT 272673000 "Bone").
+    #[serde(default = "Code::tissue", rename = "type")]
+    pub property_type: Code,
+}
+
+/// The Segmentation Type of a model's DICOM SEG.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentationType {
+    /// One bit per voxel and label: exactly the label map.
+    #[default]
+    Binary,
+    /// Eight bits per voxel and label: the model's probability of the label.
+    Fractional,
+}
+
+impl SegmentationType {
+    fn is_binary(&self) -> bool {
+        *self == SegmentationType::Binary
+    }
+}
+
+impl ModelSpec {
+    /// The DICOM codes of a label: the registry's `[[model.codes]]` entry, or the
+    /// generic "Tissue" for both category and type.
+    pub fn label_codes(&self, label: u8) -> LabelCodes {
+        self.codes
+            .iter()
+            .find(|c| c.label == label)
+            .cloned()
+            .unwrap_or(LabelCodes {
+                label,
+                category: Code::tissue(),
+                property_type: Code::tissue(),
+            })
+    }
 }
 
 fn default_color() -> String {
@@ -498,6 +590,28 @@ impl Registry {
                     "preset {:?} is defined twice with different settings",
                     m.preset.name
                 ));
+            }
+            for c in &m.codes {
+                if !m.labels.iter().any(|l| l.index == c.label) {
+                    return invalid(format!(
+                        "model {}: codes are given for label {}, which is not listed",
+                        m.reference(),
+                        c.label
+                    ));
+                }
+                for code in [&c.category, &c.property_type] {
+                    if [&code.scheme, &code.value, &code.meaning]
+                        .iter()
+                        .any(|p| p.trim().is_empty() || p.len() > 64)
+                    {
+                        return invalid(format!(
+                            "model {}: a code of label {} needs a scheme, value and meaning \
+                             of 1 to 64 characters",
+                            m.reference(),
+                            c.label
+                        ));
+                    }
+                }
             }
             let mut indices = std::collections::HashSet::new();
             for l in &m.labels {
@@ -809,6 +923,32 @@ mod tests {
         };
         let routed: Vec<String> = r.route(&facts).iter().map(|m| m.reference()).collect();
         assert_eq!(routed, ["demo-tissue@1.0.0", "demo-tissue@1.1.0"]);
+    }
+
+    #[test]
+    fn label_codes_default_to_tissue_and_must_name_a_label() {
+        let builtin = &Registry::builtin().models[0];
+        assert_eq!(builtin.label_codes(3).property_type.meaning, "Bone");
+        assert_eq!(builtin.label_codes(9).category, Code::tissue());
+        assert_eq!(builtin.segmentation_type, SegmentationType::Binary);
+        let text = BUILTIN_REGISTRY
+            .replace(
+                "batch_size = 1\n",
+                "batch_size = 1\nsegmentation_type = \"fractional\"\n",
+            )
+            .replace("label = 2\ncategory = { scheme = \"SCT\", value = \"85756007\", meaning = \"Tissue\" }\n", "label = 2\n")
+            .replace("value = \"272673000\", meaning = \"Bone\" }", "value = \"272673000\", meaning = \"Bone\" }\n\n[[model.codes]]\nlabel = 0");
+        let m = &Registry::parse(&text, None).unwrap().models[0];
+        assert_eq!(m.segmentation_type, SegmentationType::Fractional);
+        let soft = m.label_codes(2);
+        assert_eq!(soft.category, Code::tissue());
+        assert_eq!(soft.property_type.meaning, "Soft tissue");
+        assert_eq!(m.label_codes(0).property_type, Code::tissue());
+        let unknown = text.replace("label = 2", "label = 7");
+        let err = Registry::parse(&unknown, None).unwrap_err().to_string();
+        assert!(err.contains("label 7"), "{err}");
+        let empty = text.replace("value = \"87784001\"", "value = \"\"");
+        assert!(Registry::parse(&empty, None).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!
 //! Only top-level attributes are extracted, and no patient demographics are read at all.
 
+use crate::pixels::{PixelError, PixelRules, is_encapsulated_syntax};
 use std::fmt;
 use std::io::Read;
 
@@ -110,6 +111,9 @@ pub enum ScanError {
     /// A deflated dataset could not be inflated.
     #[error("deflated dataset could not be inflated: {0}")]
     Inflate(String),
+    /// The Pixel Data cannot be what the image attributes and the transfer syntax say.
+    #[error("{0}")]
+    Pixels(#[from] PixelError),
 }
 
 /// A tag printed as `(gggg,eeee)`.
@@ -144,6 +148,11 @@ const SERIES_NUMBER: (u16, u16) = (0x0020, 0x0011);
 const IMAGES_IN_ACQUISITION: (u16, u16) = (0x0020, 0x1002);
 const NUMBER_OF_SERIES_RELATED_INSTANCES: (u16, u16) = (0x0020, 0x1209);
 const NUMBER_OF_FRAMES: (u16, u16) = (0x0028, 0x0008);
+const SAMPLES_PER_PIXEL: (u16, u16) = (0x0028, 0x0002);
+const PHOTOMETRIC_INTERPRETATION: (u16, u16) = (0x0028, 0x0004);
+const ROWS: (u16, u16) = (0x0028, 0x0010);
+const COLUMNS: (u16, u16) = (0x0028, 0x0011);
+const BITS_ALLOCATED: (u16, u16) = (0x0028, 0x0100);
 
 /// How a dataset's elements are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,6 +334,11 @@ struct Collected<'a> {
     images_in_acquisition: Option<&'a [u8]>,
     number_of_series_related_instances: Option<&'a [u8]>,
     series_number: Option<&'a [u8]>,
+    samples_per_pixel: Option<&'a [u8]>,
+    photometric: Option<&'a [u8]>,
+    rows: Option<&'a [u8]>,
+    columns: Option<&'a [u8]>,
+    bits_allocated: Option<&'a [u8]>,
     /// Where the top-level walk stopped: the start of the element it could not finish,
     /// or the end of the data.
     resume: usize,
@@ -344,6 +358,11 @@ impl<'a> Collected<'a> {
             IMAGES_IN_ACQUISITION => &mut self.images_in_acquisition,
             NUMBER_OF_SERIES_RELATED_INSTANCES => &mut self.number_of_series_related_instances,
             SERIES_NUMBER => &mut self.series_number,
+            SAMPLES_PER_PIXEL => &mut self.samples_per_pixel,
+            PHOTOMETRIC_INTERPRETATION => &mut self.photometric,
+            ROWS => &mut self.rows,
+            COLUMNS => &mut self.columns,
+            BITS_ALLOCATED => &mut self.bits_allocated,
             _ => return,
         };
         slot.get_or_insert(value);
@@ -354,6 +373,28 @@ impl<'a> Collected<'a> {
             && self.sop_instance_uid.is_some()
             && self.study_uid.is_some()
             && self.series_uid.is_some()
+    }
+
+    /// The rules the Pixel Data must follow, from the attributes seen so far.
+    fn pixel_rules(&self, enc: Encoding, ts_uid: &str) -> PixelRules {
+        let mut rules = PixelRules {
+            encapsulated_syntax: is_encapsulated_syntax(ts_uid),
+            transfer_syntax: ts_uid.trim_end_matches(['\0', ' ']).to_string(),
+            ..Default::default()
+        };
+        for (tag, value) in [
+            (SAMPLES_PER_PIXEL, self.samples_per_pixel),
+            (PHOTOMETRIC_INTERPRETATION, self.photometric),
+            (ROWS, self.rows),
+            (COLUMNS, self.columns),
+            (BITS_ALLOCATED, self.bits_allocated),
+            (NUMBER_OF_FRAMES, self.number_of_frames),
+        ] {
+            if let Some(value) = value {
+                offer_pixel_attribute(&mut rules, tag, value, enc);
+            }
+        }
+        rules
     }
 
     fn into_facts(self) -> Result<InstanceFacts, ScanError> {
@@ -377,6 +418,43 @@ impl<'a> Collected<'a> {
     }
 }
 
+/// The image attributes that size the pixel data.
+const PIXEL_ATTRIBUTES: [(u16, u16); 6] = [
+    SAMPLES_PER_PIXEL,
+    PHOTOMETRIC_INTERPRETATION,
+    ROWS,
+    COLUMNS,
+    BITS_ALLOCATED,
+    NUMBER_OF_FRAMES,
+];
+
+/// Record one of the [`PIXEL_ATTRIBUTES`] in `rules`.
+fn offer_pixel_attribute(rules: &mut PixelRules, tag: (u16, u16), value: &[u8], enc: Encoding) {
+    let us = || -> Option<u16> {
+        let b: [u8; 2] = value.try_into().ok()?;
+        Some(if enc.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    };
+    match tag {
+        SAMPLES_PER_PIXEL => rules.samples = us(),
+        ROWS => rules.rows = us(),
+        COLUMNS => rules.columns = us(),
+        BITS_ALLOCATED => rules.bits_allocated = us(),
+        NUMBER_OF_FRAMES => {
+            let frames = parse_integer_string::<u64>(value).filter(|&f| f > 0);
+            rules.frames = frames;
+            rules.frames_invalid = frames.is_none();
+        }
+        PHOTOMETRIC_INTERPRETATION => {
+            rules.subsampled_422 = parse_code_string(value).is_some_and(|p| p.ends_with("_422"));
+        }
+        _ => {}
+    }
+}
+
 /// Scan a dataset (without File Meta group) encoded in transfer syntax `ts_uid`.
 ///
 /// Checks the element structure up to the top-level Pixel Data element and returns the
@@ -386,9 +464,9 @@ pub fn scan(dataset: &[u8], ts_uid: &str) -> Result<InstanceFacts, ScanError> {
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let (inflated, complete) = inflate_bounded(dataset, MAX_INFLATED_BYTES)?;
-        return scan_encoded(&inflated, enc, complete).map(|(facts, _, _)| facts);
+        return scan_encoded(&inflated, enc, ts_uid, complete).map(|s| s.facts);
     }
-    scan_encoded(dataset, enc, true).map(|(facts, _, _)| facts)
+    scan_encoded(dataset, enc, ts_uid, true).map(|s| s.facts)
 }
 
 /// Scan the first bytes of a dataset whose remainder has not arrived yet (a large
@@ -402,17 +480,17 @@ pub fn scan_prefix(prefix: &[u8], ts_uid: &str) -> Result<(InstanceFacts, TailCh
     let (enc, deflated) = Encoding::of(ts_uid)?;
     if deflated {
         let inflated = inflate_prefix(prefix, MAX_INFLATED_BYTES)?;
-        let (facts, _, _) = scan_encoded(&inflated, enc, false)?;
-        return Ok((facts, TailCheck::unchecked(enc)));
+        let scanned = scan_encoded(&inflated, enc, ts_uid, false)?;
+        return Ok((scanned.facts, TailCheck::unchecked(enc)));
     }
-    let (facts, resume, pixel_done) = scan_encoded(prefix, enc, false)?;
-    if pixel_done {
+    let scanned = scan_encoded(prefix, enc, ts_uid, false)?;
+    if scanned.pixel_done {
         // The prefix held the whole pixel data: nothing after it is judged.
-        return Ok((facts, TailCheck::unchecked(enc)));
+        return Ok((scanned.facts, TailCheck::unchecked(enc)));
     }
-    let mut tail = TailCheck::at(enc, resume as u64);
-    tail.feed(&prefix[resume..]);
-    Ok((facts, tail))
+    let mut tail = TailCheck::at(enc, scanned.resume as u64, scanned.rules);
+    tail.feed(&prefix[scanned.resume..]);
+    Ok((scanned.facts, tail))
 }
 /// Inflate the start of a raw deflate stream whose end may be missing.
 fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
@@ -442,16 +520,26 @@ fn inflate_prefix(data: &[u8], cap: usize) -> Result<Vec<u8>, ScanError> {
     }
 }
 
-/// The facts, where the top-level walk stopped (see `Collected::resume`) and whether
-/// it got through the pixel data.
+/// What a scan found.
+struct Scanned {
+    facts: InstanceFacts,
+    /// Where the top-level walk stopped (see `Collected::resume`).
+    resume: usize,
+    /// Whether the walk got through the pixel data.
+    pixel_done: bool,
+    /// The rules of the pixel data, for what follows the prefix.
+    rules: PixelRules,
+}
+
 fn scan_encoded(
     data: &[u8],
     enc: Encoding,
+    ts_uid: &str,
     complete: bool,
-) -> Result<(InstanceFacts, usize, bool), ScanError> {
+) -> Result<Scanned, ScanError> {
     let mut reader = Reader { data, pos: 0, enc };
     let mut collected = Collected::default();
-    match walk_top_level(&mut reader, &mut collected, complete) {
+    match walk_top_level(&mut reader, &mut collected, ts_uid, complete) {
         Ok(()) => {}
         // A prefix may end anywhere; what was found before the cut still counts.
         Err(ScanError::TruncatedHeader { .. } | ScanError::LengthBeyondEnd { .. })
@@ -459,7 +547,13 @@ fn scan_encoded(
         Err(e) => return Err(e),
     }
     let (resume, pixel_done) = (collected.resume, collected.pixel_done);
-    Ok((collected.into_facts()?, resume, pixel_done))
+    let rules = collected.pixel_rules(enc, ts_uid);
+    Ok(Scanned {
+        facts: collected.into_facts()?,
+        resume,
+        pixel_done,
+        rules,
+    })
 }
 
 /// Follows the top level of a streamed dataset from where [`scan_prefix`] stopped, part
@@ -477,6 +571,15 @@ pub struct TailCheck {
     offset: u64,
     /// The element whose value is being skipped: tag, header offset, length.
     current: ((u16, u16), u64, u32),
+    /// What the pixel data must be: the image attributes of the prefix, completed by
+    /// those that follow it.
+    rules: PixelRules,
+    /// Items of encapsulated pixel data seen (the first is the Basic Offset Table).
+    items: u64,
+    /// Whether the value being skipped is one of the image attributes, kept in `kept`
+    /// (a few bytes at most).
+    keeping: bool,
+    kept: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -494,21 +597,39 @@ enum Tail {
 }
 
 impl TailCheck {
-    fn at(enc: Encoding, offset: u64) -> Self {
+    fn at(enc: Encoding, offset: u64, rules: PixelRules) -> Self {
         Self {
             enc,
             state: Tail::Element,
             header: Vec::with_capacity(12),
             offset,
             current: ((0, 0), 0, 0),
+            rules,
+            items: 0,
+            keeping: false,
+            kept: Vec::new(),
         }
     }
 
     fn unchecked(enc: Encoding) -> Self {
         Self {
             state: Tail::Unchecked,
-            ..Self::at(enc, 0)
+            ..Self::at(enc, 0, PixelRules::default())
         }
+    }
+
+    /// The pixel data header, judged by the image attributes of the prefix and the tail.
+    fn judge_pixel_header(&self, length: u32) -> Result<(), ScanError> {
+        self.rules
+            .check_header((length != UNDEFINED).then_some(length))
+            .map_err(ScanError::from)
+    }
+
+    /// Whether the fragments seen are enough for the frames.
+    fn judge_fragments(&self) -> Result<(), ScanError> {
+        self.rules
+            .check_fragments(self.items.saturating_sub(1))
+            .map_err(ScanError::from)
     }
 
     /// Follows the next bytes of the dataset.
@@ -518,6 +639,9 @@ impl TailCheck {
                 Tail::Unchecked | Tail::Broken(_) => return,
                 Tail::Skip { left, fragments } => {
                     let n = left.min(bytes.len() as u64);
+                    if self.keeping {
+                        self.kept.extend_from_slice(&bytes[..n as usize]);
+                    }
                     bytes = &bytes[n as usize..];
                     self.offset += n;
                     self.state = if n == left {
@@ -528,6 +652,15 @@ impl TailCheck {
                             // data is not judged.
                             Tail::Unchecked
                         } else {
+                            if self.keeping {
+                                let kept = std::mem::take(&mut self.kept);
+                                offer_pixel_attribute(
+                                    &mut self.rules,
+                                    self.current.0,
+                                    &kept,
+                                    self.enc,
+                                );
+                            }
                             Tail::Element
                         }
                     } else {
@@ -600,15 +733,34 @@ impl TailCheck {
             offset: at as usize,
         });
         let fragments = self.state == Tail::Fragment;
+        if h.tag == PIXEL_DATA
+            && !fragments
+            && let Err(e) = self.judge_pixel_header(h.length)
+        {
+            return Tail::Broken(e);
+        }
         match h.tag {
-            SEQUENCE_DELIMITATION if fragments => return Tail::Unchecked,
-            ITEM if fragments && h.length != UNDEFINED => {}
+            SEQUENCE_DELIMITATION if fragments => {
+                return match self.judge_fragments() {
+                    Ok(()) => Tail::Unchecked,
+                    Err(e) => Tail::Broken(e),
+                };
+            }
+            ITEM if fragments && h.length != UNDEFINED => self.items += 1,
             _ if fragments || h.tag.0 == 0xFFFE => return malformed,
             PIXEL_DATA if h.length == UNDEFINED => return Tail::Fragment,
             _ if h.length == UNDEFINED => return Tail::Unchecked,
             _ => {}
         }
         self.current = (h.tag, at, h.length);
+        // A longer value is not one these attributes can have: it is left unread and
+        // the attribute counts as absent.
+        self.keeping = PIXEL_ATTRIBUTES.contains(&h.tag) && h.length <= 64;
+        self.kept.clear();
+        if self.keeping && h.length == 0 {
+            offer_pixel_attribute(&mut self.rules, h.tag, &[], self.enc);
+            return Tail::Element;
+        }
         Tail::Skip {
             left: u64::from(h.length),
             fragments,
@@ -623,7 +775,8 @@ impl TailCheck {
             Tail::Broken(e) => Err(e.clone()),
             // A missing delimiter after the last whole fragment is taken, as it is
             // when the dataset is received whole.
-            Tail::Element | Tail::Fragment if self.header.is_empty() => Ok(()),
+            Tail::Fragment if self.header.is_empty() => self.judge_fragments(),
+            Tail::Element if self.header.is_empty() => Ok(()),
             Tail::Element | Tail::Fragment => Err(ScanError::TruncatedHeader {
                 offset: at - self.header.len(),
             }),
@@ -645,6 +798,7 @@ impl TailCheck {
 fn walk_top_level<'a>(
     r: &mut Reader<'a>,
     out: &mut Collected<'a>,
+    ts_uid: &str,
     complete: bool,
 ) -> Result<(), ScanError> {
     while r.remaining() > 0 {
@@ -655,11 +809,15 @@ fn walk_top_level<'a>(
         }
         if h.tag == PIXEL_DATA {
             // Everything needed precedes the pixel data; it must still be whole: a
-            // native value fits, encapsulated fragments fit and end.
+            // native value fits, encapsulated fragments fit and end, and both are what
+            // the image attributes and the transfer syntax say.
+            let rules = out.pixel_rules(r.enc, ts_uid);
+            rules.check_header((h.length != UNDEFINED).then_some(h.length))?;
             if h.length != UNDEFINED {
                 r.value(&h)?;
             } else {
-                skip_fragments(r, complete)?;
+                let fragments = skip_fragments(r, complete)?;
+                rules.check_fragments(fragments)?;
             }
             out.resume = r.pos;
             out.pixel_done = true;
@@ -668,11 +826,65 @@ fn walk_top_level<'a>(
         if h.length == UNDEFINED {
             skip_undefined(r, &h, 0)?;
         } else {
+            let start = r.pos;
             let value = r.value(&h)?;
+            if h.vr == Some(*b"SQ") {
+                walk_defined_items(r, start, 1)?;
+            }
             out.offer(h.tag, value);
         }
     }
     out.resume = r.pos;
+    Ok(())
+}
+
+/// Walk the items of a defined-length sequence whose value ends where `r` is now and
+/// began at `start`: every item must fit the sequence and its elements the item.
+fn walk_defined_items(r: &Reader<'_>, start: usize, depth: usize) -> Result<(), ScanError> {
+    if depth > MAX_DEPTH {
+        return Err(ScanError::NestingTooDeep);
+    }
+    let mut items = Reader {
+        data: &r.data[..r.pos],
+        pos: start,
+        enc: r.enc,
+    };
+    while items.remaining() > 0 {
+        let h = item_header(&mut items)?;
+        match h.tag {
+            ITEM if h.length == UNDEFINED => skip_item_content(&mut items, depth)?,
+            ITEM => {
+                let begin = items.pos;
+                items.value(&h)?;
+                walk_defined_item(&items, begin, depth)?;
+            }
+            _ => return Err(malformed(&h)),
+        }
+    }
+    Ok(())
+}
+
+/// Walk the elements of a defined-length item whose value ends where `r` is now.
+fn walk_defined_item(r: &Reader<'_>, start: usize, depth: usize) -> Result<(), ScanError> {
+    let mut elements = Reader {
+        data: &r.data[..r.pos],
+        pos: start,
+        enc: r.enc,
+    };
+    while elements.remaining() > 0 {
+        let h = elements.header()?;
+        match h.tag {
+            (0xFFFE, _) => return Err(malformed(&h)),
+            _ if h.length == UNDEFINED => skip_undefined(&mut elements, &h, depth)?,
+            _ => {
+                let begin = elements.pos;
+                elements.value(&h)?;
+                if h.vr == Some(*b"SQ") {
+                    walk_defined_items(&elements, begin, depth + 1)?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -702,20 +914,24 @@ fn skip_undefined(r: &mut Reader<'_>, h: &Header, depth: usize) -> Result<(), Sc
 /// Walk the fragments of encapsulated pixel data up to their sequence delimiter. A
 /// complete dataset that ends after a whole fragment but without the delimiter is
 /// taken as it is, as other readers take it.
-fn skip_fragments(r: &mut Reader<'_>, complete: bool) -> Result<(), ScanError> {
+///
+/// Returns the number of fragments: the items after the Basic Offset Table.
+fn skip_fragments(r: &mut Reader<'_>, complete: bool) -> Result<u64, ScanError> {
+    let mut items = 0u64;
     loop {
         if r.remaining() == 0 {
             return if complete {
-                Ok(())
+                Ok(items.saturating_sub(1))
             } else {
                 Err(ScanError::TruncatedHeader { offset: r.pos })
             };
         }
         let h = item_header(r)?;
         match h.tag {
-            SEQUENCE_DELIMITATION => return Ok(()),
+            SEQUENCE_DELIMITATION => return Ok(items.saturating_sub(1)),
             ITEM if h.length != UNDEFINED => {
                 r.value(&h)?;
+                items += 1;
             }
             _ => return Err(malformed(&h)),
         }
@@ -733,7 +949,9 @@ fn skip_items(r: &mut Reader<'_>, depth: usize) -> Result<(), ScanError> {
             SEQUENCE_DELIMITATION => return Ok(()),
             ITEM if h.length == UNDEFINED => skip_item_content(r, depth)?,
             ITEM => {
+                let begin = r.pos;
                 r.value(&h)?;
+                walk_defined_item(r, begin, depth)?;
             }
             _ => return Err(malformed(&h)),
         }
@@ -749,7 +967,11 @@ fn skip_item_content(r: &mut Reader<'_>, depth: usize) -> Result<(), ScanError> 
             (0xFFFE, _) => return Err(malformed(&h)),
             _ if h.length == UNDEFINED => skip_undefined(r, &h, depth)?,
             _ => {
+                let begin = r.pos;
                 r.value(&h)?;
+                if h.vr == Some(*b"SQ") {
+                    walk_defined_items(r, begin, depth + 1)?;
+                }
             }
         }
     }
@@ -922,7 +1144,17 @@ mod tests {
         w.elem(&mut d, IMAGES_IN_ACQUISITION, b"IS", b"120 ");
         w.elem(&mut d, NUMBER_OF_SERIES_RELATED_INSTANCES, b"IS", b"240");
         w.elem(&mut d, NUMBER_OF_FRAMES, b"IS", b"1");
-        w.elem(&mut d, (0x0028, 0x0010), b"US", &[4, 0]);
+        // A 4 × 2 image of 8-bit samples: the 8 bytes of `native_pixels`.
+        let us = |v: u16| {
+            if w.be {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        w.elem(&mut d, ROWS, b"US", &us(4));
+        w.elem(&mut d, COLUMNS, b"US", &us(2));
+        w.elem(&mut d, BITS_ALLOCATED, b"US", &us(8));
         d.extend_from_slice(pixel);
         d
     }
@@ -1389,5 +1621,204 @@ mod tests {
             streamed(&bad, JPEG_LOSSLESS, start, 256),
             Err(ScanError::MalformedStructure { .. })
         ));
+    }
+
+    /// The test dataset with a defined-length Referenced Series Sequence made by `sq`
+    /// (its value bytes) before the UIDs, then `pixel`.
+    fn with_sequence(w: W, sq: &[u8], pixel: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        w.elem(&mut d, SOP_CLASS_UID, b"UI", CT.as_bytes());
+        w.elem(&mut d, SOP_INSTANCE_UID, b"UI", b"1.2.3.4.5.6");
+        w.elem(&mut d, MODALITY, b"CS", b"CT");
+        w.header(&mut d, (0x0008, 0x1115), b"SQ", sq.len() as u32);
+        d.extend_from_slice(sq);
+        let rest = dataset(w, pixel);
+        // The rest of the usual dataset from its Study Instance UID on.
+        let at = rest
+            .windows(4)
+            .position(|b| b == [0x20, 0x00, 0x0D, 0x00])
+            .unwrap();
+        d.extend_from_slice(&rest[at..]);
+        d
+    }
+
+    fn item_of(w: W, len: Option<u32>) -> Vec<u8> {
+        let mut content = Vec::new();
+        w.elem(&mut content, (0x0008, 0x1150), b"UI", CT.as_bytes());
+        let mut item = Vec::new();
+        w.item_tag(&mut item, ITEM, len.unwrap_or(content.len() as u32));
+        item.extend(content);
+        item
+    }
+
+    #[test]
+    fn defined_length_sequences_are_walked_item_by_item() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        let px = native_pixels(w);
+        let good = with_sequence(w, &item_of(w, None), &px);
+        check_facts(&scan(&good, EXPLICIT_LE).unwrap());
+        // An item whose length lies, inside a sequence whose length is right.
+        let lying = with_sequence(w, &item_of(w, Some(0x7FFF_FFF0)), &px);
+        assert!(
+            matches!(
+                scan(&lying, EXPLICIT_LE),
+                Err(ScanError::LengthBeyondEnd {
+                    length: 0x7FFF_FFF0,
+                    ..
+                })
+            ),
+            "{:?}",
+            scan(&lying, EXPLICIT_LE)
+        );
+        // An item longer than its sequence by a few bytes.
+        let mut item = item_of(w, None);
+        let n = item.len() as u32 - 8 + 4;
+        item[4..8].copy_from_slice(&n.to_le_bytes());
+        let over = with_sequence(w, &item, &px);
+        assert!(scan(&over, EXPLICIT_LE).is_err());
+        // Elements where items must be.
+        let mut bare = Vec::new();
+        w.elem(&mut bare, (0x0008, 0x1150), b"UI", CT.as_bytes());
+        assert!(matches!(
+            scan(&with_sequence(w, &bare, &px), EXPLICIT_LE),
+            Err(ScanError::MalformedStructure { .. })
+        ));
+        // A defined-length sequence inside an item, with a lying item of its own.
+        let mut inner = Vec::new();
+        let lying_item = item_of(w, Some(1000));
+        w.header(&mut inner, (0x0008, 0x1199), b"SQ", lying_item.len() as u32);
+        inner.extend(lying_item);
+        let mut outer = Vec::new();
+        w.item_tag(&mut outer, ITEM, inner.len() as u32);
+        outer.extend(inner);
+        assert!(scan(&with_sequence(w, &outer, &px), EXPLICIT_LE).is_err());
+    }
+
+    #[test]
+    fn pixel_data_must_fit_the_image_and_the_syntax() {
+        let w = W {
+            explicit: true,
+            be: false,
+        };
+        // Short native data: 6 bytes for a 4 × 2 image of 8-bit samples.
+        let mut short = Vec::new();
+        w.elem(&mut short, PIXEL_DATA, b"OW", &[1, 2, 3, 4, 5, 6]);
+        let err = scan(&dataset(w, &short), EXPLICIT_LE).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ScanError::Pixels(PixelError::Short {
+                    actual: 6,
+                    expected: 8,
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        // Native data under JPEG Lossless, and encapsulated data under a native syntax.
+        let err = scan(&dataset(w, &native_pixels(w)), JPEG_LOSSLESS).unwrap_err();
+        assert!(
+            matches!(err, ScanError::Pixels(PixelError::NotEncapsulated(_))),
+            "{err}"
+        );
+        assert!(err.to_string().contains(JPEG_LOSSLESS), "{err}");
+        let mut fragments = Vec::new();
+        w.header(&mut fragments, PIXEL_DATA, b"OB", UNDEFINED);
+        w.item_tag(&mut fragments, ITEM, 0);
+        w.item_tag(&mut fragments, ITEM, 4);
+        fragments.extend([1, 2, 3, 4]);
+        w.item_tag(&mut fragments, SEQUENCE_DELIMITATION, 0);
+        assert!(scan(&dataset(w, &fragments), JPEG_LOSSLESS).is_ok());
+        let err = scan(&dataset(w, &fragments), EXPLICIT_LE).unwrap_err();
+        assert!(
+            matches!(err, ScanError::Pixels(PixelError::Encapsulated(_))),
+            "{err}"
+        );
+        // Two frames need two fragments.
+        let two = dataset(w, &fragments).replace_number_of_frames(w, b"2");
+        let err = scan(&two, JPEG_LOSSLESS).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ScanError::Pixels(PixelError::TooFewFragments {
+                    fragments: 1,
+                    frames: 2
+                })
+            ),
+            "{err}"
+        );
+        // Streamed, the same verdicts come from the tail.
+        let big_short = {
+            let mut d = dataset(w, &[]).replace_rows(w, 4000);
+            w.elem(&mut d, PIXEL_DATA, b"OW", &vec![0u8; 4000]);
+            d
+        };
+        let header_end = big_short.len() - 4000 - 12;
+        assert!(matches!(
+            streamed(&big_short, EXPLICIT_LE, header_end - 2, 100),
+            Err(ScanError::Pixels(PixelError::Short {
+                actual: 4000,
+                expected: 8000,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            streamed(&big_short, JPEG_LOSSLESS, header_end - 2, 100),
+            Err(ScanError::Pixels(PixelError::NotEncapsulated(_)))
+        ));
+        let mut many = dataset(w, &[]).replace_number_of_frames(w, b"3");
+        w.header(&mut many, PIXEL_DATA, b"OB", UNDEFINED);
+        w.item_tag(&mut many, ITEM, 0);
+        for _ in 0..2 {
+            w.item_tag(&mut many, ITEM, 2000);
+            many.extend(vec![5u8; 2000]);
+        }
+        let cut = many.len();
+        w.item_tag(&mut many, SEQUENCE_DELIMITATION, 0);
+        let start = cut - 4000 - 24 - 12;
+        for data in [&many[..], &many[..cut]] {
+            assert!(
+                matches!(
+                    streamed(data, JPEG_LOSSLESS, start, 300),
+                    Err(ScanError::Pixels(PixelError::TooFewFragments {
+                        fragments: 2,
+                        frames: 3
+                    }))
+                ),
+                "{:?}",
+                streamed(data, JPEG_LOSSLESS, start, 300)
+            );
+        }
+    }
+
+    /// Edits of the test dataset's image attributes.
+    trait Edit {
+        fn replace_number_of_frames(self, w: W, frames: &[u8]) -> Vec<u8>;
+        fn replace_rows(self, w: W, rows: u16) -> Vec<u8>;
+    }
+
+    impl Edit for Vec<u8> {
+        fn replace_number_of_frames(self, w: W, frames: &[u8]) -> Vec<u8> {
+            let mut old = Vec::new();
+            w.elem(&mut old, NUMBER_OF_FRAMES, b"IS", b"1");
+            let mut new = Vec::new();
+            w.elem(&mut new, NUMBER_OF_FRAMES, b"IS", frames);
+            replace(self, &old, &new)
+        }
+        fn replace_rows(self, w: W, rows: u16) -> Vec<u8> {
+            let mut old = Vec::new();
+            w.elem(&mut old, ROWS, b"US", &4u16.to_le_bytes());
+            let mut new = Vec::new();
+            w.elem(&mut new, ROWS, b"US", &rows.to_le_bytes());
+            replace(self, &old, &new)
+        }
+    }
+
+    fn replace(data: Vec<u8>, old: &[u8], new: &[u8]) -> Vec<u8> {
+        let at = data.windows(old.len()).position(|b| b == old).unwrap();
+        [&data[..at], new, &data[at + old.len()..]].concat()
     }
 }

@@ -7,6 +7,7 @@
 //! - [`association`]: negotiation policy, PDU transport, P-DATA reassembly;
 //! - [`dimse`]: DIMSE command sets, parsed and built;
 //! - [`dataset`]: the bounded scanner that extracts a few attributes from a dataset;
+//! - [`pixels`]: what the Pixel Data must be, from the image attributes and the syntax;
 //! - [`sop_classes`]: which SOP classes and transfer syntaxes are accepted;
 //! - [`local`]: writing instances into a folder store while they arrive;
 //! - [`ingest`]: what happens to an instance before Success: store, then publish;
@@ -22,6 +23,7 @@ pub mod dimse;
 pub mod ingest;
 pub mod journal;
 pub mod local;
+pub mod pixels;
 pub mod scp;
 pub mod scu;
 pub mod service;

@@ -152,6 +152,16 @@ pub enum StoreFailure {
 }
 
 impl StoreFailure {
+    /// The refusal of a dataset the scanner could not accept: 0xA900 when its pixel
+    /// data cannot be what its image attributes say, 0xC000 when its structure is
+    /// broken.
+    pub fn refusing(e: ScanError) -> Self {
+        match e {
+            ScanError::Pixels(_) => StoreFailure::DatasetMismatch(e.to_string()),
+            _ => StoreFailure::CannotUnderstand(e.to_string()),
+        }
+    }
+
     /// The DIMSE status for the C-STORE-RSP.
     pub fn status(&self) -> u16 {
         match self {
@@ -984,9 +994,7 @@ impl Session<'_> {
             Ok(scanned) => scanned,
             Err(e) => {
                 warn!(error = %e, "instance refused: dataset is malformed");
-                return Ok(Streaming::Refused(StoreFailure::CannotUnderstand(
-                    e.to_string(),
-                )));
+                return Ok(Streaming::Refused(StoreFailure::refusing(e)));
             }
         };
         if facts.sop_class_uid != sop_class || facts.sop_instance_uid != sop_instance {
@@ -1060,7 +1068,7 @@ impl Session<'_> {
         if let Err(e) = tail.finish() {
             // Checked before the last part is written: nothing of it is kept.
             writer.abort().await;
-            let result = Err(StoreFailure::CannotUnderstand(e.to_string()));
+            let result = Err(StoreFailure::refusing(e));
             self.record_outcome(&result, key, size);
             return Ok(result);
         }
@@ -1137,7 +1145,7 @@ impl Session<'_> {
             Err(e) => {
                 self.failures += 1;
                 warn!(error = %e, "instance refused: dataset is malformed");
-                return Ok(Err(StoreFailure::CannotUnderstand(e.to_string())));
+                return Ok(Err(StoreFailure::refusing(e)));
             }
         };
         if facts.sop_class_uid != sop_class || facts.sop_instance_uid != sop_instance {

@@ -38,6 +38,7 @@ use radflow_preprocessor::nifti;
 use radflow_preprocessor::resample;
 use radflow_preprocessor::volume::Volume;
 use radflow_preprocessor::worker::VolumeMeta;
+use radflow_shared::backoff::Backoff;
 use radflow_shared::config::{ModelsArgs, StoreArgs};
 use radflow_shared::models::{ModelKind, Registry};
 use radflow_shared::store::{Store, StoreError, VolumeFile};
@@ -320,16 +321,9 @@ pub async fn export_dataset(args: ExportArgs) -> Result<()> {
 
 /// Reads an object, trying again when the store fails transiently.
 async fn get(store: &Store, key: &str) -> Result<Bytes, StoreError> {
-    let mut attempt = 1;
-    loop {
-        match store.get(key).await {
-            Err(e) if e.is_transient() && attempt < STORE_TRIES => {
-                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
+    Backoff::new(Duration::from_millis(500), 2, Duration::from_secs(5))
+        .retry(STORE_TRIES, StoreError::is_transient, || store.get(key))
+        .await
 }
 
 /// Exports one series: reads its result, volume and metadata, moves the labels onto

@@ -12,7 +12,10 @@
 //!   dead-letter replay.
 //! - [`config`]: command-line option groups with their environment variables.
 //! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
+//! - [`backoff`]: the one retry schedule (NATS connects, redeliveries, store reads).
+//! - `testing` (feature `testing`, tests only): nats-server and Python starters.
 
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod events;
@@ -24,6 +27,7 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod util;
 pub mod worker;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::backoff::Backoff;
 use crate::bus::{Bus, ConsumerSpec, Delivery, Outgoing};
 use crate::events::{DeadLettered, SCHEMA_VERSION};
 use crate::metrics::Metrics;
@@ -71,7 +72,7 @@ pub struct WorkerConfig {
     /// Messages handled at once by this process.
     pub concurrency: usize,
     /// Delay before the n-th retry (the last value repeats).
-    pub backoff: Vec<Duration>,
+    pub backoff: Backoff,
     /// How long a draining worker waits for the messages it holds.
     pub drain: Duration,
     /// A consumer served before `consumer` (stat work); its ack wait and delivery
@@ -87,12 +88,8 @@ impl WorkerConfig {
         Self {
             consumer,
             concurrency: 1,
-            backoff: vec![
-                Duration::from_secs(1),
-                Duration::from_secs(5),
-                Duration::from_secs(15),
-                Duration::from_secs(60),
-            ],
+            // 1 s, 4 s, 16 s, then a minute between tries.
+            backoff: Backoff::new(Duration::from_secs(1), 4, Duration::from_secs(60)),
             drain: Duration::from_secs(25),
             stat: None,
             batch: None,
@@ -360,10 +357,7 @@ pub async fn process(
                 }
             }
             Err(HandleError::Transient(e)) if delivery.attempt < config.consumer.max_deliver => {
-                let idx = (delivery.attempt as usize)
-                    .saturating_sub(1)
-                    .min(config.backoff.len().saturating_sub(1));
-                let delay = config.backoff.get(idx).copied().unwrap_or(Duration::from_secs(5));
+                let delay = config.backoff.delay(u32::try_from(delivery.attempt).unwrap_or(u32::MAX));
                 tracing::warn!(error = format!("{e:#}"), retry_in = ?delay, "transient failure; will retry");
                 metrics.message(stage, "retried");
                 if let Err(e) = delivery.acker.nak(delay).await {
@@ -492,7 +486,7 @@ mod tests {
         }
         let mut config = WorkerConfig::new(ConsumerSpec::new(JOBS, "w"));
         config.consumer.max_deliver = max_deliver;
-        config.backoff = vec![Duration::from_millis(10)];
+        config.backoff = Backoff::constant(Duration::from_millis(10));
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(
             Arc::new(bus.clone()),

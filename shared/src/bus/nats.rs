@@ -25,6 +25,7 @@ use super::{
     Delivery, Kv, KvEntry, Outgoing, StoredMessage, StreamSpec, StreamStatus, Subscription,
     TOPOLOGY,
 };
+use crate::backoff::Backoff;
 use crate::secret::Secret;
 
 /// How to reach NATS.
@@ -97,20 +98,20 @@ impl NatsBus {
         opts: &NatsOptions,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Self, BusError> {
-        let mut delay = Duration::from_millis(250);
-        loop {
+        let backoff = Backoff::new(Duration::from_millis(250), 2, Duration::from_secs(5));
+        for attempt in 1.. {
             match Self::connect(opts).await {
                 Ok(bus) => return Ok(bus),
                 Err(e) => {
-                    tracing::warn!(error = %e, url = %opts.url, retry_in = ?delay, "NATS not reachable yet");
+                    tracing::warn!(error = %e, url = %opts.url, retry_in = ?backoff.delay(attempt), "NATS not reachable yet");
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Err(BusError::Closed),
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.delay(attempt)) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
+        unreachable!("the attempts never run out")
     }
 
     /// The JetStream context, for tools that read stream and consumer state.

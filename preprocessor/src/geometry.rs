@@ -26,9 +26,9 @@
 use std::fmt::Write as _;
 
 use ndarray::Array3;
+use radflow_volume::{Grid, Volume};
 
 use crate::decode::{DecodedSlice, SliceHeader};
-use crate::volume::{Grid, Volume};
 
 /// What to do when slice gaps vary beyond the tolerance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

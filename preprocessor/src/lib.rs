@@ -16,7 +16,9 @@
 //!   `meta.json` in the form `radflow_volume` defines; [`synth`] writes test phantoms.
 pub mod convert;
 pub mod decode;
+mod decode_error;
 pub mod geometry;
+pub mod header;
 pub mod jpeg_extended;
 pub mod jpeg_lossless;
 pub mod jpeg_stream;

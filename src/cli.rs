@@ -529,7 +529,7 @@ pub struct VolumeArgs {
     pub out: PathBuf,
     /// gzip level (0–9) of a `.nii.gz` output; 0 stores the voxels uncompressed, as
     /// the preprocessor does on a folder store.
-    #[arg(long, default_value_t = radflow_preprocessor::nifti::GZIP_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
+    #[arg(long, default_value_t = radflow_volume::nifti::GZIP_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub gzip_level: u32,
     /// Prepare for this model (`name` or `name@version`): resample and normalize as
     /// its preset says. Without it: the native grid, in HU for CT.

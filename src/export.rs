@@ -34,15 +34,12 @@ use crate::progress::Progress;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use radflow_inferer::worker::Summary;
-use radflow_preprocessor::nifti;
-use radflow_preprocessor::resample;
-use radflow_preprocessor::volume::Volume;
-use radflow_preprocessor::worker::VolumeMeta;
 use radflow_shared::backoff::Backoff;
 use radflow_shared::config::{ModelsArgs, StoreArgs};
 use radflow_shared::models::{ModelKind, Registry};
 use radflow_shared::store::{Store, StoreError, VolumeFile};
 use radflow_shared::util::now_ms;
+use radflow_volume::{Volume, VolumeMeta, nifti, resample};
 use serde::Serialize;
 
 /// Version of the manifest's layout.

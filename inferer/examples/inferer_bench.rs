@@ -28,15 +28,13 @@ use radflow_inferer::registry::ModelHub;
 use radflow_inferer::session::{self, ExecutionConfig, ProviderRequest};
 use radflow_inferer::sliding_window::{WindowSettings, run_windows_labels};
 use radflow_inferer::worker::{Inferer, Summary};
-use radflow_preprocessor::nifti;
-use radflow_preprocessor::volume::Volume;
-use radflow_preprocessor::worker::VolumeMeta;
 use radflow_shared::bus::{Acker, Bus, BusError, Delivery, InProcBus, Outgoing};
 use radflow_shared::events::{SCHEMA_VERSION, VolumeReady};
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::{ModelKind, Registry, WindowPadding};
 use radflow_shared::store::{Store, VolumeFile};
 use radflow_shared::worker::Handler;
+use radflow_volume::{Volume, VolumeMeta, nifti};
 use serde_json::json;
 
 fn main() {
@@ -170,7 +168,7 @@ fn window_once(
     let started = Instant::now();
     let t = Instant::now();
     let bytes = std::fs::read(volume).unwrap();
-    let image = radflow_inferer::gunzip::read_volume::<f32>(&bytes).unwrap();
+    let image = radflow_volume::gunzip::read_volume::<f32>(&bytes).unwrap();
     let read = t.elapsed();
     let t = Instant::now();
     // radflow's path: the division by the weights and the argmax are one pass.

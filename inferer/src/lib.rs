@@ -1,5 +1,8 @@
 //! Runs ONNX models on prepared volumes and turns their output into results.
 //!
+//! Volumes come in through `radflow_volume` (NIfTI files inflated on every core, their
+//! `meta.json`, resampling of label maps); this crate links no DICOM pixel codec.
+//!
 //! # Layout
 //!
 //! - [`runtime`]: finds the ONNX Runtime shared library and loads it once per process;
@@ -10,7 +13,6 @@
 //!   batches and blends the logits back together (MONAI's algorithm), then picks a
 //!   label per voxel;
 //! - [`classify`]: whole-volume classification, with jobs batched into one run;
-//! - [`gunzip`]: reads prepared volumes, inflating them on every core;
 //! - [`outputs`]: what a segmentation is turned into for people: label volumes in
 //!   millilitres and a PNG preview;
 //! - [`registry`]: the set of models served, loaded and warmed up, and its reload
@@ -19,7 +21,6 @@
 
 pub mod builtin;
 pub mod classify;
-pub mod gunzip;
 pub mod outputs;
 pub mod registry;
 pub mod runtime;

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use radflow_preprocessor::volume::{Grid, Volume};
 use radflow_shared::models::{ModelSpec, Normalization, parse_color};
+use radflow_volume::{Grid, Volume};
 use serde::{Deserialize, Serialize};
 
 /// Size of one label in a label map.
@@ -61,7 +61,7 @@ pub fn stats_from_counts(counts: &[u64; 256], grid: &Grid, spec: &ModelSpec) -> 
 }
 
 /// The label map moved onto `target` by nearest neighbour, exactly as
-/// `radflow_preprocessor::resample::resample_nearest` does it, and the voxel count of
+/// `radflow_volume::resample::resample_nearest` does it, and the voxel count of
 /// every label value there.
 ///
 /// A model grid and its source grid usually differ only by spacing (and perhaps by
@@ -71,7 +71,7 @@ pub fn stats_from_counts(counts: &[u64; 256], grid: &Grid, spec: &ModelSpec) -> 
 /// written, one plane per thread; other grids use the general resampler.
 pub fn labels_on_grid(labels: &Volume<u8>, target: &Grid) -> (Volume<u8>, [u64; 256]) {
     let Some(tables) = axis_tables(&labels.grid, target) else {
-        let moved = radflow_preprocessor::resample::resample_nearest(labels, target);
+        let moved = radflow_volume::resample::resample_nearest(labels, target);
         let mut counts = [0u64; 256];
         for &l in &moved.data {
             counts[usize::from(l)] += 1;

@@ -24,9 +24,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use radflow_preprocessor::nifti;
-use radflow_preprocessor::volume::Volume;
-use radflow_preprocessor::worker::VolumeMeta;
 use radflow_shared::bus::{Bus, ConsumerSpec, Delivery, JOBS, publish_event};
 use radflow_shared::events::{
     self, ClassScore, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady,
@@ -36,6 +33,7 @@ use radflow_shared::models::ModelKind;
 use radflow_shared::store::{Store, StoreError};
 use radflow_shared::util::now_ms;
 use radflow_shared::worker::{HandleError, Handler, Outcome, WorkerConfig};
+use radflow_volume::{Volume, VolumeMeta, nifti};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -396,7 +394,7 @@ fn segment(
     meta: &VolumeMeta,
 ) -> Result<Segmented, HandleError> {
     let t = Instant::now();
-    let volume = crate::gunzip::read_volume::<f32>(volume_bytes)
+    let volume = radflow_volume::gunzip::read_volume::<f32>(volume_bytes)
         .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
     let decode = t.elapsed();
 
@@ -491,7 +489,7 @@ impl Handler for Inferer {
                 let t = Instant::now();
                 let spec = model.spec.clone();
                 let (volume, input) = tokio::task::spawn_blocking(move || {
-                    let volume = crate::gunzip::read_volume::<f32>(&volume_bytes)
+                    let volume = radflow_volume::gunzip::read_volume::<f32>(&volume_bytes)
                         .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
                     let input =
                         classify::fit_to_patch(volume.data.view(), spec.patch, spec.padding);

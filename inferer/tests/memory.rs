@@ -20,12 +20,12 @@ use ndarray::Array3;
 use radflow_inferer::registry::ModelHub;
 use radflow_inferer::session::{ExecutionConfig, ProviderRequest};
 use radflow_inferer::worker::Inferer;
-use radflow_preprocessor::volume::Volume;
 use radflow_shared::bus::{Bus, InProcBus};
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::Registry;
 use radflow_shared::store::Store;
 use radflow_shared::worker::{Handler, Outcome};
+use radflow_volume::Volume;
 
 use common::random_values;
 use common::stage::{delivery, grid, put_job};

@@ -3,8 +3,8 @@
 
 use ndarray::Array3;
 use radflow_inferer::outputs::{LabelStat, label_stats, preview_png};
-use radflow_preprocessor::volume::{Grid, Volume};
 use radflow_shared::models::{ModelSpec, Normalization, Registry, parse_color};
+use radflow_volume::{Grid, Volume};
 
 fn demo_spec() -> ModelSpec {
     Registry::builtin().find("demo-tissue").unwrap().clone()
@@ -207,7 +207,7 @@ fn ramp(g: &Grid) -> Volume<u8> {
 #[test]
 fn labels_on_grid_equals_the_nearest_resampler_and_counts_the_labels() {
     use radflow_inferer::outputs::labels_on_grid;
-    use radflow_preprocessor::resample::resample_nearest;
+    use radflow_volume::resample::resample_nearest;
 
     let src = Grid {
         dims: [31, 27, 19],

@@ -22,13 +22,12 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use ndarray::Array3;
+use radflow_volume::{Volume, nifti};
 use rayon::prelude::*;
 
 use crate::decode::{self, DecodeError, InstanceHeader, SliceHeader};
 use crate::geometry::{self, BuiltVolume, GeometryError, GeometryOptions, VolumePlan};
-use crate::nifti;
 use crate::select::{self, ImageRef, SelectError};
-use crate::volume::Volume;
 
 pub use crate::preset::prepare;
 

@@ -26,9 +26,9 @@
 use std::fmt::Write as _;
 
 use ndarray::Array3;
+use radflow_volume::{Grid, Volume};
 
-use crate::decode::{DecodedSlice, SliceHeader};
-use crate::volume::{Grid, Volume};
+use crate::header::{DecodedSlice, SliceHeader};
 
 /// What to do when slice gaps vary beyond the tolerance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -700,7 +700,7 @@ impl<const N: usize> std::fmt::Display for Fmt<'_, N> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::SliceHeader;
+    use crate::header::SliceHeader;
 
     const AXIAL: [f64; 6] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
 

@@ -11,22 +11,21 @@
 //!   do not); [`geometry`] orders them along the slice normal and plans the regular
 //!   grid; [`convert`] decodes the chosen images straight into that grid.
 //! - [`preset`] turns the native volume into a model's input (axis order, spacing,
-//!   crop or pad, then [`normalize`]) through [`resample`].
-//! - [`nifti`] writes and reads NIfTI-1 in memory; [`volume`] is the value they share.
-//! - [`worker`] is the pipeline stage; [`synth`] writes test phantoms.
+//!   crop or pad, then [`normalize`]) through `radflow_volume::resample`.
+//! - [`worker`] is the pipeline stage, which writes each volume with its
+//!   `meta.json` in the form `radflow_volume` defines; [`synth`] writes test phantoms.
 pub mod convert;
 pub mod decode;
+mod decode_error;
 pub mod geometry;
+pub mod header;
 pub mod jpeg_extended;
 pub mod jpeg_lossless;
 pub mod jpeg_stream;
 mod mosaic;
-pub mod nifti;
 pub mod normalize;
 pub mod preset;
-pub mod resample;
 mod scan;
 pub mod select;
 pub mod synth;
-pub mod volume;
 pub mod worker;

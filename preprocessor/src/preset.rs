@@ -15,10 +15,9 @@
 //! value or repeat the edge) and normalizes the intensities in place.
 
 use radflow_shared::models::{Interpolation, Preset};
+use radflow_volume::{Grid, Volume, resample};
 
 use crate::normalize;
-use crate::resample;
-use crate::volume::{Grid, Volume};
 
 /// The axis code each voxel axis of `grid` points closest to, e.g. `['L', 'P', 'S']`
 /// for an axial DICOM series (as nibabel's `aff2axcodes`).

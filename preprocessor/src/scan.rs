@@ -13,7 +13,7 @@ use dicom_core::{Tag, VR};
 use dicom_dictionary_std::{StandardDataDictionary, tags};
 use dicom_encoding::transfer_syntax::{Codec, Endianness, TransferSyntax};
 
-use crate::decode::DecodeError;
+use crate::decode_error::DecodeError;
 
 /// Largest data set accepted after inflating a deflated file.
 const MAX_INFLATED_BYTES: usize = 1 << 30;

@@ -23,8 +23,8 @@ use std::fmt::Write as _;
 use dicom_core::dictionary::UidDictionary;
 use dicom_dictionary_std::StandardSopClassDictionary;
 
-use crate::decode::{InstanceHeader, SliceHeader};
 use crate::geometry::{self, GeometryError, GeometryOptions};
+use crate::header::{InstanceHeader, SliceHeader};
 
 /// SOP classes whose images are slices of a cross-sectional volume.
 const VOLUME_CLASSES: &[&str] = &[
@@ -392,7 +392,7 @@ fn plane_name(iop: [f64; 6]) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::SliceHeader;
+    use crate::header::SliceHeader;
 
     const AXIAL: [f64; 6] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0];
     const CORONAL: [f64; 6] = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0];

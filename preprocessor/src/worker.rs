@@ -30,42 +30,19 @@ use radflow_shared::metrics::Metrics;
 use radflow_shared::models::{Preset, Registry, SeriesFacts};
 use radflow_shared::store::{Store, VolumeFile};
 use radflow_shared::worker::{HandleError, Handler, Outcome, WorkerConfig};
-use serde::{Deserialize, Serialize};
+use radflow_volume::VolumeMeta;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert::{self, ConvertError, SeriesPlan};
 use crate::decode::{self, DecodeError, InstanceHeader};
 use crate::geometry::GeometryOptions;
 use crate::preset;
-use crate::volume::Grid;
 
 /// Stage name in metrics, logs and `radflow.dlq.preprocessor`.
 pub const STAGE: &str = "preprocessor";
 
 /// Files fetched from the store at once.
 const FETCH_CONCURRENCY: usize = 16;
-
-/// What `meta.json` beside each volume says: enough for the inferer to put its output
-/// back on the source grid, and for a person to see what was done.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VolumeMeta {
-    pub schema_version: u32,
-    pub study_uid: String,
-    pub series_uid: String,
-    pub revision: u32,
-    pub correlation_id: String,
-    pub modality: String,
-    pub preset: Preset,
-    /// The native grid of the series (slices ordered along the normal).
-    pub source: Grid,
-    /// The grid of `volume.nii.gz`.
-    pub volume: Grid,
-    pub slices: usize,
-    pub warnings: Vec<String>,
-    /// Why the series may be missing slices, if it may (see `VolumeReady`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub suspect_incomplete: Option<String>,
-}
 
 /// The preprocessor's dependencies.
 pub struct Preprocessor {
@@ -83,10 +60,10 @@ pub struct Preprocessor {
 /// store, 0 (stored blocks: a 300-slice CT is about 1.6× larger, but writing it is a
 /// copy and reading it in the inferer takes a fifth of the time, where decompressing
 /// would cost more than the bytes saved); on an object store, whose bytes cross a
-/// network, [`crate::nifti::GZIP_LEVEL`].
+/// network, [`radflow_volume::nifti::GZIP_LEVEL`].
 pub fn volume_gzip_level(store: &Store, configured: Option<u32>) -> u32 {
     configured.unwrap_or(if store.is_remote() {
-        crate::nifti::GZIP_LEVEL
+        radflow_volume::nifti::GZIP_LEVEL
     } else {
         0
     })

@@ -10,7 +10,7 @@ use radflow_preprocessor::geometry::{GeometryOptions, build_volume};
 use radflow_preprocessor::synth::{
     PhantomSpec, PhantomTruth, SynthSyntax, Tissue, tissue_at, write_series,
 };
-use radflow_preprocessor::volume::Volume;
+use radflow_volume::Volume;
 
 /// A fresh, empty folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

@@ -17,7 +17,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
 use radflow_preprocessor::geometry::GeometryOptions;
 use radflow_preprocessor::synth::{PhantomSpec, write_series};
-use radflow_preprocessor::worker::{self, Preprocessor, VolumeMeta};
+use radflow_preprocessor::worker::{self, Preprocessor};
 use radflow_shared::bus::inproc::InProcBus;
 use radflow_shared::bus::{Bus, publish_event};
 use radflow_shared::events::{DeadLettered, ReadyReason, SCHEMA_VERSION, SeriesReady, VolumeReady};
@@ -25,6 +25,7 @@ use radflow_shared::metrics::Metrics;
 use radflow_shared::models::Registry;
 use radflow_shared::store::Store;
 use radflow_shared::worker::WorkerConfig;
+use radflow_volume::VolumeMeta;
 use tokio_util::sync::CancellationToken;
 
 const STUDY: &str = "2.25.100";
@@ -249,7 +250,7 @@ async fn malformed_series_are_dead_lettered_and_the_worker_keeps_going() {
     assert_eq!(meta.suspect_incomplete.as_deref(), Some(gap));
     assert_eq!(meta.source.dims, [32, 32, 12]);
     let volume = store.get(&jobs["2.25.7"].volume_key).await.unwrap();
-    let vol = radflow_preprocessor::nifti::read_nifti::<f32>(&volume).unwrap();
+    let vol = radflow_volume::nifti::read_nifti::<f32>(&volume).unwrap();
     assert_eq!(vol.grid, meta.volume);
     assert!(vol.data.iter().all(|v| (0.0..=1.0).contains(v)));
     assert!(

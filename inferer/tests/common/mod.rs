@@ -209,12 +209,11 @@ pub mod stage {
 
     use bytes::Bytes;
     use radflow_inferer::worker::Summary;
-    use radflow_preprocessor::volume::{Grid, Volume};
-    use radflow_preprocessor::worker::VolumeMeta;
     use radflow_shared::bus::{Acker, BusError, Delivery, Outgoing};
     use radflow_shared::events::{SCHEMA_VERSION, VolumeReady};
     use radflow_shared::models::ModelSpec;
     use radflow_shared::store::{Store, VolumeFile};
+    use radflow_volume::{Grid, Volume, VolumeMeta};
 
     /// An acker that does nothing: for calling `handle` directly.
     pub struct NoAck;
@@ -286,7 +285,7 @@ pub mod stage {
             warnings: vec![],
             suspect_incomplete: None,
         };
-        let nii = radflow_preprocessor::nifti::write_nifti_gz(volume, "test");
+        let nii = radflow_volume::nifti::write_nifti_gz(volume, "test");
         store.put(&volume_key, Bytes::from(nii)).await.unwrap();
         store
             .put(&meta_key, Bytes::from(serde_json::to_vec(&meta).unwrap()))

@@ -8,9 +8,9 @@ use std::process::{Command, Stdio};
 
 use radflow_preprocessor::convert::{self, ConvertError};
 use radflow_preprocessor::geometry::{BuiltVolume, GeometryOptions};
-use radflow_preprocessor::nifti;
-use radflow_preprocessor::volume::Volume;
 use radflow_shared::models::{Interpolation, Normalization, Preset};
+use radflow_volume::Volume;
+use radflow_volume::nifti;
 use serde_json::Value;
 
 /// A fresh, empty folder under the system temp dir, removed on drop.

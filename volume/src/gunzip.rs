@@ -2,8 +2,8 @@
 //!
 //! Inflating a 300-slice CT takes longer than running the demo model on it when it is
 //! done on one core, as any gzip reader does: a deflate stream is sequential. The
-//! preprocessor, however, writes its volumes as one gzip member whose deflate stream is
-//! made of independently compressed 1 MiB blocks, each ended by a sync flush (an empty
+//! [`nifti`] writer, however, writes volumes as one gzip member whose deflate stream
+//! is made of independently compressed 1 MiB blocks, each ended by a sync flush (an empty
 //! stored block, the bytes `00 00 FF FF` on a byte boundary), and records in the gzip
 //! header's extra field where each block lies and how long it is inflated
 //! ([`nifti::BLOCK_INDEX_ID`]). [`gunzip`] inflates such blocks in parallel, each
@@ -14,9 +14,10 @@
 //! result is always exactly what a sequential reader gives.
 
 use flate2::{Crc, Decompress, FlushDecompress, Status};
-use radflow_preprocessor::nifti::{self, NiftiError, NiftiScalar};
-use radflow_preprocessor::volume::Volume;
 use rayon::prelude::*;
+
+use crate::Volume;
+use crate::nifti::{self, NiftiError, NiftiScalar};
 
 /// The sync-flush marker: LEN = 0, NLEN = 0xFFFF of an empty stored block.
 const SYNC: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
@@ -327,7 +328,7 @@ mod tests {
 
     #[test]
     fn volumes_written_by_the_preprocessor_are_inflated_in_parallel() {
-        let grid = radflow_preprocessor::volume::Grid {
+        let grid = crate::Grid {
             dims: [64, 64, 160],
             affine: [
                 [1.5, 0.0, 0.0, 0.0],
@@ -375,7 +376,7 @@ mod tests {
     fn a_wrong_block_index_is_never_trusted() {
         let input = data(3 << 20);
         let values: Vec<f32> = input.iter().map(|&b| f32::from(b)).collect();
-        let grid = radflow_preprocessor::volume::Grid {
+        let grid = crate::Grid {
             dims: [256, 256, 12],
             affine: [
                 [1.0, 0.0, 0.0, 0.0],

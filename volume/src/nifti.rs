@@ -24,7 +24,7 @@ use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use ndarray::Array3;
 use rayon::prelude::*;
 
-use crate::volume::{Grid, Volume};
+use crate::{Grid, Volume};
 
 const HEADER_SIZE: usize = 348;
 const VOX_OFFSET: usize = 352;

@@ -18,7 +18,7 @@
 use ndarray::Array3;
 use rayon::prelude::*;
 
-use crate::volume::{Grid, Volume};
+use crate::{Grid, Volume};
 
 /// A grid with the same orientation and first-voxel centre as `src` and the given
 /// voxel `spacing` (mm, `[x, y, z]`); each axis keeps its extent:
@@ -40,8 +40,8 @@ pub fn grid_with_spacing(src: &Grid, spacing: [f64; 3]) -> Grid {
 /// Trilinear resampling of `src` onto `target` (see the module docs).
 ///
 /// # Panics
-/// If `src` has no voxel or a singular affine (neither can come out of
-/// [`crate::geometry::plan_volume`]).
+/// If `src` has no voxel or a singular affine (neither can come out of the
+/// preprocessor's geometry planning).
 pub fn resample_linear(src: &Volume<f32>, target: &Grid) -> Volume<f32> {
     resample_linear_with(src, target, None)
 }

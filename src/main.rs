@@ -3,6 +3,7 @@
 //! Nothing here decides anything about DICOM, volumes or models; it only wires. See
 //! `ARCHITECTURE.md` for the code map.
 
+mod bootstrap;
 mod cli;
 mod export;
 mod ops;
@@ -24,17 +25,14 @@ use radflow_listener::ingest::AdmissionConfig;
 use radflow_listener::scp::ScpConfig;
 use radflow_listener::service::{self, ListenerDeps};
 use radflow_preprocessor::worker::Preprocessor;
-use radflow_shared::bus::{Bus, ConsumerSpec};
-use radflow_shared::config::{HttpArgs, TelemetryArgs};
+use radflow_shared::bus::ConsumerSpec;
 use radflow_shared::events::Lane;
-use radflow_shared::http::Health;
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::Registry;
-use radflow_shared::store::Store;
 use radflow_shared::worker::WorkerConfig;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
+use bootstrap::{BusMode, Node};
 use cli::{Cli, Command, InfererArgs, ListenerArgs, RunArgs, WorkerArgs};
 
 fn main() -> std::process::ExitCode {
@@ -72,33 +70,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_logs(t: &TelemetryArgs, service: &str) -> radflow_shared::telemetry::TelemetryGuard {
-    radflow_shared::telemetry::init(t.log_format, &t.log, t.otlp_endpoint.as_deref(), service)
-}
-
-async fn start_http(
-    args: &HttpArgs,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    shutdown: &CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind((args.http_addr.as_str(), args.http_port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open HTTP port {}:{}",
-                args.http_addr, args.http_port
-            )
-        })?;
-    tracing::info!(addr = %listener.local_addr()?, "health and metrics on HTTP");
-    let shutdown = shutdown.clone();
-    Ok(tokio::spawn(async move {
-        if let Err(e) = radflow_shared::http::serve(listener, health, metrics, shutdown).await {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-    }))
-}
-
 /// A durable consumer's name in each lane: `name-stat`, `name`, `name-batch`.
 fn with_lanes(name: &str) -> Vec<String> {
     [Lane::Stat, Lane::Routine, Lane::Batch]
@@ -115,34 +86,6 @@ fn inferer_consumers(registry: &Registry) -> Vec<String> {
         .into_iter()
         .flat_map(|name| with_lanes(&format!("inferer-{name}")))
         .collect()
-}
-
-/// Exports the lag of this process's consumers as metrics.
-fn spawn_lag_reporter(
-    bus: &Arc<dyn Bus>,
-    consumers: Vec<String>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-) {
-    tokio::spawn(radflow_shared::status::report_lag(
-        bus.clone(),
-        consumers,
-        metrics.clone(),
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
-}
-
-/// Turns `/readyz` false as soon as shutdown is requested, before anything stops.
-fn drain_on_shutdown(
-    health: &Arc<Health>,
-    shutdown: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let (health, shutdown) = (health.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        health.set_draining();
-    })
 }
 
 fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
@@ -288,41 +231,40 @@ fn registry_watch(
 
 /// `radflow run`: every component in this process.
 async fn run_embedded(args: RunArgs) -> Result<()> {
-    let _telemetry = init_logs(&args.telemetry, "radflow");
-    let shutdown = radflow_shared::shutdown::on_signals();
-    let store = args.store.open()?;
-    let bus: Arc<dyn Bus> = args.bus.connect_or_inproc("radflow", &shutdown).await?;
+    let mut node = Node::start(
+        "radflow",
+        &args.telemetry,
+        &args.store,
+        &args.bus,
+        BusMode::NatsOrInProcess,
+    )
+    .await?;
     let registry = load_registry(&args.models)?;
-    let metrics = Metrics::new();
-    let health = Health::new(Some(bus.clone()), Some(store.clone()));
-    let inferer_ready = health.component("inferer");
-    let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
-    health.enable_admin(args.http.admin_token()?);
+    let inferer_ready = node.health.component("inferer");
+    node.serve_http(&args.http).await?;
+    node.health.enable_admin(args.http.admin_token()?);
     let mut consumers = vec!["assembler".to_owned()];
     consumers.extend(with_lanes("preprocessor"));
     consumers.extend(inferer_consumers(&registry));
-    spawn_lag_reporter(&bus, consumers, &metrics, &shutdown);
+    node.report_lag(consumers);
 
-    let models = load_models(registry.clone(), &args.inferer, metrics.clone()).await?;
+    let models = load_models(registry.clone(), &args.inferer, node.metrics.clone()).await?;
     let dicom = bind_dicom(&args.listener).await?;
+    let (store, bus, metrics, shutdown) = (
+        node.store.clone(),
+        node.bus.clone(),
+        node.metrics.clone(),
+        node.shutdown.clone(),
+    );
 
     // Instances acknowledged before a crash are back in the store before it is read.
     let journal = service::open_journal(&store, args.listener.store_journal).await?;
     // The in-process bus forgets everything on exit: series in the store without a
     // result are assembled again.
-    let mut unfinished = Vec::new();
-    for (study, series) in store.list_series().await? {
-        let mut done = true;
-        for m in &registry.models {
-            done &= store.has_result(&series, &m.reference()).await?;
-        }
-        if !done {
-            unfinished.push((study, series));
-        }
-    }
-    if !unfinished.is_empty() {
-        let n = service::recover(&*bus, &store, &unfinished).await?;
-        tracing::info!(series = n, "re-queued series without results");
+    let references: Vec<String> = registry.models.iter().map(|m| m.reference()).collect();
+    let requeued = service::recover_unfinished(&*bus, &store, &references).await?;
+    if requeued > 0 {
+        tracing::info!(series = requeued, "re-queued series without results");
     }
 
     tracing::info!(
@@ -342,7 +284,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
             journal,
             bus: bus.clone(),
             metrics: metrics.clone(),
-            health: Some(health.clone()),
+            health: Some(node.health.clone()),
         },
         shutdown.clone(),
     ));
@@ -373,123 +315,113 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         worker_config(radflow_inferer::worker::consumer("all"), &args.worker),
         registry_watch(&args.models, &args.inferer),
         inferer_ready,
-        shutdown.clone(),
+        shutdown,
     ));
-    let draining = drain_on_shutdown(&health, &shutdown);
     let listener_result = listener.await?;
-    let _ = tokio::join!(preprocessing, inferring, draining);
-    let _ = http.await;
+    let _ = tokio::join!(preprocessing, inferring);
+    node.finish().await;
     listener_result
 }
 
 /// `radflow listener`
 async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
-    let _telemetry = init_logs(&args.telemetry, "radflow-listener");
-    let shutdown = radflow_shared::shutdown::on_signals();
-    let store = args.store.open()?;
-    let bus: Arc<dyn Bus> = args.bus.connect_nats("radflow-listener", &shutdown).await?;
-    let metrics = Metrics::new();
-    let health = Health::new(Some(bus.clone()), Some(store.clone()));
-    let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
-    spawn_lag_reporter(&bus, vec!["assembler".into()], &metrics, &shutdown);
+    let mut node = Node::start(
+        "radflow-listener",
+        &args.telemetry,
+        &args.store,
+        &args.bus,
+        BusMode::Nats,
+    )
+    .await?;
+    node.serve_http(&args.http).await?;
+    node.report_lag(vec!["assembler".into()]);
     let dicom = bind_dicom(&args.listener).await?;
-    let journal = service::open_journal(&store, args.listener.store_journal).await?;
-    tracing::info!(dicom = %dicom.local_addr()?, store = %store.url(), "listener running");
-    let draining = drain_on_shutdown(&health, &shutdown);
+    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
+    tracing::info!(dicom = %dicom.local_addr()?, store = %node.store.url(), "listener running");
     let result = service::run(
         dicom,
         ListenerDeps {
             scp: scp_config(&args.listener)?,
             assembly: assembly_config(&args.listener),
             admission: admission_config(&args.listener),
-            store,
+            store: node.store.clone(),
             journal,
-            bus,
-            metrics,
-            health: Some(health.clone()),
+            bus: node.bus.clone(),
+            metrics: node.metrics.clone(),
+            health: Some(node.health.clone()),
         },
-        shutdown,
+        node.shutdown.clone(),
     )
     .await;
-    let _ = draining.await;
-    let _ = http.await;
+    node.finish().await;
     result
 }
 
 /// `radflow preprocessor`
 async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
-    let _telemetry = init_logs(&args.telemetry, "radflow-preprocessor");
-    let shutdown = radflow_shared::shutdown::on_signals();
-    let store = args.store.open()?;
-    let bus: Arc<dyn Bus> = args
-        .bus
-        .connect_nats("radflow-preprocessor", &shutdown)
-        .await?;
+    let mut node = Node::start(
+        "radflow-preprocessor",
+        &args.telemetry,
+        &args.store,
+        &args.bus,
+        BusMode::Nats,
+    )
+    .await?;
     let registry = load_registry(&args.models)?;
-    let metrics = Metrics::new();
-    let health = Health::new(Some(bus.clone()), Some(store.clone()));
-    let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
-    spawn_lag_reporter(&bus, with_lanes("preprocessor"), &metrics, &shutdown);
-    if let Some(idle) = args.worker.exit_when_idle() {
-        tokio::spawn(radflow_shared::worker::exit_when_idle(
-            metrics.clone(),
-            idle,
-            shutdown.clone(),
-        ));
-    }
-    let volume_gzip_level =
-        radflow_preprocessor::worker::volume_gzip_level(&store, args.volumes.volume_gzip_level);
+    node.serve_http(&args.http).await?;
+    node.report_lag(with_lanes("preprocessor"));
+    node.exit_when_idle(args.worker.exit_when_idle());
     let pre = Arc::new(Preprocessor {
-        store,
-        bus,
+        store: node.store.clone(),
+        bus: node.bus.clone(),
         registry,
-        metrics,
+        metrics: node.metrics.clone(),
         geometry: tools::geometry_options(&args.geometry),
-        volume_gzip_level,
+        volume_gzip_level: radflow_preprocessor::worker::volume_gzip_level(
+            &node.store,
+            args.volumes.volume_gzip_level,
+        ),
     });
-    let draining = drain_on_shutdown(&health, &shutdown);
-    radflow_preprocessor::worker::run(pre, preprocessor_config(&args.worker), shutdown).await;
-    let _ = draining.await;
-    let _ = http.await;
+    radflow_preprocessor::worker::run(
+        pre,
+        preprocessor_config(&args.worker),
+        node.shutdown.clone(),
+    )
+    .await;
+    node.finish().await;
     Ok(())
 }
 
 /// `radflow inferer`
 async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
-    let _telemetry = init_logs(&args.telemetry, "radflow-inferer");
-    let shutdown = radflow_shared::shutdown::on_signals();
-    let store: Store = args.store.open()?;
-    let bus: Arc<dyn Bus> = args.bus.connect_nats("radflow-inferer", &shutdown).await?;
+    let mut node = Node::start(
+        "radflow-inferer",
+        &args.telemetry,
+        &args.store,
+        &args.bus,
+        BusMode::Nats,
+    )
+    .await?;
     let registry = load_registry(&args.models)?;
-    let metrics = Metrics::new();
-    let health = Health::new(Some(bus.clone()), Some(store.clone()));
-    let ready = health.component("models");
-    let http = start_http(&args.http, health.clone(), metrics.clone(), &shutdown).await?;
-    spawn_lag_reporter(&bus, inferer_consumers(&registry), &metrics, &shutdown);
-    let models = load_models(registry.clone(), &args.inferer, metrics.clone()).await?;
-    if let Some(idle) = args.worker.exit_when_idle() {
-        tokio::spawn(radflow_shared::worker::exit_when_idle(
-            metrics.clone(),
-            idle,
-            shutdown.clone(),
-        ));
-    }
+    let ready = node.health.component("models");
+    node.serve_http(&args.http).await?;
+    node.report_lag(inferer_consumers(&registry));
+    let models = load_models(registry.clone(), &args.inferer, node.metrics.clone()).await?;
+    node.exit_when_idle(args.worker.exit_when_idle());
     let inferer = Arc::new(Inferer {
-        store,
-        bus,
+        store: node.store.clone(),
+        bus: node.bus.clone(),
         models,
-        metrics,
+        metrics: node.metrics.clone(),
     });
-    let draining = drain_on_shutdown(&health, &shutdown);
     radflow_inferer::worker::run(
         inferer,
         worker_config(radflow_inferer::worker::consumer("all"), &args.worker),
         registry_watch(&args.models, &args.inferer),
         ready,
-        shutdown,
+        node.shutdown.clone(),
     )
     .await;
-    let _ = draining.await;
-    let _ = http.await;
+    node.finish().await;
     Ok(())
 }

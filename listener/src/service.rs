@@ -173,6 +173,30 @@ fn log_replay(replayed: crate::journal::Replayed) {
     }
 }
 
+/// Finds the series in the store that lack a result of any of `models` (`name@version`)
+/// and re-opens their assembly ([`recover`]): the in-process bus of embedded mode
+/// forgets everything on exit. Returns how many were re-queued.
+pub async fn recover_unfinished(
+    bus: &dyn Bus,
+    store: &Store,
+    models: &[String],
+) -> Result<usize, RecoverError> {
+    let mut unfinished = Vec::new();
+    for (study, series) in store.list_series().await? {
+        let mut done = true;
+        for model in models {
+            done &= store.has_result(&series, model).await?;
+        }
+        if !done {
+            unfinished.push((study, series));
+        }
+    }
+    if unfinished.is_empty() {
+        return Ok(0);
+    }
+    recover(bus, store, &unfinished).await
+}
+
 /// Re-opens assembly for series found in the store that have no result yet (embedded
 /// mode, whose bus does not survive a restart). Each becomes ready again after the
 /// quiet period, so an interrupted sender that resumes joins the same revision.

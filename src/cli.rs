@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "inferer")]
 use radflow_inferer::session::{
     ArenaExtend, ConvAlgoSearch, CudaOptions, ExecutionConfig, ProviderRequest, TensorRtOptions,
 };
@@ -22,26 +23,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// All components in one process: DICOM listener, preprocessor, inferer.
+    #[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
     Run(Box<RunArgs>),
     /// The DICOM listener alone (needs NATS).
+    #[cfg(feature = "listener")]
     Listener(ListenerCmd),
     /// The preprocessor alone (needs NATS).
+    #[cfg(feature = "preprocessor")]
     Preprocessor(PreprocessorCmd),
     /// The inferer alone (needs NATS).
+    #[cfg(feature = "inferer")]
     Inferer(InfererCmd),
     /// Write a synthetic CT study (a phantom of known tissue volumes) as DICOM files.
+    #[cfg(feature = "preprocessor")]
     Synth(SynthArgs),
     /// Send DICOM files to a DICOM node (C-ECHO, then C-STORE).
+    #[cfg(feature = "listener")]
     Send(SendArgs),
     /// Convert a folder of DICOM files of one series to NIfTI.
+    #[cfg(feature = "preprocessor")]
     Volume(VolumeArgs),
     /// Queues, series being assembled, recent results and failures.
     Status(StatusArgs),
     /// Dead letters: list them, or replay them once the cause is fixed.
     Dlq(DlqArgs),
     /// Score stored series (or a folder) with a model, in the batch lane, with a report.
+    #[cfg(all(feature = "listener", feature = "preprocessor"))]
     Score(ScoreArgs),
     /// Export image and label pairs of a model version's results, for retraining.
+    #[cfg(feature = "inferer")]
     ExportDataset(crate::export::ExportArgs),
 }
 
@@ -160,6 +170,7 @@ pub enum DlqCommand {
 }
 
 /// `radflow run`
+#[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -221,6 +232,7 @@ pub struct PreprocessorCmd {
 }
 
 /// `radflow inferer`
+#[cfg(feature = "inferer")]
 #[derive(Debug, Args)]
 pub struct InfererCmd {
     #[command(flatten)]
@@ -336,6 +348,7 @@ impl ListenerArgs {
 }
 
 /// The inferer's settings.
+#[cfg(feature = "inferer")]
 #[derive(Debug, Clone, Args)]
 pub struct InfererArgs {
     /// Execution provider: auto (CUDA when present, else CPU), cpu, cuda, tensorrt
@@ -406,6 +419,7 @@ pub struct InfererArgs {
     pub ort_lib: Option<PathBuf>,
 }
 
+#[cfg(feature = "inferer")]
 impl InfererArgs {
     /// How sessions are created.
     pub fn execution(&self) -> ExecutionConfig {

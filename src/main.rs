@@ -2,14 +2,29 @@
 //!
 //! Nothing here decides anything about DICOM, volumes or models; it only wires. See
 //! `ARCHITECTURE.md` for the code map.
+//!
+//! The components are cargo features (`listener`, `preprocessor`, `inferer`, all on by
+//! default): a component's image builds only its own, and leaves out the subcommands
+//! of the others.
+#![cfg_attr(
+    not(all(feature = "listener", feature = "preprocessor", feature = "inferer")),
+    allow(dead_code, unused_imports)
+)]
 
 mod bootstrap;
 mod cli;
+#[cfg(feature = "inferer")]
 mod export;
 mod ops;
 mod progress;
-#[cfg(test)]
+#[cfg(all(
+    test,
+    feature = "listener",
+    feature = "preprocessor",
+    feature = "inferer"
+))]
 mod reference;
+#[cfg(all(feature = "listener", feature = "preprocessor"))]
 mod score;
 mod tools;
 
@@ -18,12 +33,19 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args as _, FromArgMatches, Parser};
+#[cfg(feature = "inferer")]
 use radflow_inferer::registry::{ModelHub, RegistryWatch};
+#[cfg(feature = "inferer")]
 use radflow_inferer::worker::Inferer;
+#[cfg(feature = "listener")]
 use radflow_listener::assembly::AssemblyConfig;
+#[cfg(feature = "listener")]
 use radflow_listener::ingest::AdmissionConfig;
+#[cfg(feature = "listener")]
 use radflow_listener::scp::ScpConfig;
+#[cfg(feature = "listener")]
 use radflow_listener::service::{self, ListenerDeps};
+#[cfg(feature = "preprocessor")]
 use radflow_preprocessor::worker::Preprocessor;
 use radflow_shared::bus::ConsumerSpec;
 use radflow_shared::events::Lane;
@@ -33,7 +55,11 @@ use radflow_shared::worker::WorkerConfig;
 use tokio::net::TcpListener;
 
 use bootstrap::{BusMode, Node};
-use cli::{Cli, Command, InfererArgs, ListenerArgs, RunArgs, WorkerArgs};
+#[cfg(feature = "inferer")]
+use cli::InfererArgs;
+#[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
+use cli::RunArgs;
+use cli::{Cli, Command, ListenerArgs, WorkerArgs};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -43,21 +69,35 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
+            #[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
             None => {
                 let matches =
                     RunArgs::augment_args(clap::Command::new("run")).get_matches_from(["radflow"]);
                 run_embedded(RunArgs::from_arg_matches(&matches)?).await
             }
+            #[cfg(not(all(feature = "listener", feature = "preprocessor", feature = "inferer")))]
+            None => Err(anyhow::anyhow!(
+                "this build has only some components; name one (see --help)"
+            )),
+            #[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
             Some(Command::Run(args)) => run_embedded(*args).await,
+            #[cfg(feature = "listener")]
             Some(Command::Listener(args)) => run_listener(args).await,
+            #[cfg(feature = "preprocessor")]
             Some(Command::Preprocessor(args)) => run_preprocessor(args).await,
+            #[cfg(feature = "inferer")]
             Some(Command::Inferer(args)) => run_inferer(args).await,
+            #[cfg(feature = "preprocessor")]
             Some(Command::Synth(args)) => tools::synth(args),
+            #[cfg(feature = "listener")]
             Some(Command::Send(args)) => tools::send(args).await,
+            #[cfg(feature = "preprocessor")]
             Some(Command::Volume(args)) => tools::volume(args),
             Some(Command::Status(args)) => ops::status(args).await,
             Some(Command::Dlq(args)) => ops::dlq(args).await,
+            #[cfg(all(feature = "listener", feature = "preprocessor"))]
             Some(Command::Score(args)) => score::score(args).await,
+            #[cfg(feature = "inferer")]
             Some(Command::ExportDataset(args)) => export::export_dataset(args).await,
         }
     });
@@ -78,6 +118,7 @@ fn with_lanes(name: &str) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "inferer")]
 /// The inferer's consumers: one per model name and lane.
 fn inferer_consumers(registry: &Registry) -> Vec<String> {
     let names: std::collections::BTreeSet<&str> =
@@ -88,6 +129,7 @@ fn inferer_consumers(registry: &Registry) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "listener")]
 fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
     let allowed_callers = args
         .allowed_callers
@@ -127,6 +169,7 @@ fn scp_config(args: &ListenerArgs) -> Result<ScpConfig> {
     })
 }
 
+#[cfg(feature = "listener")]
 /// The listener's transfer syntaxes; a syntax the preprocessor cannot decode is
 /// accepted and stored as received, with a warning, since its series will be refused
 /// (or skipped, when its objects are not cross-sectional images).
@@ -145,6 +188,7 @@ fn transfer_syntaxes(args: &ListenerArgs) -> Result<Vec<String>> {
     Ok(list)
 }
 
+#[cfg(feature = "listener")]
 fn admission_config(args: &ListenerArgs) -> AdmissionConfig {
     AdmissionConfig {
         max_series_backlog: args.max_series_backlog,
@@ -152,6 +196,7 @@ fn admission_config(args: &ListenerArgs) -> AdmissionConfig {
     }
 }
 
+#[cfg(feature = "listener")]
 fn assembly_config(args: &ListenerArgs) -> AssemblyConfig {
     AssemblyConfig {
         quiet: args.quiet(),
@@ -161,6 +206,7 @@ fn assembly_config(args: &ListenerArgs) -> AssemblyConfig {
     }
 }
 
+#[cfg(any(feature = "preprocessor", feature = "inferer"))]
 fn worker_config(consumer: ConsumerSpec, args: &WorkerArgs) -> WorkerConfig {
     let mut config = WorkerConfig::new(consumer);
     config.concurrency = args.concurrency.max(1);
@@ -169,6 +215,7 @@ fn worker_config(consumer: ConsumerSpec, args: &WorkerArgs) -> WorkerConfig {
     config
 }
 
+#[cfg(feature = "preprocessor")]
 /// The preprocessor's worker: the routine consumer with its stat and batch lanes.
 fn preprocessor_config(args: &WorkerArgs) -> WorkerConfig {
     worker_config(radflow_preprocessor::worker::consumer(), args).with_lanes()
@@ -180,6 +227,7 @@ fn load_registry(models: &radflow_shared::config::ModelsArgs) -> Result<Arc<Regi
     )?))
 }
 
+#[cfg(feature = "listener")]
 async fn bind_dicom(args: &ListenerArgs) -> Result<TcpListener> {
     TcpListener::bind((args.dicom_addr.as_str(), args.dicom_port))
         .await
@@ -191,6 +239,7 @@ async fn bind_dicom(args: &ListenerArgs) -> Result<TcpListener> {
         })
 }
 
+#[cfg(feature = "inferer")]
 /// Loads the ONNX Runtime library and the models (blocking work, off the runtime).
 async fn load_models(
     registry: Arc<Registry>,
@@ -218,6 +267,7 @@ async fn load_models(
     Ok(Arc::new(hub))
 }
 
+#[cfg(feature = "inferer")]
 /// The watch of `--models` for changes, unless reloading is off or the registry is
 /// the built-in one.
 fn registry_watch(
@@ -229,6 +279,7 @@ fn registry_watch(
         .map(|interval| RegistryWatch::new(path, interval))
 }
 
+#[cfg(all(feature = "listener", feature = "preprocessor", feature = "inferer"))]
 /// `radflow run`: every component in this process.
 async fn run_embedded(args: RunArgs) -> Result<()> {
     let mut node = Node::start(
@@ -323,6 +374,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     listener_result
 }
 
+#[cfg(feature = "listener")]
 /// `radflow listener`
 async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
     let mut node = Node::start(
@@ -357,6 +409,7 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
     result
 }
 
+#[cfg(feature = "preprocessor")]
 /// `radflow preprocessor`
 async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
     let mut node = Node::start(
@@ -392,6 +445,7 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "inferer")]
 /// `radflow inferer`
 async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
     let mut node = Node::start(

@@ -3,14 +3,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+#[cfg(feature = "preprocessor")]
 use radflow_preprocessor::convert;
+#[cfg(feature = "preprocessor")]
 use radflow_preprocessor::geometry::{GeometryOptions, UnevenSpacing};
+#[cfg(feature = "preprocessor")]
 use radflow_preprocessor::synth::{PhantomSpec, SynthSyntax};
 use radflow_shared::models::Registry;
 
 use crate::cli::{GeometryArgs, SendArgs, SynthArgs, VolumeArgs};
 use crate::progress::Progress;
 
+#[cfg(feature = "preprocessor")]
 /// `radflow synth`: a phantom study as DICOM files, plus `truth.json` beside them.
 pub fn synth(args: SynthArgs) -> Result<()> {
     let spec = PhantomSpec {
@@ -82,6 +86,7 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+#[cfg(feature = "listener")]
 /// `radflow send`: C-ECHO, then C-STORE every DICOM file found.
 pub async fn send(args: SendArgs) -> Result<()> {
     let files = collect_files(&args.paths)?;
@@ -123,6 +128,7 @@ pub async fn send(args: SendArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "preprocessor")]
 /// The geometry flags as options of the converter.
 pub fn geometry_options(args: &GeometryArgs) -> GeometryOptions {
     GeometryOptions {
@@ -137,6 +143,7 @@ pub fn geometry_options(args: &GeometryArgs) -> GeometryOptions {
     }
 }
 
+#[cfg(feature = "preprocessor")]
 /// Whether a file starts like a DICOM Part-10 file (preamble and `DICM`).
 fn is_dicom_file(path: &Path) -> bool {
     use std::io::Read;
@@ -146,6 +153,7 @@ fn is_dicom_file(path: &Path) -> bool {
         .is_ok_and(|()| &head[128..] == b"DICM")
 }
 
+#[cfg(feature = "preprocessor")]
 /// `radflow volume`: one series folder to NIfTI, natively or for a model's preset.
 /// Refuses what is not a volume with the reasons and codes the pipeline uses.
 pub fn volume(args: VolumeArgs) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The crate graph follows the data flow: the inferer reads prepared volumes through
-//! `radflow-volume` and never links the preprocessor or a DICOM pixel codec (its image
-//! is built with `cargo build -p radflow-inferer`-like feature resolution), and the
-//! volume contract itself knows neither DICOM nor ONNX. Each check reads `cargo tree`
+//! `radflow-volume` and never links the preprocessor or a DICOM pixel codec, nor does
+//! the binary of its container image (`radflow` built with `--no-default-features
+//! --features inferer`), and the volume contract itself knows neither DICOM nor ONNX. Each check reads `cargo tree`
 //! for one package alone, as a per-crate build resolves it, dev-dependencies included.
 
 use std::collections::BTreeSet;
@@ -10,10 +10,16 @@ use std::process::Command;
 /// The packages (names only) that `package` depends on, normal and dev edges,
 /// transitively, as `cargo tree -p <package>` resolves them.
 fn dependencies(package: &str) -> BTreeSet<String> {
+    tree(package, &["-e", "normal,dev"])
+}
+
+/// `cargo tree -p <package>` with `args`, as package names.
+fn tree(package: &str, args: &[&str]) -> BTreeSet<String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tree", "--locked", "-p", package, "-e", "normal,dev"])
+        .args(["tree", "--locked", "-p", package])
+        .args(args)
         .args(["--prefix", "none", "--format", "{p}"])
         .output()
         .expect("cargo runs");
@@ -62,6 +68,29 @@ fn the_inferer_links_neither_the_preprocessor_nor_a_pixel_codec() {
         "radflow-inferer depends on {found:?}; read volumes through radflow-volume"
     );
     assert!(dependencies("radflow-inferer").contains("radflow-volume"));
+}
+
+#[test]
+fn the_inferer_image_binary_links_no_pixel_codec() {
+    let inferer_only = tree(
+        "radflow",
+        &[
+            "-e",
+            "normal",
+            "--no-default-features",
+            "--features",
+            "inferer",
+        ],
+    );
+    let found: Vec<_> = inferer_only
+        .iter()
+        .filter(|n| is_pixel_codec(n) || *n == "radflow-preprocessor" || *n == "radflow-listener")
+        .collect();
+    assert!(found.is_empty(), "the inferer build links {found:?}");
+    assert!(inferer_only.contains("radflow-inferer"));
+    // The default build, with every component, does link them: the check can fail.
+    let full = tree("radflow", &["-e", "normal"]);
+    assert!(full.contains("dicom-pixeldata") && full.contains("radflow-preprocessor"));
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //!
-//! - [`scp`]: the storage SCP: configuration, accept loop, association tasks, the sink
-//!   that receives validated instances, and the association hooks;
-//! - [`association`]: negotiation policy, PDU transport, P-DATA reassembly;
+//! - [`scp`]: the storage SCP: configuration, the sink that receives validated instances
+//!   and the association hooks (`scp/config.rs`); accept loop, limits, TLS and shutdown
+//!   (`scp/accept.rs`); the association tasks (`scp/session.rs`);
+//! - [`association`]: negotiation policy (`association/negotiation.rs`), PDU transport
+//!   (`association/connection.rs`), P-DATA reassembly (`association/assembler.rs`);
 //! - [`dimse`]: DIMSE command sets, parsed and built;
 //! - [`dataset`]: the bounded scanner that extracts a few attributes from a dataset;
 //! - [`pixels`]: what the Pixel Data must be, from the image attributes and the syntax;

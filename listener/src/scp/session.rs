@@ -1,239 +1,30 @@
-//! The DICOM storage SCP: accept loop, one task per association, C-ECHO and C-STORE.
+//! An accepted association's data transfer phase: commands, datasets, large instances
+//! written in parts, responses, and how the association ended.
 //!
-//! [`serve`] takes an already bound listener (tests use port 0) and runs until the
-//! shutdown token is cancelled. Each connection becomes an association task that
-//! negotiates (see [`crate::association`]), then reads PDUs until release, abort, timeout
-//! or shutdown.
-//!
-//! A C-STORE dataset is collected directly behind a Part-10 header built from the command
-//! (preamble, `DICM`, File Meta group), so the stored file is the header plus the dataset
-//! bytes exactly as they arrived, with no copy. Before the sink sees an instance, the
-//! dataset must scan cleanly and carry the SOP Class/Instance UIDs of its command. The
-//! association task waits for the sink before it answers: a Success status therefore
-//! means whatever the sink means by "stored" (for radflow: durable in the store and on the
-//! bus). Any failure is answered with a failure status, so the sender keeps the instance
-//! and retries.
-//!
-//! A dataset larger than `stream_threshold` is not held whole: once that much has
-//! arrived, the scanner reads the UIDs from what is there (collecting more, up to 16 MiB,
-//! if they lie further on), the sink opens a part writer (a multipart upload, or a
-//! staging file on a folder store) and the rest goes to the store in parts of
-//! `part_size` as it arrives. A part is handed over before the next PDU is read, so a
-//! slow store slows the sender (TCP back-pressure) instead of filling memory; an
-//! association therefore holds at most about `stream_threshold + part_size` bytes.
-//! The parts pass through a [`TailCheck`] that follows the top-level elements (and the
-//! fragments of encapsulated pixel data) without keeping them, so a dataset cut short
-//! is refused with 0xC000 and its parts discarded, as it is when received whole.
-//!
-//! When a TLS configuration is given, every connection must complete a TLS handshake
-//! (within the ARTIM timeout) before its first PDU is read.
-//!
-//! On shutdown the listener closes its port (a connection accepted just before but not
-//! yet associated is rejected with "temporary congestion"), running associations carry
-//! on until their sender releases them, and after `shutdown_grace` whatever is left is
-//! aborted; an instance whose response was not sent is not acknowledged, so the sender
-//! retries it.
+//! A C-STORE dataset is collected behind the Part-10 header built from its command, then
+//! scanned and checked against the command before the sink sees it; one that reaches
+//! `stream_threshold` goes to the sink's part writer as it arrives (see the module docs
+//! of [`crate::scp`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use dicom_object::FileMetaTableBuilder;
 use dicom_ul::pdu::{AbortRQServiceProviderReason, PDataValueType, Pdu};
 use radflow_shared::metrics::Metrics;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
+use super::accept::Shared;
+use super::config::{PartWriter, ReceivedInstance, StoreFailure};
 use crate::association::{
-    AcceptedContext, Assembled, CallerRule, ConnError, Connection, IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME, Negotiation, PduStream, PdvAssembler, Rejection, negotiate,
+    AcceptedContext, Assembled, ConnError, Connection, IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME, Negotiation, PdvAssembler,
 };
 use crate::dataset::{InstanceFacts, ScanError, TailCheck, scan, scan_prefix};
 use crate::dimse::{self, Command, field};
-use crate::sop_classes::{DEFAULT_TRANSFER_SYNTAXES, VERIFICATION};
-
-/// Listener settings. `Default` gives the documented defaults.
-#[derive(Debug, Clone)]
-pub struct ScpConfig {
-    /// Called AE titles we answer to; a request to any other is rejected.
-    pub ae_titles: Vec<String>,
-    /// Who may associate; empty means anyone. A caller must match one rule.
-    pub allowed_callers: Vec<CallerRule>,
-    /// Maximum PDU length we advertise and enforce (bounds every read from a peer).
-    pub max_pdu: u32,
-    /// Concurrent associations; more are rejected transiently ("local limit exceeded").
-    pub max_associations: usize,
-    /// Time allowed for the A-ASSOCIATE-RQ to arrive, and for the peer to close after
-    /// release (the upper layer's ARTIM timer).
-    pub artim_timeout: Duration,
-    /// An association with no PDU for this long is aborted.
-    pub idle_timeout: Duration,
-    /// Largest dataset accepted; a larger one is drained, dropped and refused (0xA700).
-    pub max_instance_bytes: u64,
-    /// Transfer syntaxes accepted, any order (the proposer's preference decides).
-    pub transfer_syntaxes: Vec<String>,
-    /// Private (non-standard) storage SOP classes to accept besides the standard ones.
-    pub private_sop_classes: Vec<String>,
-    /// How long running associations may continue after shutdown is requested.
-    pub shutdown_grace: Duration,
-    /// Datasets larger than this are written to the store in parts as they arrive.
-    pub stream_threshold: u64,
-    /// Size of each part written while streaming (S3 wants at least 5 MiB).
-    pub part_size: usize,
-    /// DICOM over TLS: when set, every connection must complete a TLS handshake.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl Default for ScpConfig {
-    fn default() -> Self {
-        ScpConfig {
-            ae_titles: vec!["RADFLOW".to_string()],
-            allowed_callers: Vec::new(),
-            max_pdu: 256 * 1024,
-            max_associations: 64,
-            artim_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(300),
-            max_instance_bytes: 4 * 1024 * 1024 * 1024,
-            transfer_syntaxes: DEFAULT_TRANSFER_SYNTAXES
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            private_sop_classes: Vec::new(),
-            shutdown_grace: Duration::from_secs(20),
-            stream_threshold: 16 * 1024 * 1024,
-            part_size: 8 * 1024 * 1024,
-            tls: None,
-        }
-    }
-}
-
-/// An instance received with C-STORE and validated, handed to the sink.
-#[derive(Debug, Clone)]
-pub struct ReceivedInstance {
-    /// The attributes scanned from its dataset.
-    pub facts: InstanceFacts,
-    /// The transfer syntax of the dataset (the presentation context's).
-    pub transfer_syntax: String,
-    /// The sender's AE title.
-    pub calling_ae: String,
-    /// The AE title the sender addressed.
-    pub called_ae: String,
-    /// The sender's network address.
-    pub peer: SocketAddr,
-    /// The complete Part-10 file: preamble, `DICM`, File Meta group, dataset as received.
-    /// Empty when the instance was written in parts (see [`PartWriter::finish`]).
-    pub file: Bytes,
-    /// Size of the Part-10 file in bytes.
-    pub size: u64,
-}
-
-/// Why the sink could not take an instance; each maps to a C-STORE failure status.
-///
-/// The message becomes the Error Comment (cut to 64 characters): operator text only,
-/// never values from the dataset.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StoreFailure {
-    /// 0xA700: the instance could not be kept now (store or bus unavailable, disk full);
-    /// the sender should retry later.
-    #[error("out of resources: {0}")]
-    OutOfResources(String),
-    /// 0xA900: the dataset does not fit its SOP class.
-    #[error("dataset does not match SOP class: {0}")]
-    DatasetMismatch(String),
-    /// 0xC000: the dataset cannot be processed.
-    #[error("cannot understand: {0}")]
-    CannotUnderstand(String),
-}
-
-impl StoreFailure {
-    /// The refusal of a dataset the scanner could not accept: 0xA900 when its pixel
-    /// data cannot be what its image attributes say, 0xC000 when its structure is
-    /// broken.
-    pub fn refusing(e: ScanError) -> Self {
-        match e {
-            ScanError::Pixels(_) => StoreFailure::DatasetMismatch(e.to_string()),
-            _ => StoreFailure::CannotUnderstand(e.to_string()),
-        }
-    }
-
-    /// The DIMSE status for the C-STORE-RSP.
-    pub fn status(&self) -> u16 {
-        match self {
-            StoreFailure::OutOfResources(_) => dimse::OUT_OF_RESOURCES,
-            StoreFailure::DatasetMismatch(_) => dimse::DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            StoreFailure::CannotUnderstand(_) => dimse::CANNOT_UNDERSTAND,
-        }
-    }
-
-    /// The operator text, used as the Error Comment.
-    pub fn comment(&self) -> &str {
-        match self {
-            StoreFailure::OutOfResources(s)
-            | StoreFailure::DatasetMismatch(s)
-            | StoreFailure::CannotUnderstand(s) => s,
-        }
-    }
-}
-
-/// Where validated instances go. `store` returns once the instance is safe (or failed);
-/// the C-STORE response waits for it.
-#[async_trait::async_trait]
-pub trait InstanceSink: Send + Sync + 'static {
-    /// Keep one instance. `Ok` is answered with Success.
-    async fn store(&self, instance: ReceivedInstance) -> Result<(), StoreFailure>;
-
-    /// Start keeping an instance whose Part-10 bytes follow in parts (one that reached
-    /// `stream_threshold`). `Err` refuses it (the rest of the dataset is drained and
-    /// dropped).
-    async fn begin_parts(&self, facts: &InstanceFacts)
-    -> Result<Box<dyn PartWriter>, StoreFailure>;
-}
-
-/// Receives a large instance part by part; see [`InstanceSink::begin_parts`].
-#[async_trait::async_trait]
-pub trait PartWriter: Send {
-    /// The next bytes of the Part-10 file (the first part starts with its header).
-    async fn write(&mut self, part: Bytes) -> Result<(), StoreFailure>;
-    /// Every part was written: keep the instance (`instance.file` is empty). `Ok` is
-    /// answered with Success; on `Err` nothing of the instance may remain visible.
-    async fn finish(self: Box<Self>, instance: ReceivedInstance) -> Result<(), StoreFailure>;
-    /// The instance will not be completed: discard what was written.
-    async fn abort(self: Box<Self>);
-}
-
-/// Hooks into the association life cycle.
-pub trait AssociationHooks: Send + Sync {
-    /// Called for each association that passed the AE title and caller checks, before it
-    /// is accepted. `Err` rejects it (use a transient [`Rejection`] for back-pressure).
-    fn admit(&self) -> Result<(), Rejection>;
-
-    /// Called when an association was released normally, with the distinct
-    /// (Study Instance UID, Series Instance UID) pairs stored on it: a hint that these
-    /// series may be complete.
-    fn released(&self, calling_ae: &str, called_ae: &str, study_series: &[(String, String)]);
-}
-
-/// Hooks that admit everything and ignore releases.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoHooks;
-
-impl AssociationHooks for NoHooks {
-    fn admit(&self) -> Result<(), Rejection> {
-        Ok(())
-    }
-
-    fn released(&self, _calling_ae: &str, _called_ae: &str, _study_series: &[(String, String)]) {}
-}
-
-/// Connections beyond `max_associations` that may wait for their rejection at once; more
-/// are closed without a word.
-const MAX_PENDING_REJECTIONS: usize = 64;
+use crate::sop_classes::VERIFICATION;
 
 /// Largest dataset prefix collected while looking for the attributes that name an
 /// instance's store key, before it is written in parts.
@@ -242,194 +33,22 @@ const MAX_SCAN_PREFIX: usize = 16 * 1024 * 1024;
 /// Initial dataset buffer size; it grows with the data actually received.
 const INITIAL_DATASET_CAPACITY: u64 = 1024 * 1024;
 
-/// Everything an association task shares with the others.
-struct Shared {
-    config: Arc<ScpConfig>,
-    sink: Arc<dyn InstanceSink>,
-    hooks: Arc<dyn AssociationHooks>,
-    metrics: Arc<Metrics>,
-    slots: Arc<Semaphore>,
-    connections: AtomicUsize,
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-}
-
-/// Run the SCP on `listener` until `shutdown` is cancelled, then drain (see module docs).
-///
-/// Returns after every association task has ended. Errors accepting one connection are
-/// logged and do not stop the server.
-pub async fn serve(
-    listener: TcpListener,
-    config: Arc<ScpConfig>,
-    sink: Arc<dyn InstanceSink>,
-    hooks: Arc<dyn AssociationHooks>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let shared = Arc::new(Shared {
-        slots: Arc::new(Semaphore::new(config.max_associations)),
-        config,
-        sink,
-        hooks,
-        metrics,
-        connections: AtomicUsize::new(0),
-        shutdown: shutdown.clone(),
-        hard_stop: CancellationToken::new(),
-    });
-    let tracker = TaskTracker::new();
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, ae_titles = ?shared.config.ae_titles, "DICOM listener ready");
-    }
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Typically out of file descriptors; back off instead of spinning.
-                warn!(error = %e, "could not accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let open = shared.connections.fetch_add(1, Ordering::SeqCst);
-        if open >= shared.config.max_associations + MAX_PENDING_REJECTIONS {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
-            warn!(%peer, open, "too many open connections; closing without a reply");
-            shared.metrics.association("rejected_connections");
-            drop(stream);
-            continue;
-        }
-        let span = info_span!(
-            "association",
-            %peer,
-            calling_ae = tracing::field::Empty,
-            called_ae = tracing::field::Empty
-        );
-        let task_shared = shared.clone();
-        tracker.spawn(
-            async move {
-                run_association(stream, peer, &task_shared).await;
-                task_shared.connections.fetch_sub(1, Ordering::SeqCst);
-            }
-            .instrument(span),
-        );
-    }
-    drop(listener);
-    tracker.close();
-    let running = tracker.len();
-    if running > 0 {
-        info!(running, grace = ?shared.config.shutdown_grace, "waiting for associations to finish");
-    }
-    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            running = tracker.len(),
-            "shutdown grace period over; aborting remaining associations"
-        );
-        shared.hard_stop.cancel();
-        tracker.wait().await;
-    }
-    info!("DICOM listener stopped");
-    Ok(())
-}
-
-/// One connection from first byte to close.
-async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+/// The association from its acceptance to its end: the data transfer, then the release
+/// hook, the end's log line and metrics.
+pub(super) async fn run(
+    shared: &Shared,
+    peer: SocketAddr,
+    conn: Connection,
+    negotiation: &Negotiation,
+) {
     let config = &shared.config;
-    // Responses are small writes; without this the peer's delayed ACK stalls each one.
-    let _ = stream.set_nodelay(true);
-    let stream: Box<dyn PduStream> = match &config.tls {
-        None => Box::new(stream),
-        Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-            match tokio::time::timeout(config.artim_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => Box::new(tls_stream),
-                Ok(Err(e)) => {
-                    warn!(error = %e, "TLS handshake failed; closing");
-                    shared.metrics.association("rejected_tls");
-                    return;
-                }
-                Err(_) => {
-                    warn!("no TLS handshake within the ARTIM timeout; closing");
-                    shared.metrics.association("rejected_tls");
-                    return;
-                }
-            }
-        }
-    };
-    let mut conn = Connection::new(stream, config.max_pdu);
-
-    let request = match conn.receive_request(config.artim_timeout).await {
-        Ok(Pdu::AssociationRQ(rq)) => rq,
-        Ok(other) => {
-            warn!(
-                pdu = %other.short_description(),
-                "expected an association request; aborting"
-            );
-            conn.abort(AbortRQServiceProviderReason::UnexpectedPdu)
-                .await;
-            return;
-        }
-        Err(ConnError::Closed) => {
-            debug!("connection closed before an association request");
-            return;
-        }
-        Err(e) => {
-            warn!(error = %e, "no valid association request; aborting");
-            conn.abort(AbortRQServiceProviderReason::InvalidPduParameter)
-                .await;
-            return;
-        }
-    };
-    let span = tracing::Span::current();
-    span.record("calling_ae", request.calling_ae_title.trim());
-    span.record("called_ae", request.called_ae_title.trim());
-
-    let negotiation = match negotiate(&request, config, peer.ip()) {
-        Ok(n) => n,
-        Err(rejection) => return reject(shared, &mut conn, rejection).await,
-    };
-    if shared.shutdown.is_cancelled() {
-        let r = Rejection::congested("listener is shutting down");
-        return reject(shared, &mut conn, r).await;
-    }
-    let Ok(_slot) = shared.slots.clone().try_acquire_owned() else {
-        let r = Rejection::limit_exceeded(format!(
-            "{} associations are already active",
-            config.max_associations
-        ));
-        return reject(shared, &mut conn, r).await;
-    };
-    if let Err(rejection) = shared.hooks.admit() {
-        return reject(shared, &mut conn, rejection).await;
-    }
-
-    conn.set_peer_max_pdu(negotiation.peer_max_pdu);
-    if let Err(e) = conn
-        .send(&Pdu::AssociationAC(negotiation.response.clone()))
-        .await
-    {
-        warn!(error = %e, "could not send the association acceptance");
-        return;
-    }
-    info!(
-        accepted = negotiation.accepted.len(),
-        proposed = negotiation.proposed,
-        "association accepted"
-    );
-    shared.metrics.association("accepted");
     shared.metrics.associations_active.inc();
     let _active = ActiveGuard(&shared.metrics);
 
     let mut session = Session {
         shared,
         peer,
-        negotiation: &negotiation,
+        negotiation,
         conn,
         assembler: PdvAssembler::new(config.max_instance_bytes),
         pending: None,
@@ -462,16 +81,6 @@ async fn run_association(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         End::Closed(why) => warn!(instances, failures, reason = %why, "association ended"),
         End::Aborted(why) => warn!(instances, failures, reason = %why, "association aborted"),
     }
-}
-
-async fn reject(shared: &Shared, conn: &mut Connection, rejection: Rejection) {
-    warn!(reason = %rejection, "association rejected");
-    shared
-        .metrics
-        .association(&format!("rejected_{}", rejection.reason.label()));
-    let _ = conn
-        .send_and_close(&rejection.to_pdu(), shared.config.artim_timeout)
-        .await;
 }
 
 /// Keeps the active-associations gauge right however the association ends.

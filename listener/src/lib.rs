@@ -22,6 +22,8 @@ pub mod assembly;
 pub mod association;
 pub mod dataset;
 pub mod dimse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod journal;
 pub mod local;

@@ -17,6 +17,8 @@
 pub mod convert;
 pub mod decode;
 mod decode_error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod geometry;
 pub mod header;
 pub mod jpeg_extended;

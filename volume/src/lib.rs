@@ -13,6 +13,8 @@
 //! - [`resample`]: a volume onto another grid, trilinear or nearest neighbour (label
 //!   maps back onto the source grid);
 //! - [`VolumeMeta`] (`meta.rs`): the `meta.json` beside each volume.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gunzip;
 mod meta;
 pub mod nifti;

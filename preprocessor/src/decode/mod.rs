@@ -70,6 +70,10 @@ use crate::scan::{self, PixelSpan};
 /// by a ratio.
 pub const MAX_DECODED_BYTES: usize = 1 << 30;
 
+/// Most bytes all the images of one file may decode to (as 32-bit floats): 4 GiB, a
+/// 4000-frame 512 × 512 object.
+pub const MAX_DECODED_TOTAL_BYTES: usize = 1 << 32;
+
 /// Most frames accepted in one object.
 const MAX_FRAMES: i64 = 100_000;
 
@@ -94,6 +98,8 @@ pub fn read_frames(bytes: &[u8]) -> Result<Vec<DecodedSlice>, DecodeError> {
 }
 
 fn decode_all(bytes: &[u8], header: InstanceHeader) -> Result<Vec<DecodedSlice>, DecodeError> {
+    // Judged before the buffers are allocated from the header's dimensions.
+    header.check_decodable()?;
     let mut pixels: Vec<Vec<f32>> = header
         .images
         .iter()
@@ -228,6 +234,20 @@ impl InstanceHeader {
             });
         }
         let frame = frame_bytes(p, format)?;
+        // All frames as the 32-bit floats they are decoded into, before anything is
+        // allocated: a header must not make us ask for more than a volume may hold.
+        let decoded = p
+            .frame_rows
+            .checked_mul(p.frame_cols)
+            .and_then(|n| n.checked_mul(p.frames as usize))
+            .and_then(|n| n.checked_mul(std::mem::size_of::<f32>()))
+            .unwrap_or(usize::MAX);
+        if decoded > MAX_DECODED_TOTAL_BYTES {
+            return Err(DecodeError::TooLarge {
+                bytes: decoded,
+                limit: MAX_DECODED_TOTAL_BYTES,
+            });
+        }
         match p.storage {
             Storage::Native { len, .. } => {
                 let expected = frame.saturating_mul(p.frames as usize);

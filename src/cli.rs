@@ -511,6 +511,10 @@ pub struct SynthArgs {
     /// instead of one file per slice.
     #[arg(long, env = "RADFLOW_SYNTH_ENHANCED")]
     pub enhanced: bool,
+    /// UIDs of the full 64 characters the standard allows, as many scanners write
+    /// (store keys then reach their longest, 204 characters).
+    #[arg(long)]
+    pub long_uids: bool,
     /// Seed of the noise and UIDs.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

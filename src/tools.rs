@@ -31,6 +31,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         },
         tilt_deg: args.tilt,
         enhanced: args.enhanced,
+        long_uids: args.long_uids,
     };
     let truth = radflow_preprocessor::synth::write_series(&spec, &args.out)
         .with_context(|| format!("cannot write the phantom to {}", args.out.display()))?;

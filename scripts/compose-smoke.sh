@@ -8,6 +8,9 @@
 #      with the right SHA-256 is fetched, one with a wrong digest is refused;
 #   3. sends a synthetic CT study (`radflow synth` + `radflow send`) and waits for its
 #      result in S3;
+#   3b. sends a series whose UIDs have the full 64 characters (204-character keys) and
+#      a real vendor CT file (GE, shipped with pydicom), finds both stored and the
+#      series' result in S3;
 #   4. sends a second study, kills the inferer's process (SIGKILL) while it holds the
 #      job, and checks that Docker restarts it and the result still arrives, once: one
 #      result event per series on RADFLOW_RESULTS, nothing dead-lettered, no job left;
@@ -132,7 +135,7 @@ for image in listener preprocessor inferer model-fetch; do
   record "image_bytes.$image" "$size"
 done
 record "image_bytes.nats" "$(docker image inspect -f '{{.Size}}' "radflow-local/nats:2.15.1")"
-record "image_bytes.s3-dev" "$(docker image inspect -f '{{.Size}}' radflow-local/s3-dev:0.14.1)"
+record "image_bytes.s3-dev" "$(docker image inspect -f '{{.Size}}' radflow-local/s3-dev:4.48)"
 
 # ------------------------------------------------------------------------ start
 log "starting the stack"
@@ -239,6 +242,23 @@ for f in labels.nii.gz preview.png; do
   [[ $(s3_status "results/$series1/$model_ref/$f") == 200 ]] || die "results/$series1/$model_ref/$f is missing"
 done
 
+# ------------------------------- 3b. 64-character UIDs and a real vendor file
+log "study 3: 64-character UIDs and a vendor CT file"
+"$radflow" synth --out "$work/study3" --size 128 --slices 40 --long-uids --seed 13 >/dev/null
+vendor=$("$repo/.venv/bin/python" -c 'import pydicom.data; print(pydicom.data.get_testdata_file("CT_small.dcm"))')
+cp "$vendor" "$work/study3/vendor-ct.dcm"
+read -r study3 series3 < <(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(t["study_uid"], t["series_uid"])' "$work/study3/truth.json")
+((${#series3} == 64)) || die "synth --long-uids wrote a series UID of ${#series3} characters"
+"$radflow" send --to 127.0.0.1:11112 "$work/study3" >"$work/send3.log" 2>&1 || { cat "$work/send3.log" >&2; die "radflow send of long UIDs and the vendor file failed"; }
+wait_result "$series3" 300 >/dev/null
+stored=$(s3_list "dicom/$study3/$series3/" | grep -c '\.dcm$' || true)
+[[ $stored == 40 ]] || die "S3 holds $stored of the 40 instances with 64-character UIDs"
+longest=$(s3_list "dicom/$study3/$series3/" | awk '{ print length }' | sort -n | tail -n1)
+read -r vstudy vseries vsop < <("$repo/.venv/bin/python" -c 'import sys, pydicom; d = pydicom.dcmread(sys.argv[1]); print(d.StudyInstanceUID, d.SeriesInstanceUID, d.SOPInstanceUID)' "$vendor")
+[[ $(s3_status "dicom/$vstudy/$vseries/$vsop.dcm") == 200 ]] || die "the vendor CT file is not in S3"
+record "long_uids" "{\"instances\": $stored, \"longest_key\": $longest, \"vendor_file_stored\": true}"
+log "study 3: 40 instances under keys of up to $longest characters, the vendor CT file, and the result are in S3"
+
 # ------------------------------------------- 4. second study, inferer killed
 log "study 2: send, kill the inferer while it holds the job"
 "$radflow" synth --out "$work/study2" --seed 12 >/dev/null
@@ -273,13 +293,15 @@ results_msgs=$(jsz_get RADFLOW_RESULTS)
 dlq_msgs=$(jsz_get RADFLOW_DLQ)
 read -r jobs_pending jobs_ack_pending < <(jsz_get RADFLOW_JOBS inferer-demo-tissue)
 record "results_stream_messages" "$results_msgs"
-[[ $results_msgs == 2 ]] || die "RADFLOW_RESULTS holds $results_msgs events for 2 series"
+# Three series with results (studies 1, 2 and 3); the single vendor CT slice is too
+# few for a volume and gets none.
+[[ $results_msgs == 3 ]] || die "RADFLOW_RESULTS holds $results_msgs events for 3 series"
 [[ $dlq_msgs == 0 || $dlq_msgs == missing ]] || die "$dlq_msgs messages were dead-lettered"
 [[ $jobs_pending == 0 && $jobs_ack_pending == 0 ]] || die "jobs left: pending $jobs_pending, unacknowledged $jobs_ack_pending"
 keys=$(s3_list "results/$series2/")
 count=$(grep -c 'summary.json$' <<<"$keys" || true)
 [[ $count == 1 ]] || die "results/$series2 holds $count summaries: $keys"
-log "result of study 2 arrived once: 1 summary, RADFLOW_RESULTS = $results_msgs events for 2 series, no dead letter"
+log "result of study 2 arrived once: 1 summary, RADFLOW_RESULTS = $results_msgs events for 3 series, no dead letter"
 
 # The phantom's patient name and ID must appear in no log line.
 "${compose[@]}" logs --no-color >"$work/logs.txt" 2>&1

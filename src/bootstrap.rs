@@ -75,6 +75,7 @@ impl Node {
 
     /// Serves health, metrics and status on the HTTP port.
     pub async fn serve_http(&mut self, args: &HttpArgs) -> Result<()> {
+        use radflow_shared::http::Endpoints;
         let listener = TcpListener::bind((args.http_addr.as_str(), args.http_port))
             .await
             .with_context(|| {
@@ -83,15 +84,45 @@ impl Node {
                     args.http_addr, args.http_port
                 )
             })?;
-        tracing::info!(addr = %listener.local_addr()?, "health and metrics on HTTP");
-        let (health, metrics, shutdown) = (
-            self.health.clone(),
-            self.metrics.clone(),
-            self.shutdown.clone(),
-        );
+        let observation = match &args.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr.as_str())
+                    .await
+                    .with_context(|| format!("cannot open the metrics address {addr}"))?,
+            ),
+            None => None,
+        };
+        let probes = if let Some(obs) = &observation {
+            tracing::info!(addr = %listener.local_addr()?, "health probes on HTTP");
+            tracing::info!(addr = %obs.local_addr()?, "metrics, status and dead letters on HTTP");
+            Endpoints::Probes
+        } else {
+            tracing::info!(addr = %listener.local_addr()?, "health and metrics on HTTP");
+            Endpoints::All
+        };
+        let mut servers = vec![(listener, probes)];
+        servers.extend(observation.map(|l| (l, Endpoints::Observation)));
+        let tasks: Vec<_> = servers
+            .into_iter()
+            .map(|(listener, which)| {
+                let (health, metrics, shutdown) = (
+                    self.health.clone(),
+                    self.metrics.clone(),
+                    self.shutdown.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        radflow_shared::http::serve(listener, which, health, metrics, shutdown)
+                            .await
+                    {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                })
+            })
+            .collect();
         self.http = Some(tokio::spawn(async move {
-            if let Err(e) = radflow_shared::http::serve(listener, health, metrics, shutdown).await {
-                tracing::error!(error = %e, "HTTP server failed");
+            for task in tasks {
+                let _ = task.await;
             }
         }));
         Ok(())

@@ -117,6 +117,11 @@ pub struct HttpArgs {
     /// Address the HTTP port binds to.
     #[arg(long, env = "RADFLOW_HTTP_ADDR", default_value = "0.0.0.0")]
     pub http_addr: String,
+    /// `host:port` of its own for /metrics, /status and /dlq (e.g. loopback, or a
+    /// monitoring network only); the HTTP port then serves only the probes (/healthz,
+    /// /readyz) and the token-guarded replay. Unset: everything on the HTTP port.
+    #[arg(long, env = "RADFLOW_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Token that `POST /dlq/replay` (embedded mode) requires as `Authorization: Bearer
     /// <token>`. Without one, replay over HTTP is off. Prefer the variable or
     /// --admin-token-file; never logged.

@@ -153,16 +153,39 @@ struct AppState {
     metrics: Arc<Metrics>,
 }
 
+/// Which endpoints a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// Everything on one port.
+    All,
+    /// The probes (`/healthz`, `/readyz`) and the token-guarded `POST /dlq/replay`:
+    /// the HTTP port when observation has an address of its own.
+    Probes,
+    /// What tells about the pipeline (`/metrics`, `/status`, `/dlq`) and `/healthz`: an
+    /// address of their own, e.g. loopback or a monitoring network only.
+    Observation,
+}
+
 /// The router, for tests that call it directly.
 pub fn router(health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(metrics_handler))
-        .route("/status", axum::routing::get(status_handler))
-        .route("/dlq", axum::routing::get(dlq_handler))
-        .route("/dlq/replay", axum::routing::post(replay_handler))
-        .with_state(AppState { health, metrics })
+    router_for(Endpoints::All, health, metrics)
+}
+
+/// The router of one socket.
+pub fn router_for(which: Endpoints, health: Arc<Health>, metrics: Arc<Metrics>) -> Router {
+    let mut r = Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    if which != Endpoints::Observation {
+        r = r
+            .route("/readyz", axum::routing::get(readyz))
+            .route("/dlq/replay", axum::routing::post(replay_handler));
+    }
+    if which != Endpoints::Probes {
+        r = r
+            .route("/metrics", axum::routing::get(metrics_handler))
+            .route("/status", axum::routing::get(status_handler))
+            .route("/dlq", axum::routing::get(dlq_handler));
+    }
+    r.with_state(AppState { health, metrics })
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -264,11 +287,12 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 /// Serves the health and metrics endpoints until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    which: Endpoints,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(health, metrics))
+    axum::serve(listener, router_for(which, health, metrics))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
@@ -300,6 +324,7 @@ mod tests {
         let stop = CancellationToken::new();
         let task = tokio::spawn(serve(
             listener,
+            Endpoints::All,
             health.clone(),
             Metrics::new(),
             stop.clone(),
@@ -352,7 +377,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, health, metrics, stop.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            Endpoints::All,
+            health,
+            metrics,
+            stop.clone(),
+        ));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -369,5 +400,50 @@ mod tests {
         assert!(m.contains("radflow_messages_total"), "{m}");
         stop.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn observation_on_an_address_of_its_own() {
+        let health = Health::new(None, None);
+        let metrics = Metrics::new();
+        let stop = CancellationToken::new();
+        let mut addrs = Vec::new();
+        for which in [Endpoints::Probes, Endpoints::Observation] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(listener.local_addr().unwrap());
+            tokio::spawn(serve(
+                listener,
+                which,
+                health.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        let status = |addr: std::net::SocketAddr, method: &'static str, path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out[9..12].parse::<u16>().unwrap()
+        };
+        let (probes, observation) = (addrs[0], addrs[1]);
+        assert_eq!(status(probes, "GET", "/healthz").await, 200);
+        assert_eq!(status(probes, "GET", "/readyz").await, 200);
+        assert_eq!(status(probes, "GET", "/metrics").await, 404);
+        assert_eq!(status(probes, "GET", "/status").await, 404);
+        assert_eq!(status(probes, "GET", "/dlq").await, 404);
+        // Replay stays beside the probes (a route for POST only: GET is 405 there).
+        assert_eq!(status(probes, "GET", "/dlq/replay").await, 405);
+        assert_eq!(status(observation, "GET", "/healthz").await, 200);
+        assert_eq!(status(observation, "GET", "/metrics").await, 200);
+        assert_eq!(status(observation, "GET", "/readyz").await, 404);
+        assert_eq!(status(observation, "GET", "/dlq/replay").await, 404);
+        stop.cancel();
     }
 }

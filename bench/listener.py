@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Listener throughput: DCMTK storescu sending a 300-slice 512x512 CT series to
-radflow (file store, NATS JetStream) and to DCMTK storescp (writing to disk).
+radflow (file store or the compose stack's S3 server, SeaweedFS; NATS JetStream) and to
+DCMTK storescp (writing to disk).
 
 Every configuration runs in this one process, on this machine, with the same sender
 and the same files, interleaved round by round (median per configuration); radflow gets a fresh nats-server and a fresh store each run.
@@ -8,6 +9,7 @@ TCP_NODELAY=1 is set for DCMTK on both sides. Reports instances/s, MB/s and the
 receiver's peak RSS (wait4 maximum resident set size, children included).
 
 Usage: python3 bench/listener.py [--radflow target/release/radflow] [--runs 3] [--work DIR]
+                                 [--s3]   (adds radflow on SeaweedFS, .venv/bin/weed)
 """
 
 import argparse
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ENV = dict(os.environ, TCP_NODELAY="1")
 
@@ -98,7 +101,66 @@ def run_storescp(work, files, associations, fork, ignore=False):
     return seconds, rss
 
 
-def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=False):
+S3_KEY, S3_SECRET = "bench", "bench-secret"
+
+
+def start_seaweedfs(base):
+    """SeaweedFS (`weed server -s3`) on free ports with bucket `radflow`; returns
+    (process, S3 endpoint)."""
+    weed = shutil.which("weed") or ".venv/bin/weed"
+    data = os.path.join(base, "weed")
+    os.makedirs(data)
+    config = os.path.join(base, "s3.json")
+    with open(config, "w") as f:
+        f.write('{"identities":[{"name":"bench","credentials":[{"accessKey":"%s",'
+                '"secretKey":"%s"}],"actions":["Admin","Read","Write","List"]}]}'
+                % (S3_KEY, S3_SECRET))
+    p = {k: free_port() for k in ("master", "mgrpc", "volume", "vgrpc", "filer", "fgrpc",
+                                  "s3", "s3grpc")}
+    proc = subprocess.Popen(
+        [weed, "server", "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-dir", data,
+         "-master.port", str(p["master"]), "-master.port.grpc", str(p["mgrpc"]),
+         "-master.volumeSizeLimitMB", "1024",
+         "-volume.port", str(p["volume"]), "-volume.port.grpc", str(p["vgrpc"]),
+         "-filer.port", str(p["filer"]), "-filer.port.grpc", str(p["fgrpc"]),
+         "-s3", "-s3.port", str(p["s3"]), "-s3.port.grpc", str(p["s3grpc"]),
+         "-s3.port.iceberg", "0", "-s3.port.lance", "0", "-s3.config", config],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(p["s3"], proc, timeout=60)
+    deadline = time.time() + 60
+    while True:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{p['filer']}/buckets/radflow/",
+                                         method="POST", data=b"")
+            urllib.request.urlopen(req, timeout=2).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit("SeaweedFS did not create the bucket")
+            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{p['s3']}"
+    # The gateway answers before the volume server takes data: wait for a signed write.
+    while subprocess.run(["curl", "-sf", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3",
+                          "--user", f"{S3_KEY}:{S3_SECRET}", "-T", config,
+                          f"{endpoint}/radflow/probe"]).returncode != 0:
+        if time.time() > deadline:
+            raise SystemExit("SeaweedFS did not take a write")
+        time.sleep(0.2)
+    subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", "aws:amz:us-east-1:s3",
+                    "--user", f"{S3_KEY}:{S3_SECRET}", f"{endpoint}/radflow/probe"])
+    return proc, endpoint
+
+
+def s3_count(endpoint, prefix):
+    out = subprocess.run(["curl", "-sf", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user",
+                          f"{S3_KEY}:{S3_SECRET}",
+                          f"{endpoint}/radflow?list-type=2&max-keys=1000&prefix={prefix}"],
+                         capture_output=True, check=True).stdout.decode()
+    return out.count("<Key>")
+
+
+def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=False,
+                s3=False):
     base = tempfile.mkdtemp(dir=work, prefix="radflow-")
     nats_port, dicom, http = free_port(), free_port(), free_port()
     nats = subprocess.Popen([nats_server, "-js", "-a", "127.0.0.1", "-p", str(nats_port),
@@ -106,18 +168,30 @@ def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(nats_port, nats)
     store = os.path.join(base, "store")
+    env = ENV
+    if s3:
+        weed, endpoint = start_seaweedfs(base)
+        store_url = "s3://radflow"
+        env = dict(ENV, AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1",
+                   AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+    else:
+        store_url = f"file://{store}"
     proc = subprocess.Popen(
         [radflow, "listener", "--nats-url", f"nats://127.0.0.1:{nats_port}",
-         "--store-url", f"file://{store}", "--store-fsync", "true" if fsync else "false",
+         "--store-url", store_url, "--store-fsync", "true" if fsync else "false",
          "--store-journal", "true" if journal else "false",
          "--dicom-port", str(dicom), "--http-port", str(http), "--log", "warn",
          "--series-quiet-secs", "60"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(dicom, proc)
     seconds = send(dicom, split(files, associations), "RADFLOW")
     rss = stop(proc)
     nats_rss = stop(nats)
-    stored = sum(len(fs) for _, _, fs in os.walk(os.path.join(store, "dicom")))
+    if s3:
+        stored = s3_count(endpoint, "dicom%2F")
+        stop(weed)
+    else:
+        stored = sum(len(fs) for _, _, fs in os.walk(os.path.join(store, "dicom")))
     shutil.rmtree(base)
     if stored != len(files):
         raise SystemExit(f"radflow stored {stored} of {len(files)}")
@@ -131,6 +205,8 @@ def main():
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--work", default=None,
                     help="folder for the stores (its file system is what is measured)")
+    ap.add_argument("--s3", action="store_true",
+                    help="also radflow on the compose stack's S3 server (SeaweedFS)")
     args = ap.parse_args()
     nats_server = shutil.which("nats-server") or ".venv/bin/nats-server"
     work = tempfile.mkdtemp(prefix="radflow-bench-", dir=args.work)
@@ -164,6 +240,12 @@ def main():
             ("radflow, no fsync + JetStream", 4,
              lambda: run_radflow(work, args.radflow, nats_server, files, 4, False)),
         ]
+        if args.s3:
+            for assocs in (1, 4):
+                configs.append((
+                    "radflow, S3 (SeaweedFS) + JetStream", assocs,
+                    lambda a=assocs: run_radflow(work, args.radflow, nats_server, files, a,
+                                                 False, s3=True)))
         # Interleaved: each round runs every configuration once, so load from other
         # processes on the machine falls on all of them alike.
         by_config = [[] for _ in configs]

@@ -70,9 +70,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A signed S3 request from the host (the server checks signatures).
+# A signed S3 request from the host (the server checks signatures). curl signs the path
+# as written, so characters that S3 percent-encodes in its canonical request ('@' of
+# model@version) are written encoded.
 s3() { # method key [curl args…]
-  local method=$1 key=$2
+  local method=$1 key=${2//@/%40}
   shift 2
   curl -s --aws-sigv4 "aws:amz:us-east-1:s3" --user "$s3_key:$s3_secret" \
     -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -X "$method" "$s3_url/radflow/$key" "$@"

@@ -1,7 +1,8 @@
 //! The distributed pipeline on a real S3 server (SeaweedFS, the compose stack's): a
 //! series whose UIDs have the full 64 characters (store keys of 204) and real vendor
 //! files (the GE CT and Toshiba MR images that pydicom ships) are stored, and the series
-//! gets its result, all in the bucket.
+//! gets its result, all in the bucket; and the server failing and coming back loses no
+//! instance that was answered Success.
 
 mod common;
 
@@ -162,4 +163,118 @@ fn distributed_pipeline_on_s3_with_64_character_uids_and_vendor_files() {
         let (code, body) = http_get(port, "/readyz").expect("readyz");
         assert_eq!(code, 200, "{body}");
     }
+}
+
+/// Sends files on one association; prints `OK <SOP Instance UID>` for a Success and
+/// `FAIL <SOP Instance UID> <status>` for any other answer.
+const SENDER: &str = r#"
+import sys
+from pydicom import dcmread
+from pynetdicom import AE
+port, files = int(sys.argv[1]), sys.argv[2:]
+ae = AE(ae_title="OUTAGESCU")
+ae.dimse_timeout = 600
+ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+assoc = ae.associate("127.0.0.1", port, ae_title="RADFLOW")
+assert assoc.is_established, "association refused"
+for f in files:
+    ds = dcmread(f)
+    status = assoc.send_c_store(ds)
+    code = status.get("Status") if status else None
+    if code == 0:
+        print("OK", ds.SOPInstanceUID, flush=True)
+    else:
+        print("FAIL", ds.SOPInstanceUID, hex(code) if code is not None else "none", flush=True)
+assoc.release()
+"#;
+
+fn send_each(work: &Path, port: u16, files: &[PathBuf]) -> Vec<(String, String)> {
+    let script = work.join("sender.py");
+    std::fs::write(&script, SENDER).unwrap();
+    let mut c = std::process::Command::new(python());
+    c.arg(&script).arg(port.to_string()).args(files);
+    let out = run_ok(c, "pynetdicom sender");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            match (w.next(), w.next()) {
+                (Some(kind), Some(uid)) => Some((kind.to_owned(), uid.to_owned())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The S3 server goes away mid-stream and comes back: while it is down every C-STORE
+/// is answered with a failure (the sender keeps the instance), never with a Success
+/// that is not stored; once it is back the same instances are stored, and every
+/// instance ever answered Success is in the bucket.
+#[test]
+fn the_s3_server_failing_and_coming_back_loses_no_acknowledged_instance() {
+    let nats = NatsServer::start().expect("nats-server");
+    let mut s3 = SeaweedFs::start().expect("SeaweedFS");
+    let store = s3.store();
+    let work = TempDir::new("s3-outage");
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 64, 12, &["--long-uids", "--seed", "5"]);
+    let files = dicom_files(&series_dir);
+    let (dicom, http) = (free_port(), free_port());
+    let mut cmd = radflow();
+    cmd.args([
+        "listener",
+        "--nats-url",
+        &nats.url(),
+        "--store-url",
+        &s3.store_url(),
+    ])
+    .args([
+        "--dicom-port",
+        &dicom.to_string(),
+        "--http-port",
+        &http.to_string(),
+    ])
+    .envs(s3.env());
+    let mut listener = Proc::spawn("listener", cmd, work.path());
+    wait_port(dicom, &mut [&mut listener]);
+
+    let before = send_each(work.path(), dicom, &files[..4]);
+    assert!(before.iter().all(|(k, _)| k == "OK"), "{before:?}");
+
+    s3.stop();
+    let started = std::time::Instant::now();
+    let during = send_each(work.path(), dicom, &files[4..8]);
+    let outage_answer = started.elapsed();
+    listener.assert_running();
+    assert_eq!(during.len(), 4, "every C-STORE is answered: {during:?}");
+    let (_, ready) = http_get(http, "/readyz").expect("readyz answers");
+    s3.restart().expect("SeaweedFS comes back");
+
+    let after = send_each(work.path(), dicom, &files[4..]);
+    assert!(after.iter().all(|(k, _)| k == "OK"), "{after:?}");
+    listener.assert_running();
+
+    let stored: std::collections::BTreeSet<String> =
+        block_on(store.list_instances(&truth.study_uid, &truth.series_uid))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+    for (kind, uid) in before.iter().chain(&during).chain(&after) {
+        let key = Store::instance_key(&truth.study_uid, &truth.series_uid, uid);
+        if kind == "OK" {
+            assert!(
+                stored.contains(&key),
+                "{uid} was answered Success but is not stored"
+            );
+        }
+    }
+    assert_eq!(stored.len(), 12, "all twelve stored once");
+    eprintln!(
+        "S3 down: {} of 4 C-STOREs failed ({:?}) within {:.1} s; readiness while down: {ready}",
+        during.iter().filter(|(k, _)| k != "OK").count(),
+        during.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        outage_answer.as_secs_f64()
+    );
 }

@@ -283,6 +283,7 @@ fn e2e(
                 suspect_incomplete: None,
                 lane: Default::default(),
                 shadow: false,
+                calling_ae: String::new(),
             };
             let out = Outgoing::event(&job);
             let delivery = Delivery {

@@ -295,6 +295,7 @@ impl Handler for Preprocessor {
                 suspect_incomplete: suspect_incomplete.clone(),
                 lane: ev.lane,
                 shadow: model.shadow,
+                calling_ae: ev.calling_ae.clone(),
             };
             publish_event(&*self.bus, &job).await.map_err(|e| {
                 self.metrics.bus_error(STAGE);

@@ -14,6 +14,7 @@
 //!
 //! - [`header`]: the bounded reader of one source instance's header.
 //! - [`source`]: the source series in slice order.
+//! - [`grid`]: which stored instances are the planes of a label map's grid.
 //! - [`segment`]: segment descriptions and the algorithm, from the model registry.
 //! - [`uid`]: deterministic UIDs.
 //! - [`dataset`]: data set helpers and Part-10 writing with streamed pixel data.
@@ -21,6 +22,7 @@
 //! - [`sr`]: the TID 1500 Comprehensive 3D SR writer.
 
 pub mod dataset;
+pub mod grid;
 pub mod header;
 pub mod seg;
 pub mod segment;
@@ -32,6 +34,7 @@ use dicom_core::VR;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
+pub use grid::{GridMismatch, match_grid};
 pub use header::{HeaderError, SourceInstance, read_source, read_source_file};
 pub use seg::{SegPixels, SegWritten, write_seg};
 pub use segment::{Algorithm, SegmentDescription};

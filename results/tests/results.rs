@@ -489,3 +489,68 @@ fn a_label_map_of_the_wrong_shape_is_refused() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The grid the preprocessor gives a series written by [`source_series`]: `(i, j, k)` =
+/// (column, row, slice) in RAS+, columns 0.8 mm apart, rows 0.75 mm, slices 2.5 mm.
+fn grid_of(slices: usize, rows: usize, cols: usize, orientation: [f64; 6]) -> radflow_volume::Grid {
+    let r = [orientation[0], orientation[1], orientation[2]];
+    let c = [orientation[3], orientation[4], orientation[5]];
+    let n = [
+        r[1] * c[2] - r[2] * c[1],
+        r[2] * c[0] - r[0] * c[2],
+        r[0] * c[1] - r[1] * c[0],
+    ];
+    let mut affine = [[0.0; 4]; 4];
+    for a in 0..3 {
+        let sign = if a < 2 { -1.0 } else { 1.0 };
+        affine[a][0] = sign * 0.8 * r[a];
+        affine[a][1] = sign * 0.75 * c[a];
+        affine[a][2] = sign * 2.5 * n[a];
+        affine[a][3] = sign * -100.0;
+    }
+    affine[3][3] = 1.0;
+    radflow_volume::Grid {
+        dims: [cols, rows, slices],
+        affine,
+    }
+}
+
+#[test]
+fn the_planes_of_the_grid_are_found_among_the_stored_instances() {
+    let dir = tmp("grid");
+    let oblique = [0.9961947, 0.0871557, 0.0, -0.0871557, 0.9961947, 0.0];
+    let paths = source_series(&dir, 8, 13, 17, oblique);
+    // A localizer of the same series: another orientation, left out.
+    let localizer_dir = dir.join("localizer");
+    std::fs::create_dir_all(&localizer_dir).unwrap();
+    let localizer = source_series(&localizer_dir, 1, 13, 17, [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]);
+    let mut instances: Vec<SourceInstance> =
+        paths.iter().map(|p| read_source_file(p).unwrap()).collect();
+    instances.push(read_source_file(&localizer[0]).unwrap());
+
+    let series = match_grid(instances.clone(), &grid_of(8, 13, 17, oblique)).unwrap();
+    let uids: Vec<String> = series
+        .slices()
+        .iter()
+        .map(|s| s.sop_instance_uid.clone())
+        .collect();
+    let want: Vec<String> = (1..=8).map(|k| format!("{SERIES}.{k}")).collect();
+    assert_eq!(uids, want);
+
+    // One plane more than there are images (an interpolated or missing plane).
+    let err = match_grid(instances.clone(), &grid_of(9, 13, 17, oblique)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            GridMismatch::NoInstance {
+                plane: 8,
+                planes: 9
+            }
+        ),
+        "{err}"
+    );
+    // A grid of another matrix: no instance is a plane of it.
+    let err = match_grid(instances, &grid_of(8, 12, 17, oblique)).unwrap_err();
+    assert!(matches!(err, GridMismatch::NoStack { .. }), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -218,6 +218,9 @@ pub struct VolumeReady {
     /// Routed to a version on trial: its result is stored but announced as a shadow.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// AE title of the node that sent the series (results can go back to it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub calling_ae: String,
 }
 
 impl VolumeReady {
@@ -287,6 +290,12 @@ pub struct InferenceCompleted {
     /// `radflow.result.<model>.shadow`, so whatever forwards results ignores it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// AE title of the node that sent the series.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub calling_ae: String,
+    /// Store keys of the DICOM objects of the result (SEG, SR), for export.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dicom: Vec<String>,
 }
 
 impl Event for InferenceCompleted {
@@ -434,6 +443,7 @@ mod tests {
             suspect_incomplete: None,
             lane: Lane::Routine,
             shadow: false,
+            calling_ae: String::new(),
         };
         assert_eq!(job.subject(), "radflow.job.demo-tissue");
         assert_eq!(job.msg_id(), "job:1.2:r1:demo-tissue@1.0.0");

@@ -306,6 +306,7 @@ pub mod stage {
             suspect_incomplete: None,
             lane: Default::default(),
             shadow: false,
+            calling_ae: String::new(),
         }
     }
 

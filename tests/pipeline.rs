@@ -66,6 +66,11 @@ fn check_result(store: &Path, series_dir: &Path, truth: &Truth, summary: &serde_
             .join(format!("results/{}/{MODEL}/preview.png", truth.series_uid))
             .is_file()
     );
+    // The result as DICOM: exactly this label map and these volumes.
+    check_result_dicom(
+        &store.join(format!("results/{}/{MODEL}", truth.series_uid)),
+        series_dir,
+    );
 }
 
 #[test]

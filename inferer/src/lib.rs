@@ -15,12 +15,16 @@
 //! - [`classify`]: whole-volume classification, with jobs batched into one run;
 //! - [`outputs`]: what a segmentation is turned into for people: label volumes in
 //!   millilitres and a PNG preview;
+//! - [`dicom`]: the result as DICOM SEG and SR, for the PACS (headers only, through
+//!   `radflow-results`);
 //! - [`registry`]: the set of models served, loaded and warmed up, and its reload
 //!   when the registry file changes;
-//! - [`worker`]: the stage: jobs in, `labels.nii.gz`, `preview.png`, `summary.json` out.
+//! - [`worker`]: the stage: jobs in, `labels.nii.gz`, `preview.png`, `seg.dcm`,
+//!   `sr.dcm`, `summary.json` out.
 
 pub mod builtin;
 pub mod classify;
+pub mod dicom;
 pub mod outputs;
 pub mod registry;
 pub mod runtime;

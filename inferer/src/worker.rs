@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use radflow_shared::bus::{Bus, ConsumerSpec, Delivery, JOBS, publish_event};
 use radflow_shared::events::{
-    self, ClassScore, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady,
+    self, ClassScore, DicomObject, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady,
 };
 use radflow_shared::metrics::Metrics;
 use radflow_shared::models::ModelKind;
@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify;
+use crate::dicom::{self, Finding};
 use crate::outputs::{self, LabelStat};
 use crate::registry::{ModelHub, RegistryWatch, ServedModel};
 use crate::session::LoadedModel;
@@ -98,6 +99,13 @@ pub struct Summary {
     #[serde(default)]
     pub warnings: Vec<String>,
     pub created_at_ms: u64,
+    /// AE title of the node that sent the series.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub calling_ae: String,
+    /// The result as DICOM (`seg.dcm`, `sr.dcm`), beside the other files; empty when
+    /// the source could not be matched (the reason is among the warnings).
+    #[serde(default)]
+    pub dicom: Vec<DicomObject>,
 }
 
 /// Time per phase, in milliseconds.
@@ -298,6 +306,31 @@ impl Inferer {
             .map_err(|e| self.store_err(e))
     }
 
+    /// Stores the DICOM objects of a result and lists them in its summary, or records
+    /// in the summary why there are none.
+    async fn put_dicom(
+        &self,
+        job: &VolumeReady,
+        reference: &str,
+        objects: Result<Vec<dicom::Written>, String>,
+        summary: &mut Summary,
+    ) -> Result<(), HandleError> {
+        match objects {
+            Ok(objects) => {
+                for written in objects {
+                    self.put(job, reference, &written.object.file, written.bytes)
+                        .await?;
+                    summary.dicom.push(written.object);
+                }
+            }
+            Err(why) => {
+                tracing::warn!(series_uid = %job.series_uid, model = %reference, reason = %why, "no DICOM SEG or SR for this result");
+                summary.warnings.push(format!("no DICOM SEG or SR: {why}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The summary of a result that is already complete for this job (a redelivery
     /// after the outputs were written), if any.
     async fn finished(&self, job: &VolumeReady, model: &LoadedModel) -> Option<Summary> {
@@ -335,6 +368,8 @@ impl Inferer {
                 .collect(),
             classes: summary.classes.clone(),
             shadow: summary.shadow,
+            calling_ae: summary.calling_ae.clone(),
+            dicom: summary.dicom.clone(),
         };
         publish_event(&*self.bus, &event).await.map_err(|e| {
             self.metrics.bus_error(STAGE);
@@ -373,6 +408,8 @@ fn summary_for(job: &VolumeReady, meta: &VolumeMeta, model: &LoadedModel) -> Sum
         timings_ms: Timings::default(),
         warnings: job.warnings.clone(),
         created_at_ms: now_ms(),
+        calling_ae: job.calling_ae.clone(),
+        dicom: Vec::new(),
     }
 }
 
@@ -381,6 +418,8 @@ struct Segmented {
     labels_nii: Vec<u8>,
     preview: Vec<u8>,
     stats: Vec<LabelStat>,
+    /// `seg.dcm` and `sr.dcm`, or why they could not be written.
+    dicom: Result<Vec<dicom::Written>, String>,
     windows: sliding_window::WindowStats,
     decode: Duration,
     inference: Duration,
@@ -392,6 +431,8 @@ fn segment(
     model: &LoadedModel,
     volume_bytes: &[u8],
     meta: &VolumeMeta,
+    sources: Vec<radflow_results::SourceInstance>,
+    created_at_ms: u64,
 ) -> Result<Segmented, HandleError> {
     let t = Instant::now();
     let volume = radflow_volume::gunzip::read_volume::<f32>(volume_bytes)
@@ -415,10 +456,23 @@ fn segment(
     let stats = outputs::stats_from_counts(&counts, &on_source.grid, &model.spec);
     let labels_nii =
         nifti::write_nifti_gz(&on_source, &format!("radflow {}", model.spec.reference()));
+    let dicom = dicom::write_objects(
+        &model.spec,
+        &meta.series_uid,
+        meta.revision,
+        sources,
+        &meta.source,
+        Finding::Labels {
+            on_source: &on_source,
+            stats: &stats,
+        },
+        created_at_ms,
+    );
     Ok(Segmented {
         labels_nii,
         preview,
         stats,
+        dicom,
         windows,
         decode,
         inference,
@@ -450,9 +504,10 @@ impl Handler for Inferer {
         }
 
         let t = Instant::now();
-        let (volume_bytes, meta_bytes) = tokio::try_join!(
+        let (volume_bytes, meta_bytes, sources) = tokio::try_join!(
             self.store.get(&job.volume_key),
-            self.store.get(&job.meta_key)
+            self.store.get(&job.meta_key),
+            dicom::source_headers(&self.store, &job.study_uid, &job.series_uid),
         )
         .map_err(|e| self.store_err(e))?;
         let meta: VolumeMeta = serde_json::from_slice(&meta_bytes)
@@ -463,10 +518,12 @@ impl Handler for Inferer {
         let write_started;
         match model.spec.kind {
             ModelKind::Segmentation => {
-                let (m, meta2) = (model.clone(), meta.clone());
-                let out = tokio::task::spawn_blocking(move || segment(&m, &volume_bytes, &meta2))
-                    .await
-                    .map_err(|e| HandleError::Transient(e.into()))??;
+                let (m, meta2, at) = (model.clone(), meta.clone(), summary.created_at_ms);
+                let out = tokio::task::spawn_blocking(move || {
+                    segment(&m, &volume_bytes, &meta2, sources, at)
+                })
+                .await
+                .map_err(|e| HandleError::Transient(e.into()))??;
                 for &(n, run) in &out.windows.batches {
                     self.metrics
                         .inference(&model.spec.name, run.as_secs_f64(), n);
@@ -483,6 +540,8 @@ impl Handler for Inferer {
                 self.put(&job, &reference, "labels.nii.gz", out.labels_nii)
                     .await?;
                 self.put(&job, &reference, "preview.png", out.preview)
+                    .await?;
+                self.put_dicom(&job, &reference, out.dicom, &mut summary)
                     .await?;
             }
             ModelKind::Classification => {
@@ -513,18 +572,32 @@ impl Handler for Inferer {
                 summary.classes = classify::class_scores(&scored.scores, &model.spec)
                     .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
                 let spec = model.spec.clone();
-                let preview = tokio::task::spawn_blocking(move || {
+                let (classes, at) = (summary.classes.clone(), summary.created_at_ms);
+                let (series_uid, revision) = (job.series_uid.clone(), job.revision);
+                let source_grid = meta.source.clone();
+                let (preview, objects) = tokio::task::spawn_blocking(move || {
                     let none = Volume {
                         grid: volume.grid.clone(),
                         data: ndarray::Array3::<u8>::zeros(volume.data.dim()),
                     };
-                    outputs::preview_png(&volume, &none, &spec)
+                    let objects = dicom::write_objects(
+                        &spec,
+                        &series_uid,
+                        revision,
+                        sources,
+                        &source_grid,
+                        Finding::Classes(&classes),
+                        at,
+                    );
+                    (outputs::preview_png(&volume, &none, &spec), objects)
                 })
                 .await
                 .map_err(|e| HandleError::Transient(e.into()))?;
                 summary.timings_ms.postprocess = ms(t.elapsed());
                 write_started = Instant::now();
                 self.put(&job, &reference, "preview.png", preview).await?;
+                self.put_dicom(&job, &reference, objects, &mut summary)
+                    .await?;
             }
         }
         summary.timings_ms.fetch = ms(fetch);

@@ -293,9 +293,19 @@ pub struct InferenceCompleted {
     /// AE title of the node that sent the series.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub calling_ae: String,
-    /// Store keys of the DICOM objects of the result (SEG, SR), for export.
+    /// The DICOM objects of the result (SEG, SR) in the store, for export.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub dicom: Vec<String>,
+    pub dicom: Vec<DicomObject>,
+}
+
+/// One DICOM object of a result: where it is and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DicomObject {
+    /// File name under the result prefix (`seg.dcm`, `sr.dcm`).
+    pub file: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub series_instance_uid: String,
 }
 
 impl Event for InferenceCompleted {

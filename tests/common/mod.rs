@@ -318,6 +318,41 @@ print(json.dumps({
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `dciodvfy` (dicom3tools) on a DICOM file: panics with its report if it finds an
+/// error (warnings are allowed).
+pub fn dciodvfy(path: &Path) {
+    let out = Command::new("dciodvfy")
+        .arg(path)
+        .output()
+        .expect("dciodvfy not found: install dicom3tools (.ci/setup does)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("Error")),
+        "dciodvfy reports errors for {}:\n{text}",
+        path.display()
+    );
+}
+
+/// The SEG and SR of a result (`result_dir`) against its `labels.nii.gz` and
+/// `summary.json` and the source files in `series_dir`: dciodvfy finds no error,
+/// highdicom reads the SEG back to exactly the label map, the SR holds the volumes.
+pub fn check_result_dicom(result_dir: &Path, series_dir: &Path) {
+    for name in ["seg.dcm", "sr.dcm"] {
+        dciodvfy(&result_dir.join(name));
+    }
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/check_result_dicom.py"))
+        .arg(result_dir)
+        .arg(series_dir);
+    let out = run_ok(cmd, "SEG/SR check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("OK"), "SEG/SR check: {text}");
+}
+
 /// `promtool check metrics` on a /metrics text; panics with promtool's complaints.
 pub fn promtool_check(metrics: &str, who: &str) {
     let promtool = Path::new("/usr/bin/promtool");

@@ -1,4 +1,5 @@
-//! A C-ECHO / C-STORE client, for `radflow send` and for tests.
+//! A C-ECHO / C-STORE client, for `radflow send`, the exporter and tests: files from
+//! disk or Part-10 objects held in memory.
 //!
 //! Files are sent as they are stored: the dataset bytes after the File Meta group go on
 //! the wire unchanged, in the file's own transfer syntax, so what arrives is what was on
@@ -6,7 +7,7 @@
 //! pair; more than [`MAX_CONTEXTS`] pairs are spread over several associations.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use dicom_object::meta::FileMetaTable;
@@ -133,9 +134,25 @@ pub async fn echo(addr: &str, calling_ae: &str, called_ae: &str) -> Result<(), S
     }
 }
 
-/// A file ready to send.
+/// A Part-10 object held in memory, with the name reports give it (a store key).
+#[derive(Debug, Clone)]
+pub struct Part10 {
+    /// Shown as the `path` of a [`FailedFile`].
+    pub name: String,
+    /// The whole file: preamble, `DICM`, File Meta group, dataset.
+    pub bytes: bytes::Bytes,
+}
+
+/// Where the bytes of a prepared object are.
+enum Source {
+    File,
+    Memory(bytes::Bytes),
+}
+
+/// A file or object ready to send.
 struct Prepared {
     path: PathBuf,
+    source: Source,
     sop_class: String,
     sop_instance: String,
     transfer_syntax: String,
@@ -168,8 +185,11 @@ pub async fn send_files_with_progress(
     let mut report = SendReport::default();
     let mut prepared = Vec::new();
     for path in files {
-        match read_meta(path) {
-            Ok(Some(p)) => prepared.push(p),
+        let read = std::fs::File::open(path)
+            .map_err(|e| format!("cannot open: {e}"))
+            .and_then(|f| read_meta(std::io::BufReader::new(f)));
+        match read {
+            Ok(Some(meta)) => prepared.push(meta.prepared(path.clone(), Source::File)),
             Ok(None) => {
                 report.skipped.push(path.clone());
                 on_file(0);
@@ -184,7 +204,50 @@ pub async fn send_files_with_progress(
             }
         }
     }
+    send_prepared(addr, calling_ae, called_ae, prepared, report, on_file).await
+}
 
+/// Sends Part-10 objects held in memory with C-STORE over one association per up to
+/// [`MAX_CONTEXTS`] (SOP class, transfer syntax) pairs, each in its own transfer
+/// syntax; reports name them by [`Part10::name`]. An object that is not Part-10 is
+/// reported failed, not skipped.
+pub async fn send_objects(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    objects: &[Part10],
+) -> Result<SendReport, ScuError> {
+    let mut report = SendReport::default();
+    let mut prepared = Vec::new();
+    for object in objects {
+        let path = PathBuf::from(&object.name);
+        match read_meta(std::io::Cursor::new(&object.bytes[..])) {
+            Ok(Some(meta)) => {
+                prepared.push(meta.prepared(path, Source::Memory(object.bytes.clone())))
+            }
+            Ok(None) => report.failed.push(FailedFile {
+                path,
+                status: None,
+                comment: "not a DICOM Part-10 object".into(),
+            }),
+            Err(comment) => report.failed.push(FailedFile {
+                path,
+                status: None,
+                comment,
+            }),
+        }
+    }
+    send_prepared(addr, calling_ae, called_ae, prepared, report, &mut |_| {}).await
+}
+
+async fn send_prepared(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    prepared: Vec<Prepared>,
+    mut report: SendReport,
+    on_file: &mut (dyn FnMut(u64) + Send),
+) -> Result<SendReport, ScuError> {
     // Distinct (SOP class, transfer syntax) pairs in order of first appearance.
     let mut pairs: Vec<(String, String)> = Vec::new();
     for p in &prepared {
@@ -317,10 +380,29 @@ fn not_sent(p: &Prepared, why: &str) -> FailedFile {
     }
 }
 
-/// Read the File Meta group of a Part-10 file. `Ok(None)` if it is not one.
-fn read_meta(path: &Path) -> Result<Option<Prepared>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut reader = std::io::BufReader::new(file);
+/// What the File Meta group of a Part-10 object says.
+struct Meta {
+    sop_class: String,
+    sop_instance: String,
+    transfer_syntax: String,
+    dataset_offset: u64,
+}
+
+impl Meta {
+    fn prepared(self, path: PathBuf, source: Source) -> Prepared {
+        Prepared {
+            path,
+            source,
+            sop_class: self.sop_class,
+            sop_instance: self.sop_instance,
+            transfer_syntax: self.transfer_syntax,
+            dataset_offset: self.dataset_offset,
+        }
+    }
+}
+
+/// Read the File Meta group of a Part-10 object. `Ok(None)` if it is not one.
+fn read_meta(mut reader: impl Read) -> Result<Option<Meta>, String> {
     let mut preamble = [0u8; 128];
     if reader.read_exact(&mut preamble).is_err() {
         return Ok(None);
@@ -336,8 +418,7 @@ fn read_meta(path: &Path) -> Result<Option<Prepared>, String> {
     let meta = FileMetaTable::from_reader(std::io::Cursor::new(magic).chain(&mut counting))
         .map_err(|e| format!("unreadable file meta group: {}", error_chain(&e)))?;
     let dataset_offset = 128 + counting.count;
-    Ok(Some(Prepared {
-        path: path.to_path_buf(),
+    Ok(Some(Meta {
         sop_class: meta.media_storage_sop_class_uid().to_string(),
         sop_instance: meta.media_storage_sop_instance_uid().to_string(),
         transfer_syntax: meta.transfer_syntax().to_string(),
@@ -347,9 +428,12 @@ fn read_meta(path: &Path) -> Result<Option<Prepared>, String> {
 
 /// The dataset bytes of a prepared file, exactly as stored.
 async fn read_dataset(p: &Prepared) -> Result<Vec<u8>, String> {
-    let mut bytes = tokio::fs::read(&p.path)
-        .await
-        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut bytes = match &p.source {
+        Source::File => tokio::fs::read(&p.path)
+            .await
+            .map_err(|e| format!("cannot read: {e}"))?,
+        Source::Memory(bytes) => bytes.to_vec(),
+    };
     let offset = usize::try_from(p.dataset_offset).unwrap_or(usize::MAX);
     if offset > bytes.len() {
         return Err("file ends inside its meta group".into());

@@ -298,3 +298,37 @@ async fn send_files_to_dcmtk_storescp() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_in_memory_are_sent_as_they_are() {
+    let server = TestServer::start(ScpConfig::default()).await;
+    let dir = TempDir::new("scu-memory");
+    let (study, series) = (new_uid(), new_uid());
+    let mut objects = Vec::new();
+    let mut cts = Vec::new();
+    for n in 1..=3 {
+        let ct = Ct::new(&study, &series, n, 32);
+        let path = dir.path(&format!("{n}.dcm"));
+        write_ct(&path, &ct);
+        objects.push(scu::Part10 {
+            name: format!("results/x/{n}.dcm"),
+            bytes: std::fs::read(&path).unwrap().into(),
+        });
+        cts.push((path, ct));
+    }
+    objects.push(scu::Part10 {
+        name: "results/x/junk".into(),
+        bytes: bytes::Bytes::from_static(b"not DICOM"),
+    });
+    let report = scu::send_objects(&server.addr.to_string(), "RADEXP", "RADFLOW", &objects)
+        .await
+        .unwrap();
+    assert_eq!(report.sent, 3, "{report:?}");
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].path, PathBuf::from("results/x/junk"));
+    let received = server.sink.take();
+    assert_eq!(received.len(), 3);
+    for (path, ct) in &cts {
+        assert_stored_exactly(find(&received, &ct.instance), path, EXPLICIT_LE, "RADEXP");
+    }
+}

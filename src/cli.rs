@@ -34,6 +34,9 @@ pub enum Command {
     /// The inferer alone (needs NATS).
     #[cfg(feature = "inferer")]
     Inferer(InfererCmd),
+    /// The exporter alone (needs NATS): results' SEG and SR to DICOM destinations.
+    #[cfg(feature = "exporter")]
+    Exporter(ExporterCmd),
     /// Write a synthetic CT study (a phantom of known tissue volumes) as DICOM files.
     #[cfg(feature = "preprocessor")]
     Synth(SynthArgs),
@@ -192,7 +195,36 @@ pub struct RunArgs {
     #[command(flatten)]
     pub volumes: VolumeWriteArgs,
     #[command(flatten)]
+    pub export: ExportArgs,
+    #[command(flatten)]
     pub worker: WorkerArgs,
+}
+
+/// `radflow exporter`
+#[derive(Debug, Args)]
+pub struct ExporterCmd {
+    #[command(flatten)]
+    pub bus: BusArgs,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(flatten)]
+    pub export: ExportArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+/// Where results are exported to.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Destinations file (destinations.toml): the DICOM nodes results are sent to
+    /// and the routes that choose them (see docs/results.md). Without it, results
+    /// stay in the store.
+    #[arg(long, env = "RADFLOW_DESTINATIONS")]
+    pub destinations: Option<PathBuf>,
 }
 
 /// `radflow listener`

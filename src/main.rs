@@ -87,6 +87,8 @@ fn main() -> std::process::ExitCode {
             Some(Command::Preprocessor(args)) => run_preprocessor(args).await,
             #[cfg(feature = "inferer")]
             Some(Command::Inferer(args)) => run_inferer(args).await,
+            #[cfg(feature = "exporter")]
+            Some(Command::Exporter(args)) => run_exporter(args).await,
             #[cfg(feature = "preprocessor")]
             Some(Command::Synth(args)) => tools::synth(args),
             #[cfg(feature = "listener")]
@@ -297,6 +299,12 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let mut consumers = vec!["assembler".to_owned()];
     consumers.extend(with_lanes("preprocessor"));
     consumers.extend(inferer_consumers(&registry));
+    #[cfg(feature = "exporter")]
+    let exporter = load_destinations(&args.export)?;
+    #[cfg(feature = "exporter")]
+    if exporter.is_some() {
+        consumers.extend(radflow_exporter::consumers());
+    }
     node.report_lag(consumers);
 
     let models = load_models(registry.clone(), &args.inferer, node.metrics.clone()).await?;
@@ -368,8 +376,29 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         inferer_ready,
         shutdown,
     ));
+    #[cfg(feature = "exporter")]
+    let exporting = match &exporter {
+        Some(destinations) => {
+            let exporter = radflow_exporter::Exporter {
+                store: node.store.clone(),
+                bus: node.bus.clone(),
+                destinations: destinations.clone(),
+                metrics: node.metrics.clone(),
+            };
+            Some(tokio::spawn(radflow_exporter::run(
+                exporter,
+                worker_config(radflow_exporter::sender::consumer(), &args.worker),
+                node.shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let listener_result = listener.await?;
     let _ = tokio::join!(preprocessing, inferring);
+    #[cfg(feature = "exporter")]
+    if let Some(exporting) = exporting {
+        let _ = exporting.await;
+    }
     node.finish().await;
     listener_result
 }
@@ -438,6 +467,54 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
     radflow_preprocessor::worker::run(
         pre,
         preprocessor_config(&args.worker),
+        node.shutdown.clone(),
+    )
+    .await;
+    node.finish().await;
+    Ok(())
+}
+
+#[cfg(feature = "exporter")]
+/// The destinations file, if one is configured.
+fn load_destinations(
+    args: &cli::ExportArgs,
+) -> Result<Option<Arc<radflow_exporter::Destinations>>> {
+    args.destinations
+        .as_deref()
+        .map(|path| Ok(Arc::new(radflow_exporter::Destinations::load(path)?)))
+        .transpose()
+}
+
+#[cfg(feature = "exporter")]
+/// `radflow exporter`
+async fn run_exporter(args: cli::ExporterCmd) -> Result<()> {
+    let Some(destinations) = load_destinations(&args.export)? else {
+        anyhow::bail!("the exporter needs --destinations (RADFLOW_DESTINATIONS): where results go");
+    };
+    let mut node = Node::start(
+        "radflow-exporter",
+        &args.telemetry,
+        &args.store,
+        &args.bus,
+        BusMode::Nats,
+    )
+    .await?;
+    node.serve_http(&args.http).await?;
+    node.report_lag(radflow_exporter::consumers());
+    node.exit_when_idle(args.worker.exit_when_idle());
+    tracing::info!(
+        destinations = ?destinations.destinations.iter().map(|d| &d.name).collect::<Vec<_>>(),
+        "exporter running"
+    );
+    let exporter = radflow_exporter::Exporter {
+        store: node.store.clone(),
+        bus: node.bus.clone(),
+        destinations,
+        metrics: node.metrics.clone(),
+    };
+    radflow_exporter::run(
+        exporter,
+        worker_config(radflow_exporter::sender::consumer(), &args.worker),
         node.shutdown.clone(),
     )
     .await;

@@ -324,6 +324,39 @@ impl Event for InferenceCompleted {
     }
 }
 
+/// A result's DICOM objects are to be sent to one destination: the export job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRequested {
+    pub schema_version: u32,
+    pub correlation_id: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub revision: u32,
+    pub model: String,
+    pub model_version: String,
+    /// Name of the destination (from the destinations file).
+    pub destination: String,
+    /// Store prefix of the result.
+    pub result_prefix: String,
+    /// The objects to send, in order (the SEG before the SR that references it).
+    pub objects: Vec<DicomObject>,
+}
+
+impl Event for ExportRequested {
+    fn subject(&self) -> String {
+        format!("{SUBJECT_PREFIX}.export.{}", self.destination)
+    }
+    fn msg_id(&self) -> String {
+        format!(
+            "export:{}:r{}:{}@{}:{}",
+            self.series_uid, self.revision, self.model, self.model_version, self.destination
+        )
+    }
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
 /// A message that cannot succeed, parked with a machine-readable reason.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLettered {

@@ -50,6 +50,8 @@ pub struct Metrics {
     queue_pending: Family<Labels, Gauge>,
     queue_in_flight: Family<Labels, Gauge>,
     queue_oldest: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    exports: Family<Labels, Counter>,
+    export_last_success: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Messages in hand and the time of the last one, for workers that exit when idle.
     pub activity: Activity,
 }
@@ -250,6 +252,19 @@ impl Metrics {
             "Age of the oldest message a durable consumer has not finished",
             queue_oldest.clone(),
         );
+        let exports = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_exports",
+            "Export attempts per destination, by outcome (sent, retry, refused, unroutable)",
+            exports.clone(),
+        );
+        let export_last_success =
+            Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "radflow_export_last_success_timestamp_seconds",
+            "When a destination last stored a result (Unix time)",
+            export_last_success.clone(),
+        );
         Arc::new(Self {
             registry,
             messages,
@@ -275,6 +290,8 @@ impl Metrics {
             queue_pending,
             queue_in_flight,
             queue_oldest,
+            exports,
+            export_last_success,
             activity: Activity::default(),
         })
     }
@@ -322,6 +339,24 @@ impl Metrics {
         self.cstore_failures
             .get_or_create(&vec![("status", format!("0x{status:04X}"))])
             .inc();
+    }
+
+    /// One export attempt to `destination` ended with `outcome`.
+    pub fn export(&self, destination: &str, outcome: &str) {
+        self.exports
+            .get_or_create(&vec![
+                ("destination", destination.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+        if outcome == "sent" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.export_last_success
+                .get_or_create(&vec![("destination", destination.to_owned())])
+                .set(now);
+        }
     }
 
     pub fn series_ready(&self, reason: &str) {

@@ -91,7 +91,8 @@ impl InProcBus {
     }
 
     /// Creates the durable consumer on first use (delivering what the stream already
-    /// holds, like a JetStream consumer with `DeliverPolicy::All`).
+    /// holds, like a JetStream consumer with `DeliverPolicy::All`, unless the spec
+    /// asks for new messages only).
     fn join(&self, spec: &ConsumerSpec) -> Sub {
         let mut state = self.inner.state.lock().unwrap();
         let stream = state
@@ -108,7 +109,7 @@ impl InProcBus {
             let ready = stream
                 .messages
                 .iter()
-                .filter(|(_, m)| subject_matches(&spec.filter, &m.subject))
+                .filter(|(_, m)| !spec.deliver_new && subject_matches(&spec.filter, &m.subject))
                 .map(|(seq, _)| *seq)
                 .collect();
             stream.consumers.insert(

@@ -77,6 +77,14 @@ pub const RESULTS: StreamSpec = StreamSpec {
     work_queue: false,
     max_age: DAY.saturating_mul(30),
 };
+/// Export jobs, one subject per destination (`radflow.export.<destination>`);
+/// consumed by exporters.
+pub const EXPORTS: StreamSpec = StreamSpec {
+    name: "RADFLOW_EXPORTS",
+    subjects: "radflow.export.>",
+    work_queue: true,
+    max_age: DAY.saturating_mul(14),
+};
 /// Dead letters, per stage, kept for inspection and replay.
 pub const DLQ: StreamSpec = StreamSpec {
     name: "RADFLOW_DLQ",
@@ -86,7 +94,7 @@ pub const DLQ: StreamSpec = StreamSpec {
 };
 
 /// Every stream radflow uses.
-pub const TOPOLOGY: [StreamSpec; 5] = [INSTANCES, SERIES, JOBS, RESULTS, DLQ];
+pub const TOPOLOGY: [StreamSpec; 6] = [INSTANCES, SERIES, JOBS, RESULTS, EXPORTS, DLQ];
 
 /// The key-value bucket holding series-assembly state.
 pub const SERIES_STATE_BUCKET: &str = "radflow-series";
@@ -105,6 +113,10 @@ pub struct ConsumerSpec {
     pub max_deliver: u64,
     /// Messages a subscriber may hold unacknowledged at once.
     pub max_ack_pending: usize,
+    /// A consumer created now starts with the next message published, not with what
+    /// the stream already holds (a late subscriber of a kept stream, such as the
+    /// exporter's of results, must not act on a month of history).
+    pub deliver_new: bool,
 }
 
 impl ConsumerSpec {
@@ -127,6 +139,7 @@ impl ConsumerSpec {
             ack_wait: Duration::from_secs(60),
             max_deliver: 5,
             max_ack_pending: 64,
+            deliver_new: false,
         }
     }
 }

@@ -139,7 +139,11 @@ impl NatsBus {
                     durable_name: Some(spec.durable.clone()),
                     filter_subject: spec.filter.clone(),
                     ack_policy: AckPolicy::Explicit,
-                    deliver_policy: DeliverPolicy::All,
+                    deliver_policy: if spec.deliver_new {
+                        DeliverPolicy::New
+                    } else {
+                        DeliverPolicy::All
+                    },
                     ack_wait: spec.ack_wait,
                     // The worker dead-letters at `max_deliver`; the server limit is a
                     // backstop one higher so the last delivery can still be parked.

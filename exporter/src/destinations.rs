@@ -1,0 +1,300 @@
+//! Where results go: DICOM destinations by name and the routes that choose them.
+//!
+//! ```toml
+//! [[destination]]
+//! name = "pacs"            # also the subject: radflow.export.pacs
+//! ae_title = "ORTHANC"     # Called AE title
+//! host = "orthanc"
+//! port = 4242
+//! calling_ae = "RADFLOW"   # optional; the AE title radflow presents
+//!
+//! [[route]]
+//! models = ["demo-tissue"] # optional; every model when absent
+//! to = ["pacs", "caller"]  # "caller": back to the AE that sent the study
+//! ```
+//!
+//! `caller` resolves to the destination whose AE title is the study's Calling AE
+//! title: the node that sent the images, at the address configured for it (a sender's
+//! own port is not known from its association). A route to `caller` for a study sent
+//! by an AE with no destination is reported, not guessed.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The route target that means "the AE that sent the study".
+pub const CALLER: &str = "caller";
+
+/// AE title radflow presents when a destination does not name one.
+pub const DEFAULT_CALLING_AE: &str = "RADFLOW";
+
+/// Why a destinations file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One DICOM node results can be sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Name in routes, metrics and subjects: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Called AE title.
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+    /// Calling AE title radflow presents to it.
+    #[serde(default = "default_calling_ae")]
+    pub calling_ae: String,
+}
+
+fn default_calling_ae() -> String {
+    DEFAULT_CALLING_AE.to_owned()
+}
+
+impl Destination {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Which results go where.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Model names; every model when empty.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Destination names, or `caller`.
+    pub to: Vec<String>,
+}
+
+/// The destinations file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destinations {
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<Destination>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+/// Where one result goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
+    Destination(&'a Destination),
+    /// Routed back to its caller, but no destination has the caller's AE title.
+    UnknownCaller(String),
+}
+
+impl Destinations {
+    /// Reads and checks a destinations file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks destinations; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let parsed: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_owned(),
+            source: Box::new(source),
+        })?;
+        parsed.validate()?;
+        Ok(parsed)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let mut names = BTreeSet::new();
+        for d in &self.destinations {
+            let token_ok = !d.name.is_empty()
+                && d.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !token_ok {
+                return invalid(format!(
+                    "destination name {:?}: use letters, digits, '-' and '_' only",
+                    d.name
+                ));
+            }
+            if d.name == CALLER {
+                return invalid(format!(
+                    "{CALLER:?} is the route target for the sending AE; name the destination otherwise"
+                ));
+            }
+            if !names.insert(d.name.as_str()) {
+                return invalid(format!("destination {:?} is listed twice", d.name));
+            }
+            for (what, ae) in [("ae_title", &d.ae_title), ("calling_ae", &d.calling_ae)] {
+                let ae_ok = !ae.trim().is_empty()
+                    && ae.len() <= 16
+                    && ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\');
+                if !ae_ok {
+                    return invalid(format!(
+                        "destination {:?}: {what} {ae:?} is not an AE title (1 to 16 printable characters, no backslash)",
+                        d.name
+                    ));
+                }
+            }
+            if d.host.trim().is_empty() || d.port == 0 {
+                return invalid(format!(
+                    "destination {:?}: host and port are required",
+                    d.name
+                ));
+            }
+        }
+        for r in &self.routes {
+            if r.to.is_empty() {
+                return invalid("a route without destinations (`to`)".into());
+            }
+            for to in &r.to {
+                if to != CALLER && !names.contains(to.as_str()) {
+                    return invalid(format!(
+                        "a route goes to {to:?}, which is not a destination"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The destination of a name.
+    pub fn get(&self, name: &str) -> Option<&Destination> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+
+    /// Where a result of `model`, from a study sent by `calling_ae`, goes: each
+    /// destination once, in route order.
+    pub fn targets(&self, model: &str, calling_ae: &str) -> Vec<Target<'_>> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for route in &self.routes {
+            if !route.models.is_empty() && !route.models.iter().any(|m| m == model) {
+                continue;
+            }
+            for to in &route.to {
+                let target = if to == CALLER {
+                    let caller = calling_ae.trim();
+                    match self
+                        .destinations
+                        .iter()
+                        .find(|d| d.ae_title.trim() == caller)
+                    {
+                        Some(d) => Target::Destination(d),
+                        None => Target::UnknownCaller(caller.to_owned()),
+                    }
+                } else {
+                    Target::Destination(self.get(to).expect("validated"))
+                };
+                let key = match &target {
+                    Target::Destination(d) => d.name.clone(),
+                    Target::UnknownCaller(ae) => format!("{CALLER}:{ae}"),
+                };
+                if seen.insert(key) {
+                    out.push(target);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[destination]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+
+[[destination]]
+name = "ct-console"
+ae_title = "CT1"
+host = "10.0.0.5"
+port = 104
+calling_ae = "RADFLOW_AI"
+
+[[route]]
+models = ["demo-tissue"]
+to = ["pacs", "caller"]
+
+[[route]]
+to = ["pacs"]
+"#;
+
+    fn names(targets: &[Target<'_>]) -> Vec<String> {
+        targets
+            .iter()
+            .map(|t| match t {
+                Target::Destination(d) => d.name.clone(),
+                Target::UnknownCaller(ae) => format!("?{ae}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routes_pick_destinations_once_and_resolve_the_caller() {
+        let d = Destinations::parse(FILE, "test").unwrap();
+        assert_eq!(d.get("pacs").unwrap().calling_ae, "RADFLOW");
+        assert_eq!(d.get("ct-console").unwrap().addr(), "10.0.0.5:104");
+        assert_eq!(
+            names(&d.targets("demo-tissue", "CT1")),
+            ["pacs", "ct-console"]
+        );
+        assert_eq!(names(&d.targets("demo-tissue", "MR9")), ["pacs", "?MR9"]);
+        assert_eq!(names(&d.targets("other", "CT1")), ["pacs"]);
+        assert!(
+            Destinations::default()
+                .targets("demo-tissue", "CT1")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let bad = |text: &str, want: &str| {
+            let err = Destinations::parse(text, "test").unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        };
+        let one =
+            "[[destination]]\nname = \"pacs\"\nae_title = \"ORTHANC\"\nhost = \"h\"\nport = 4242\n";
+        bad(&format!("{one}{one}"), "listed twice");
+        bad(&one.replace("\"pacs\"", "\"pacs.main\""), "letters, digits");
+        bad(&one.replace("\"pacs\"", "\"caller\""), "route target");
+        bad(
+            &one.replace("ORTHANC", "A_TITLE_LONGER_THAN_16"),
+            "not an AE title",
+        );
+        bad(&one.replace("port = 4242", "port = 0"), "host and port");
+        bad(
+            &format!("{one}[[route]]\nto = [\"nowhere\"]\n"),
+            "not a destination",
+        );
+        bad(
+            &format!("{one}[[route]]\nto = []\n"),
+            "without destinations",
+        );
+        bad(&format!("{one}tls = true\n"), "unknown field");
+    }
+}

@@ -1,0 +1,222 @@
+//! Results back to DICOM nodes, end to end with real peers: DCMTK's storescu sends a
+//! synthetic CT to the listener; the preprocessor, the inferer and the exporter run as
+//! their own processes on a real nats-server; DCMTK's storescp plays the destinations.
+//!
+//! One destination is the sending AE ("back to the caller") and is down when the first
+//! export is tried: once it is up, it receives the SEG and the SR exactly once each,
+//! byte for byte as stored. Another stays down: its job ends in the dead-letter stream
+//! after the configured deliveries, with the reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use radflow_shared::testing::NatsServer;
+
+const MODEL: &str = "demo-tissue@1.0.0";
+
+/// A DCMTK storescp writing what it receives into `dir`.
+fn storescp(port: u16, ae_title: &str, dir: &Path, log_dir: &Path) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cmd = dcmtk("storescp");
+    // Bit-preserving: the files are the datasets as they came over the wire.
+    cmd.args(["--bit-preserving", "-aet", ae_title, "-od"])
+        .arg(dir)
+        .args(["-uf", &port.to_string()])
+        .stdout(Stdio::null());
+    Proc::spawn(&format!("storescp-{ae_title}"), cmd, log_dir)
+}
+
+fn received(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The counter `radflow_exports_total` of a destination and outcome, from /metrics.
+fn exports(http: u16, destination: &str, outcome: &str) -> f64 {
+    let Some((200, text)) = http_get(http, "/metrics") else {
+        return 0.0;
+    };
+    let want =
+        format!("radflow_exports_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_dead_lettered() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("dicom-export");
+    let store = work.path().join("store");
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 64, 24, &["--seed", "3"]);
+    let store_url = format!("file://{}", store.display());
+    let (dicom_port, console_port, down_port) = (free_port(), free_port(), free_port());
+
+    // The sender (calling AE CT-SCANNER) is also a destination; "down" never listens.
+    let destinations = work.path().join("destinations.toml");
+    std::fs::write(
+        &destinations,
+        format!(
+            r#"
+[[destination]]
+name = "console"
+ae_title = "CT-SCANNER"
+host = "127.0.0.1"
+port = {console_port}
+
+[[destination]]
+name = "down"
+ae_title = "NOBODY"
+host = "127.0.0.1"
+port = {down_port}
+
+[[route]]
+models = ["demo-tissue"]
+to = ["caller", "down"]
+"#
+        ),
+    )
+    .unwrap();
+
+    let common = |cmd: &mut Command, http: u16| {
+        cmd.args(["--nats-url", &nats.url(), "--store-url", &store_url])
+            .args(["--http-port", &http.to_string()]);
+    };
+    let (listener_http, pre_http, inf_http, exp_http) =
+        (free_port(), free_port(), free_port(), free_port());
+    let mut listener = radflow();
+    listener.arg("listener");
+    common(&mut listener, listener_http);
+    listener.args([
+        "--dicom-port",
+        &dicom_port.to_string(),
+        "--series-quiet-secs",
+        "2",
+    ]);
+    let mut listener = Proc::spawn("listener", listener, work.path());
+    let mut pre = radflow();
+    pre.arg("preprocessor");
+    common(&mut pre, pre_http);
+    let mut pre = Proc::spawn("preprocessor", pre, work.path());
+    let mut inf = radflow();
+    inf.arg("inferer");
+    common(&mut inf, inf_http);
+    let mut inf = Proc::spawn("inferer", inf, work.path());
+    let mut exp = radflow();
+    exp.arg("exporter");
+    common(&mut exp, exp_http);
+    exp.arg("--destinations")
+        .arg(&destinations)
+        .args(["--max-deliver", "3"]);
+    let mut exp = Proc::spawn("exporter", exp, work.path());
+
+    wait_port(
+        dicom_port,
+        &mut [&mut listener, &mut pre, &mut inf, &mut exp],
+    );
+    wait_for(
+        "inferer and exporter ready",
+        Duration::from_secs(60),
+        || {
+            inf.assert_running();
+            exp.assert_running();
+            let ready = |port| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
+            (ready(inf_http) && ready(exp_http)).then_some(())
+        },
+    );
+
+    let out = storescu(dicom_port, "RADFLOW", &dicom_files(&series_dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The console is down at first: the exporter counts a retry for it.
+    wait_for(
+        "a failed try to the console",
+        Duration::from_secs(120),
+        || {
+            for p in [&mut listener, &mut pre, &mut inf, &mut exp] {
+                p.assert_running();
+            }
+            (exports(exp_http, "console", "retry") >= 1.0).then_some(())
+        },
+    );
+    let inbox = work.path().join("console");
+    let mut console = storescp(console_port, "CT-SCANNER", &inbox, work.path());
+
+    wait_for("SEG and SR at the console", Duration::from_secs(60), || {
+        exp.assert_running();
+        console.assert_running();
+        (exports(exp_http, "console", "sent") >= 1.0 && received(&inbox).len() >= 2).then_some(())
+    });
+    // Exactly once each, byte for byte the stored objects' datasets.
+    let result = store.join(format!("results/{}/{MODEL}", truth.series_uid));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(result.join("summary.json")).unwrap()).unwrap();
+    let files = received(&inbox);
+    assert_eq!(files.len(), 2, "{files:?}");
+    for object in summary["dicom"].as_array().unwrap() {
+        let uid = object["sop_instance_uid"].as_str().unwrap();
+        let got = files
+            .iter()
+            .find(|f| f.file_name().unwrap().to_string_lossy().contains(uid))
+            .unwrap_or_else(|| panic!("{uid} not received: {files:?}"));
+        let stored = std::fs::read(result.join(object["file"].as_str().unwrap())).unwrap();
+        let arrived = std::fs::read(got).unwrap();
+        let (arrived, stored) = (dataset(&arrived), dataset(&stored));
+        let first_difference = arrived.iter().zip(stored).position(|(a, b)| a != b);
+        assert!(
+            arrived.len() == stored.len() && first_difference.is_none(),
+            "{uid} arrived changed: {} bytes for {}, first difference at {first_difference:?}",
+            arrived.len(),
+            stored.len()
+        );
+        dciodvfy(got);
+    }
+
+    // The destination that stays down: dead-lettered after 3 deliveries, with why.
+    let dead = wait_for("the dead letter of 'down'", Duration::from_secs(90), || {
+        exp.assert_running();
+        let (code, body) = http_get(exp_http, "/dlq")?;
+        assert_eq!(code, 200, "{body}");
+        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+        list.as_array()?
+            .iter()
+            .find(|d| d["stage"] == "exporter")
+            .cloned()
+    });
+    assert_eq!(dead["attempts"], 3, "{dead}");
+    let reason = dead["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("down: ") && reason.contains(&down_port.to_string()),
+        "{dead}"
+    );
+    assert_eq!(dead["series_uid"], truth.series_uid.as_str());
+
+    // Nothing more arrives at the console, and its job left the queue.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(received(&inbox).len(), 2);
+    assert_eq!(exports(exp_http, "console", "sent"), 1.0);
+    let (_, metrics) = http_get(exp_http, "/metrics").unwrap();
+    promtool_check(&metrics, "exporter");
+    console.kill();
+}
+
+/// The dataset of a Part-10 file: what follows the File Meta group.
+fn dataset(file: &[u8]) -> &[u8] {
+    assert_eq!(&file[128..132], b"DICM");
+    // (0002,0000) File Meta Information Group Length, UL, explicit VR.
+    let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap()) as usize;
+    &file[144 + group_len..]
+}

@@ -117,3 +117,18 @@ fn the_preprocessor_is_seen_to_link_codecs() {
     }
     assert!(dependencies("radflow-preprocessor").contains("radflow-volume"));
 }
+
+/// The exporter sends stored objects: it links no preprocessor, no inferer, no ONNX
+/// Runtime and no pixel codec, and the inferer (which writes the objects) does not
+/// link the exporter.
+#[test]
+fn the_exporter_links_neither_the_models_nor_a_pixel_codec() {
+    let found = offending("radflow-exporter", |name| {
+        matches!(name, "radflow-preprocessor" | "radflow-inferer")
+            || name.starts_with("ort")
+            || is_pixel_codec(name)
+    });
+    assert!(found.is_empty(), "radflow-exporter depends on {found:?}");
+    assert!(!dependencies("radflow-inferer").contains("radflow-exporter"));
+    assert!(dependencies("radflow-inferer").contains("radflow-results"));
+}

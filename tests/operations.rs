@@ -85,13 +85,24 @@ fn metrics_pass_promtool_and_prometheus_scrapes_a_stage_counter() {
         summary.is_file().then_some(())
     });
 
-    let (code, metrics) = http_get(http_port, "/metrics").unwrap();
-    assert_eq!(code, 200);
+    // The worker counts a message once its handler has returned, which is a moment after
+    // the handler wrote summary.json: wait for the count rather than race it.
+    let processed = r#"radflow_messages_total{stage="inferer",outcome="processed"} 1"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        run.assert_running();
+        let (code, metrics) = http_get(http_port, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        if metrics.contains(processed) {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{processed} never appeared in:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     promtool_check(&metrics, "radflow run");
-    assert!(
-        metrics.contains(r#"radflow_messages_total{stage="inferer",outcome="processed"} 1"#),
-        "{metrics}"
-    );
     assert!(
         metrics.contains("radflow_dicom_instances_stored_total 16"),
         "{metrics}"

@@ -210,6 +210,61 @@ to = ["caller", "down"]
     assert_eq!(exports(exp_http, "console", "sent"), 1.0);
     let (_, metrics) = http_get(exp_http, "/metrics").unwrap();
     promtool_check(&metrics, "exporter");
+
+    // `radflow status` shows each destination: the console took its job after failed
+    // tries, "down" failed every time and its job is dead.
+    let out = radflow()
+        .args(["status", "--json", "--nats-url", &nats.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exports = status["exports"].as_array().expect("exports in status");
+    let row = |name: &str| {
+        exports
+            .iter()
+            .find(|e| e["destination"] == name)
+            .unwrap_or_else(|| panic!("{name} missing from {status}"))
+            .clone()
+    };
+    let (console_row, down_row) = (row("console"), row("down"));
+    assert_eq!(console_row["sent"], 1, "{console_row}");
+    assert_eq!(console_row["waiting"], 0, "{console_row}");
+    assert!(
+        console_row["failed_attempts"].as_u64().unwrap() >= 1,
+        "{console_row}"
+    );
+    assert!(
+        console_row["last_success_ms"].as_u64() > console_row["last_failure_ms"].as_u64(),
+        "{console_row}"
+    );
+    assert_eq!(down_row["sent"], 0, "{down_row}");
+    assert_eq!(down_row["failed_attempts"], 3, "{down_row}");
+    assert_eq!(down_row["dead_letters"], 1, "{down_row}");
+    assert!(
+        down_row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&down_port.to_string()),
+        "{down_row}"
+    );
+    let out = radflow()
+        .args(["status", "--nats-url", &nats.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let down_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("down "))
+        .unwrap_or_else(|| panic!("no line for down in:\n{text}"));
+    assert!(
+        down_line.contains("never") && down_line.contains(&down_port.to_string()),
+        "{text}"
+    );
     console.kill();
 }
 

@@ -52,6 +52,7 @@ pub async fn run(exporter: Exporter, sender: WorkerConfig, shutdown: Cancellatio
     });
     let send = Arc::new(sender::Sender {
         store: exporter.store,
+        bus: exporter.bus.clone(),
         destinations: exporter.destinations,
         metrics: exporter.metrics.clone(),
     });

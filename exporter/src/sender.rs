@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use radflow_listener::scu::{self, Part10, ScuError};
-use radflow_shared::bus::{ConsumerSpec, Delivery, EXPORTS};
+use radflow_shared::bus::{Bus, ConsumerSpec, Delivery, EXPORTS};
 use radflow_shared::events::{self, ExportRequested};
+use radflow_shared::export_state::{self, Attempt};
 use radflow_shared::metrics::Metrics;
 use radflow_shared::store::{Store, StoreError};
 use radflow_shared::worker::{HandleError, Handler, Outcome};
@@ -35,6 +36,8 @@ pub fn consumer() -> ConsumerSpec {
 /// Sends export jobs.
 pub struct Sender {
     pub store: Store,
+    /// Where each destination's state is kept for `radflow status`.
+    pub bus: Arc<dyn Bus>,
     pub destinations: Arc<Destinations>,
     pub metrics: Arc<Metrics>,
 }
@@ -63,6 +66,28 @@ impl Handler for Sender {
                 ),
             ));
         };
+        let result = self.send(&job, destination).await;
+        let why = match &result {
+            Ok(_) => None,
+            Err(HandleError::Transient(e)) => Some(format!("{e:#}")),
+            Err(HandleError::Permanent { reason, .. }) => Some(reason.clone()),
+        };
+        let attempt = why.as_deref().map_or(Attempt::Sent, Attempt::Failed);
+        let at = radflow_shared::util::now_ms();
+        if let Err(e) = export_state::record(&*self.bus, &destination.name, attempt, at).await {
+            // The job's own delivery is what counts; the state is for operators.
+            tracing::warn!(destination = %destination.name, error = %e, "export state not updated");
+        }
+        result
+    }
+}
+
+impl Sender {
+    async fn send(
+        &self,
+        job: &ExportRequested,
+        destination: &crate::destinations::Destination,
+    ) -> Result<Outcome, HandleError> {
         let mut objects = Vec::with_capacity(job.objects.len());
         for object in &job.objects {
             let key = format!("{}{}", job.result_prefix, object.file);

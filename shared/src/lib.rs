@@ -8,8 +8,9 @@
 //! - [`models`]: the model registry (`models.toml`) both workers read.
 //! - [`worker`]: the consume → handle → ack / retry / dead-letter loop.
 //! - [`http`], [`metrics`], [`telemetry`]: health, Prometheus metrics and logs.
-//! - [`status`]: the operator's view (queues, assembly, results, dead letters) and
-//!   dead-letter replay.
+//! - [`status`]: the operator's view (queues, assembly, results, exports, dead
+//!   letters) and dead-letter replay.
+//! - [`export_state`]: what each export destination last did, shared by exporters.
 //! - [`config`]: command-line option groups with their environment variables.
 //! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
 //! - [`backoff`]: the one retry schedule (NATS connects, redeliveries, store reads).
@@ -19,6 +20,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod events;
+pub mod export_state;
 pub mod http;
 pub mod metrics;
 pub mod models;

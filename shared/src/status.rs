@@ -9,9 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{
-    self, Bus, BusError, DLQ, Outgoing, RESULTS, SERIES_STATE_BUCKET, StoredMessage, StreamStatus,
+    self, Bus, BusError, DLQ, EXPORTS, Outgoing, RESULTS, SERIES_STATE_BUCKET, StoredMessage,
+    StreamStatus,
 };
 use crate::events::{self, DeadLettered, InferenceCompleted};
+use crate::export_state::{self, DestinationState};
 use crate::util::now_ms;
 
 /// A series whose instances are still arriving.
@@ -60,6 +62,20 @@ pub struct ServerInfo {
     pub jetstream_bytes: u64,
 }
 
+/// One export destination: what waits for it, what it last did, what was given up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportStatus {
+    #[serde(flatten)]
+    pub state: DestinationState,
+    /// Export jobs queued for it (not yet stored there).
+    pub waiting: u64,
+    /// Its jobs in the dead-letter stream.
+    pub dead_letters: u64,
+}
+
+/// How many messages of a stream are read to count exports per destination.
+const EXPORT_SCAN: usize = 10_000;
+
 /// The whole picture.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -74,6 +90,9 @@ pub struct StatusReport {
     pub in_flight: u64,
     pub recent_results: Vec<RecentResult>,
     pub recent_failures: Vec<Failure>,
+    /// Per export destination (absent from reports of older versions).
+    #[serde(default)]
+    pub exports: Vec<ExportStatus>,
 }
 
 /// Builds the report from the bus; `recent` bounds the result and failure lists.
@@ -123,7 +142,9 @@ pub async fn collect(bus: &dyn Bus, recent: usize) -> Result<StatusReport, BusEr
         .rev()
         .filter_map(failure)
         .collect();
+    let exports = exports(bus).await?;
     Ok(StatusReport {
+        exports,
         generated_at_ms: now,
         bus: bus.kind().to_owned(),
         server: None,
@@ -133,6 +154,48 @@ pub async fn collect(bus: &dyn Bus, recent: usize) -> Result<StatusReport, BusEr
         recent_results,
         recent_failures,
     })
+}
+
+/// Every destination that has a state, a queued job or a dead letter.
+async fn exports(bus: &dyn Bus) -> Result<Vec<ExportStatus>, BusError> {
+    use std::collections::BTreeMap;
+    fn slot<'a>(
+        by_name: &'a mut BTreeMap<String, ExportStatus>,
+        name: &str,
+    ) -> &'a mut ExportStatus {
+        by_name
+            .entry(name.to_owned())
+            .or_insert_with(|| ExportStatus {
+                state: DestinationState {
+                    destination: name.to_owned(),
+                    ..Default::default()
+                },
+                waiting: 0,
+                dead_letters: 0,
+            })
+    }
+    let mut by_name = BTreeMap::new();
+    for state in export_state::all(bus).await? {
+        let name = state.destination.clone();
+        slot(&mut by_name, &name).state = state;
+    }
+    let prefix = format!("{}.export.", events::SUBJECT_PREFIX);
+    for m in bus.read(EXPORTS, 0, EXPORT_SCAN).await? {
+        if let Some(name) = m.subject.strip_prefix(&prefix) {
+            slot(&mut by_name, name).waiting += 1;
+        }
+    }
+    for m in bus::last_messages(bus, DLQ, EXPORT_SCAN).await? {
+        let Ok(dead) = events::decode::<DeadLettered>(&m.payload) else {
+            continue;
+        };
+        if let Some(name) = dead.original["destination"].as_str()
+            && dead.original_subject.starts_with(&prefix)
+        {
+            slot(&mut by_name, name).dead_letters += 1;
+        }
+    }
+    Ok(by_name.into_values().collect())
 }
 
 fn failure(m: &StoredMessage) -> Option<Failure> {
@@ -342,6 +405,37 @@ pub fn render(r: &StatusReport) -> String {
             age(r.generated_at_ms.saturating_sub(x.at_ms))
         );
     }
+    if !r.exports.is_empty() {
+        let _ = writeln!(
+            out,
+            "Exports:\n  {:<16} {:>7} {:>6} {:>6} {:>5} {:>12}  LAST ERROR",
+            "DESTINATION", "WAITING", "SENT", "FAILED", "DEAD", "LAST SENT"
+        );
+        for e in &r.exports {
+            let s = &e.state;
+            let last_sent = s
+                .last_success_ms
+                .map(|t| format!("{} ago", age(r.generated_at_ms.saturating_sub(t))))
+                .unwrap_or_else(|| "never".into());
+            let last_error = match (s.failing(), &s.last_error, s.last_failure_ms) {
+                (true, Some(why), Some(t)) => {
+                    format!("{why} ({} ago)", age(r.generated_at_ms.saturating_sub(t)))
+                }
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<16} {:>7} {:>6} {:>6} {:>5} {:>12}  {}",
+                s.destination,
+                e.waiting,
+                s.sent,
+                s.failed_attempts,
+                e.dead_letters,
+                last_sent,
+                last_error
+            );
+        }
+    }
     let _ = writeln!(out, "Recent failures: {}", r.recent_failures.len());
     for f in &r.recent_failures {
         let _ = writeln!(out, "  {}", render_failure(f, r.generated_at_ms));
@@ -406,6 +500,72 @@ mod tests {
         assert_eq!(series.len(), 1);
         let v: serde_json::Value = serde_json::from_slice(&series[0].payload).unwrap();
         assert_eq!(v["series_uid"], "1.2.3");
+    }
+
+    #[tokio::test]
+    async fn exports_show_what_waits_what_was_sent_and_what_was_given_up() {
+        let bus = InProcBus::new();
+        let job = |dest: &str, series: &str| events::ExportRequested {
+            schema_version: SCHEMA_VERSION,
+            correlation_id: "c1".into(),
+            study_uid: "1.2".into(),
+            series_uid: series.into(),
+            revision: 1,
+            model: "m".into(),
+            model_version: "1".into(),
+            destination: dest.into(),
+            result_prefix: "results/x/".into(),
+            objects: Vec::new(),
+        };
+        publish_event(&bus, &job("pacs", "1.2.3")).await.unwrap();
+        publish_event(&bus, &job("pacs", "1.2.4")).await.unwrap();
+        let failed = job("archive", "1.2.5");
+        let mut dead = dead("retries_exhausted");
+        dead.stage = "exporter".into();
+        dead.original_subject = events::Event::subject(&failed);
+        dead.original = serde_json::to_value(&failed).unwrap();
+        publish_event(&bus, &dead).await.unwrap();
+        export_state::record(
+            &bus,
+            "archive",
+            export_state::Attempt::Failed("archive: connection refused"),
+            5,
+        )
+        .await
+        .unwrap();
+        export_state::record(&bus, "pacs", export_state::Attempt::Sent, 7)
+            .await
+            .unwrap();
+
+        let report = collect(&bus, 10).await.unwrap();
+        let rows: Vec<(&str, u64, u64, u64)> = report
+            .exports
+            .iter()
+            .map(|e| {
+                (
+                    e.state.destination.as_str(),
+                    e.waiting,
+                    e.state.sent,
+                    e.dead_letters,
+                )
+            })
+            .collect();
+        assert_eq!(rows, [("archive", 0, 0, 1), ("pacs", 2, 1, 0)]);
+        let text = render(&report);
+        assert!(text.contains("archive: connection refused"), "{text}");
+        let pacs_line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("pacs"))
+            .unwrap();
+        assert!(
+            pacs_line.trim_end().ends_with('-'),
+            "pacs is not failing: {text}"
+        );
+        // Reports of versions without exports still parse.
+        let mut old = serde_json::to_value(&report).unwrap();
+        old.as_object_mut().unwrap().remove("exports");
+        let back: StatusReport = serde_json::from_value(old).unwrap();
+        assert!(back.exports.is_empty());
     }
 
     #[test]

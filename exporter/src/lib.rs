@@ -11,10 +11,12 @@
 //!   "back to the caller".
 //! - [`router`]: results to export jobs (`export-router` on the results stream).
 //! - [`sender`]: export jobs to C-STORE (`exporter` on the export stream).
+//! - [`associations`]: associations kept open between jobs to a destination.
 //!
 //! The objects are written by the inferer, where the label map is; this stage only
 //! reads them from the store, so it links neither ONNX Runtime nor a pixel codec.
 
+pub mod associations;
 pub mod destinations;
 pub mod router;
 pub mod sender;
@@ -50,9 +52,11 @@ pub async fn run(exporter: Exporter, sender: WorkerConfig, shutdown: Cancellatio
         destinations: exporter.destinations.clone(),
         metrics: exporter.metrics.clone(),
     });
+    let associations = Arc::new(associations::Pool::default());
     let send = Arc::new(sender::Sender {
         store: exporter.store,
         bus: exporter.bus.clone(),
+        associations: associations.clone(),
         destinations: exporter.destinations,
         metrics: exporter.metrics.clone(),
     });
@@ -64,8 +68,29 @@ pub async fn run(exporter: Exporter, sender: WorkerConfig, shutdown: Cancellatio
             exporter.metrics.clone(),
             shutdown.clone(),
         ),
-        radflow_shared::worker::run(exporter.bus, send, sending, exporter.metrics, shutdown),
+        async {
+            radflow_shared::worker::run(
+                exporter.bus,
+                send,
+                sending,
+                exporter.metrics,
+                shutdown.clone(),
+            )
+            .await;
+            associations.release_idle(true).await;
+        },
+        release_idle(&associations, &shutdown),
     );
+}
+
+/// Releases idle associations until `shutdown`.
+async fn release_idle(pool: &associations::Pool, shutdown: &CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(associations::IDLE / 2) => pool.release_idle(false).await,
+        }
+    }
 }
 
 /// `spec` with the limits configured for the stage.

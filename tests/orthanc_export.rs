@@ -18,19 +18,6 @@ use serde_json::Value;
 
 const MODEL: &str = "demo-tissue@1.0.0";
 
-/// The counter `radflow_exports_total` of a destination and outcome, from /metrics.
-fn exports(http: u16, destination: &str, outcome: &str) -> f64 {
-    let Some((200, text)) = http_get(http, "/metrics") else {
-        return 0.0;
-    };
-    let want =
-        format!("radflow_exports_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&want))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The last lines of a log, for a failure message.
 fn tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();

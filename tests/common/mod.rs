@@ -180,6 +180,19 @@ pub fn wait_port(port: u16, procs: &mut [&mut Proc]) {
     });
 }
 
+/// The counter `radflow_exports_total` of a destination and outcome, from /metrics.
+pub fn exports(http: u16, destination: &str, outcome: &str) -> f64 {
+    let Some((200, text)) = http_get(http, "/metrics") else {
+        return 0.0;
+    };
+    let want =
+        format!("radflow_exports_total{{destination=\"{destination}\",outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// HTTP GET on loopback; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};

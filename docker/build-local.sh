@@ -5,7 +5,7 @@
 #
 #   docker/build-local.sh          then: docker-compose -f compose.yaml -f compose.local.yaml up --no-build
 #
-# Tags: radflow-local/{listener,preprocessor,inferer,model-fetch}:<radflow version>,
+# Tags: radflow-local/{listener,preprocessor,inferer,exporter,model-fetch}:<radflow version>,
 # radflow-local/nats:<nats version>, radflow-local/s3-dev:<SeaweedFS version>.
 #
 # RADFLOW_BINARY=/path/to/radflow uses a release binary built elsewhere (e.g. from a
@@ -90,6 +90,7 @@ build() { # target tag [build args…]
 build listener radflow-local/listener:"$version"
 build preprocessor radflow-local/preprocessor:"$version"
 build inferer radflow-local/inferer:"$version" --build-arg ONNXRUNTIME_VERSION="$onnxruntime_version"
+build exporter radflow-local/exporter:"$version"
 build model-fetch radflow-local/model-fetch:"$version"
 build nats radflow-local/nats:"$nats_version" --build-arg NATS_VERSION="$nats_version"
 build s3-dev radflow-local/s3-dev:"$seaweedfs_version" --build-arg SEAWEEDFS_VERSION="$seaweedfs_version"

@@ -52,6 +52,10 @@ FROM runtime AS preprocessor
 LABEL org.opencontainers.image.title="radflow-preprocessor"
 CMD ["preprocessor"]
 
+FROM runtime AS exporter
+LABEL org.opencontainers.image.title="radflow-exporter"
+CMD ["exporter"]
+
 FROM runtime AS inferer
 ARG ONNXRUNTIME_VERSION=1.31.1
 LABEL org.opencontainers.image.title="radflow-inferer"

@@ -7,17 +7,22 @@
 #   2. checks the model fetcher (init container image) against the S3 server: a model
 #      with the right SHA-256 is fetched, one with a wrong digest is refused;
 #   3. sends a synthetic CT study (`radflow synth` + `radflow send`) and waits for its
-#      result in S3;
+#      result in S3, then for its SEG and SR at the PACS: the exporter's destination is
+#      DCMTK's storescp on the host (reached as host.docker.internal);
 #   3b. sends a series whose UIDs have the full 64 characters (204-character keys) and
 #      a real vendor CT file (GE, shipped with pydicom), finds both stored and the
 #      series' result in S3;
 #   4. sends a second study, kills the inferer's process (SIGKILL) while it holds the
 #      job, and checks that Docker restarts it and the result still arrives, once: one
-#      result event per series on RADFLOW_RESULTS, nothing dead-lettered, no job left;
+#      result event per series on RADFLOW_RESULTS, one export job per result on
+#      RADFLOW_EXPORTS and one SEG and one SR per result at the PACS, nothing
+#      dead-lettered, no job left;
 #   5. checks that the phantom's patient name and ID appear in no container log.
 #
 #   scripts/compose-smoke.sh            (needs root for the first debootstrap, Docker,
-#                                        docker-compose, cargo, curl, python3, .venv)
+#                                        docker-compose, cargo, curl, python3, .venv,
+#                                        DCMTK's storescp)
+#   RADFLOW_SMOKE_PACS_PORT=11119       the host port of the storescp playing the PACS
 #   RADFLOW_SMOKE_SKIP_BUILD=1          reuse the images already built
 #   RADFLOW_SMOKE_KEEP=1                leave the stack running afterwards
 #
@@ -42,6 +47,27 @@ s3_secret=${RADFLOW_S3_SECRET_KEY:-radflow-dev-secret}
 s3_url=http://127.0.0.1:9000
 model_ref=demo-tissue@1.0.0
 
+# The PACS: DCMTK's storescp on the host, the exporter's only destination (compose mounts
+# RADFLOW_DESTINATIONS_FILE instead of docker/destinations.toml).
+pacs_port=${RADFLOW_SMOKE_PACS_PORT:-11119}
+pacs_ae=SMOKE-PACS
+pacs_dir=$work/pacs
+pacs_pid=
+mkdir -p "$pacs_dir"
+cat >"$work/destinations.toml" <<TOML
+[[destination]]
+name = "smoke-pacs"
+ae_title = "$pacs_ae"
+host = "host.docker.internal"
+port = $pacs_port
+
+[[route]]
+models = ["demo-tissue"]
+to = ["smoke-pacs"]
+TOML
+chmod 0644 "$work/destinations.toml"
+export RADFLOW_DESTINATIONS_FILE=$work/destinations.toml
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
 record() { # key json-value
@@ -65,6 +91,7 @@ cleanup() {
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     docker volume rm -f "${project}_models-test" >/dev/null 2>&1 || true
   fi
+  [[ -z $pacs_pid ]] || kill "$pacs_pid" 2>/dev/null || true
   rm -rf "$work"
   if ((rc == 0)); then log "compose smoke test passed"; else log "compose smoke test FAILED (logs: $results_dir/compose.log)"; fi
 }
@@ -87,6 +114,17 @@ s3_list() { # prefix -> keys, one a line (ListObjectsV2)
 }
 
 jsz() { curl -sf "http://127.0.0.1:8222/jsz?streams=true&consumers=true"; }
+# Messages ever stored on a stream (a work queue deletes them once acknowledged).
+jsz_last_seq() {
+  jsz | python3 -c '
+import json, sys
+data = json.load(sys.stdin)
+for acc in data.get("account_details", []):
+    for s in acc.get("stream_detail", []):
+        if s["name"] == sys.argv[1]:
+            print(s["state"]["last_seq"]); sys.exit()
+print("missing")' "$1"
+}
 # num_pending, num_ack_pending of a consumer, or stream messages: jsz_get stream [consumer]
 jsz_get() {
   jsz | python3 -c '
@@ -117,6 +155,26 @@ wait_healthy() { # timeout services…
     done
   done
 }
+# What the PACS received: one line per object, "<modality> <study UID> <SOP instance UID>".
+pacs_objects() {
+  "$repo/.venv/bin/python" - "$pacs_dir" <<'PY'
+import os, sys, pydicom
+for name in sorted(os.listdir(sys.argv[1])):
+    try:
+        d = pydicom.dcmread(os.path.join(sys.argv[1], name), stop_before_pixels=True)
+    except Exception:
+        continue  # a file storescp is still writing
+    print(d.Modality, d.StudyInstanceUID, d.SOPInstanceUID)
+PY
+}
+wait_exported() { # study timeout -> seconds waited, once the SEG and the SR of the study are in
+  local study=$1 deadline=$((SECONDS + $2)) start=$SECONDS objects
+  while objects=$(pacs_objects); ! grep -q "^SEG $study " <<<"$objects" || ! grep -q "^SR $study " <<<"$objects"; do
+    ((SECONDS < deadline)) || die "the PACS has no SEG and SR of study $study after $2 s: $(cut -d' ' -f1 <<<"$objects" | sort | uniq -c | xargs)"
+    sleep 1
+  done
+  echo $((SECONDS - start))
+}
 wait_result() { # series timeout -> seconds waited
   local series=$1 deadline=$((SECONDS + $2)) start=$SECONDS
   until [[ $(s3_status "results/$series/$model_ref/summary.json") == 200 ]]; do
@@ -132,7 +190,7 @@ if [[ -z ${RADFLOW_SMOKE_SKIP_BUILD:-} ]]; then
   docker/build-local.sh
 fi
 [[ -x $radflow ]] || die "$radflow is missing: run docker/build-local.sh"
-for image in listener preprocessor inferer model-fetch; do
+for image in listener preprocessor inferer exporter model-fetch; do
   size=$(docker image inspect -f '{{.Size}}' "radflow-local/$image:$version") || die "image radflow-local/$image:$version is missing"
   record "image_bytes.$image" "$size"
 done
@@ -140,14 +198,21 @@ record "image_bytes.nats" "$(docker image inspect -f '{{.Size}}' "radflow-local/
 record "image_bytes.s3-dev" "$(docker image inspect -f '{{.Size}}' radflow-local/s3-dev:4.48)"
 
 # ------------------------------------------------------------------------ start
+log "starting the PACS (storescp, $pacs_ae on port $pacs_port)"
+command -v storescp >/dev/null || die "DCMTK's storescp is needed (apt-get install dcmtk)"
+storescp -aet "$pacs_ae" -od "$pacs_dir" "$pacs_port" >"$work/storescp.log" 2>&1 &
+pacs_pid=$!
+sleep 0.5
+kill -0 "$pacs_pid" 2>/dev/null || die "storescp did not start: $(cat "$work/storescp.log")"
+
 log "starting the stack"
 "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 started=$SECONDS
 "${compose[@]}" up -d --no-build
-wait_healthy 180 nats s3 listener preprocessor inferer
+wait_healthy 180 nats s3 listener preprocessor inferer exporter
 record "stack_up_seconds" "$((SECONDS - started))"
 log "stack healthy after $((SECONDS - started)) s"
-for s in listener preprocessor inferer; do
+for s in listener preprocessor inferer exporter; do
   docker inspect -f '{{.Config.User}}' "$(container "$s")" | grep -q '^10001' || die "$s does not run as user 10001"
   [[ $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$(container "$s")") == true ]] || die "$s root file system is writable"
 done
@@ -176,7 +241,7 @@ t = datetime.datetime.strptime(date, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetim
 t_ns = int(t) * 10**9 + int((frac + "000000000")[:9])
 print(round((ready_ns - t_ns) / 1e6))' "$started" "$ready_ns"
 }
-for pair in listener:8081 preprocessor:8082 inferer:8083; do
+for pair in listener:8081 preprocessor:8082 inferer:8083 exporter:8085; do
   s=${pair%%:*}
   port=${pair#*:}
   runs=()
@@ -185,7 +250,7 @@ for pair in listener:8081 preprocessor:8082 inferer:8083; do
   record "cold_start_ms.$s" "{\"median\": $median, \"runs\": [$(IFS=,; echo "${runs[*]}")]}"
   log "cold start $s: ${runs[*]} ms (median $median)"
 done
-wait_healthy 60 listener preprocessor inferer
+wait_healthy 60 listener preprocessor inferer exporter
 
 # ---------------------------------------------------------- 2. model fetcher
 log "model fetcher: fetch and verify from S3"
@@ -243,6 +308,10 @@ PY
 for f in labels.nii.gz preview.png; do
   [[ $(s3_status "results/$series1/$model_ref/$f") == 200 ]] || die "results/$series1/$model_ref/$f is missing"
 done
+study1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["study_uid"])' "$work/study1/truth.json")
+exported=$(wait_exported "$study1" 120)
+record "study1_seconds_result_to_pacs" "$exported"
+log "study 1: SEG and SR at the PACS ${exported} s after the result"
 
 # ------------------------------- 3b. 64-character UIDs and a real vendor file
 log "study 3: 64-character UIDs and a vendor CT file"
@@ -290,16 +359,33 @@ log "study 2: result $((SECONDS - killed_at)) s after the kill"
 
 # Once: every event id is derived from the series and model@version, so a redone job
 # overwrites its objects and its event is dropped as a duplicate.
+study2=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["study_uid"])' "$work/study2/truth.json")
+wait_exported "$study2" 120 >/dev/null
+wait_exported "$study3" 120 >/dev/null
 sleep 3
 results_msgs=$(jsz_get RADFLOW_RESULTS)
 dlq_msgs=$(jsz_get RADFLOW_DLQ)
 read -r jobs_pending jobs_ack_pending < <(jsz_get RADFLOW_JOBS inferer-demo-tissue)
+export_jobs=$(jsz_last_seq RADFLOW_EXPORTS)
+read -r exports_pending exports_ack_pending < <(jsz_get RADFLOW_EXPORTS exporter)
 record "results_stream_messages" "$results_msgs"
 # Three series with results (studies 1, 2 and 3); the single vendor CT slice is too
 # few for a volume and gets none.
 [[ $results_msgs == 3 ]] || die "RADFLOW_RESULTS holds $results_msgs events for 3 series"
 [[ $dlq_msgs == 0 || $dlq_msgs == missing ]] || die "$dlq_msgs messages were dead-lettered"
 [[ $jobs_pending == 0 && $jobs_ack_pending == 0 ]] || die "jobs left: pending $jobs_pending, unacknowledged $jobs_ack_pending"
+# One export job per result, and at the PACS one SEG and one SR per result (an object
+# sent twice would replace itself: its UIDs are derived from the result).
+[[ $export_jobs == 3 ]] || die "RADFLOW_EXPORTS received $export_jobs export jobs for 3 results"
+[[ $exports_pending == 0 && $exports_ack_pending == 0 ]] || die "export jobs left: pending $exports_pending, unacknowledged $exports_ack_pending"
+pacs_objects >"$work/pacs.txt"
+for modality in SEG SR; do
+  n=$(awk -v m="$modality" '$1 == m { print $3 }' "$work/pacs.txt" | sort -u | wc -l)
+  [[ $n == 3 ]] || die "the PACS holds $n distinct $modality objects for 3 results: $(cat "$work/pacs.txt")"
+done
+sent=$(curl -sf http://127.0.0.1:8085/metrics | awk '/^radflow_exports_total\{.*destination="smoke-pacs".*outcome="sent"/ { print $2 }')
+record "exports" "{\"jobs\": $export_jobs, \"objects_at_pacs\": $(wc -l <"$work/pacs.txt"), \"sent_metric\": ${sent:-0}}"
+log "exports: $export_jobs jobs, one SEG and one SR per result at the PACS, radflow_exports_total sent = ${sent:-0}"
 keys=$(s3_list "results/$series2/")
 count=$(grep -c 'summary.json$' <<<"$keys" || true)
 [[ $count == 1 ]] || die "results/$series2 holds $count summaries: $keys"

@@ -15,6 +15,9 @@
 
   deploy_checks.py monitoring REPO
       compose's monitoring profile: Prometheus scrapes services that compose defines,
+      and every radflow service compose builds; its rule files are mounted into the
+      Prometheus container; every alert has a severity and a summary, and the
+      Kubernetes rules (ConfigMap radflow-prometheus-rules) are the same as compose's;
       Grafana's data source and dashboards are valid and refer to each other.
 
 Exit status 1 and one line per finding when anything fails.
@@ -212,9 +215,20 @@ def cmd_monitoring(args) -> list[str]:
                 host = target.split(":")[0]
                 if host not in services:
                     out.append(f"prometheus job {job['job_name']}: target {target} is not a compose service")
+    scraped = {
+        target.split(":")[0]
+        for job in prom.get("scrape_configs", [])
+        for sc in job.get("static_configs", [])
+        for target in sc.get("targets", [])
+    }
+    for name, service in services.items():
+        build = service.get("build", {})
+        if isinstance(build, dict) and build.get("dockerfile") == "docker/Dockerfile" and name not in scraped:
+            out.append(f"prometheus: radflow service {name} of compose.yaml is not scraped")
     for name in ("prometheus", "grafana", "nats-exporter"):
         if "monitoring" not in services.get(name, {}).get("profiles", []):
             out.append(f"compose: {name} is not in the monitoring profile")
+    out += check_rules(repo, prom, services.get("prometheus", {}))
     ds = yaml.safe_load((repo / "monitoring/grafana/provisioning/datasources/prometheus.yaml").read_text())
     uids = {d["uid"] for d in ds["datasources"]}
     for path in sorted((repo / "monitoring/grafana/dashboards").glob("*.json")):
@@ -230,6 +244,45 @@ def cmd_monitoring(args) -> list[str]:
             if not panel.get("targets"):
                 out.append(f"{path.name}: panel {panel.get('title')} has no query")
         print(f"{path.name}: {len(dash.get('panels', []))} panels")
+    return out
+
+
+def check_rules(repo: Path, prom: dict, prometheus_service: dict) -> list[str]:
+    """Alerting rules: compose mounts what prometheus.yml loads, every alert is labelled
+    and explained, and the Kubernetes ConfigMap holds the same rules."""
+    out = []
+    mounts = {}
+    for volume in prometheus_service.get("volumes", []):
+        parts = volume.split(":")
+        if len(parts) >= 2 and parts[0].startswith("./"):
+            mounts[parts[1]] = repo / parts[0][2:]
+    rules = {}
+    for rule_file in prom.get("rule_files", []):
+        source = mounts.get(rule_file)
+        if source is None or not source.is_file():
+            out.append(f"prometheus: rule file {rule_file} is not mounted from the repository by compose")
+            continue
+        rules[source.name] = yaml.safe_load(source.read_text())
+    alerts = 0
+    for name, doc in rules.items():
+        for group in doc.get("groups", []):
+            for rule in group.get("rules", []):
+                if "alert" not in rule:
+                    continue
+                alerts += 1
+                where = f"{name}: alert {rule['alert']}"
+                if rule.get("labels", {}).get("severity") not in ("critical", "warning", "info"):
+                    out.append(f"{where}: no severity (critical, warning or info)")
+                if not rule.get("annotations", {}).get("summary"):
+                    out.append(f"{where}: no summary")
+    configmap = repo / "k8s/components/monitoring/prometheus-rules.yaml"
+    k8s = yaml.safe_load(configmap.read_text()).get("data", {})
+    if set(k8s) != set(rules):
+        out.append(f"{configmap.name}: holds {sorted(k8s)}, compose's Prometheus loads {sorted(rules)}")
+    for name, doc in rules.items():
+        if name in k8s and yaml.safe_load(k8s[name]) != doc:
+            out.append(f"{configmap.name}: {name} differs from monitoring/prometheus/{name}")
+    print(f"prometheus rules: {alerts} alerts in {', '.join(sorted(rules)) or 'no file'}, compared with {configmap.name}")
     return out
 
 

@@ -2,7 +2,8 @@
 # Offline validation of everything radflow deploys with: the Kubernetes overlays, the
 # compose files, the Dockerfiles and the monitoring configuration. No cluster, no
 # registry, no network. Tools come from .venv (`.ci/setup`, requirements-dev.txt):
-# kubectl (kustomize), kubernetes-validate, check-jsonschema, hadolint, checkov.
+# kubectl (kustomize), kubernetes-validate, check-jsonschema, hadolint, checkov; where
+# installed, docker-compose and promtool check compose and the Prometheus rules too.
 #
 #   scripts/validate-deploy.sh [output folder for the rendered manifests]
 #
@@ -66,8 +67,14 @@ if command -v docker-compose >/dev/null; then
   docker-compose -f compose.yaml -f compose.local.yaml config -q || fail "docker-compose with compose.local.yaml"
 fi
 
-step "monitoring: Prometheus targets, Grafana provisioning and dashboards"
+step "monitoring: Prometheus targets and rules, Grafana provisioning and dashboards"
 "$python" scripts/deploy_checks.py monitoring "$repo" || fail "monitoring checks"
+if command -v promtool >/dev/null; then
+  step "monitoring: promtool $(promtool --version 2>/dev/null | sed -n '1s/^promtool, version \([^ ]*\).*/\1/p') checks the configuration, the rules and their tests"
+  promtool check config --syntax-only monitoring/prometheus/prometheus.yml || fail "promtool check config"
+  promtool check rules monitoring/prometheus/alerts.yml || fail "promtool check rules"
+  promtool test rules monitoring/prometheus/alerts_test.yml || fail "promtool test rules"
+fi
 
 step "Dockerfiles: hadolint"
 dockerfiles=(docker/Dockerfile docker/s3-dev.Dockerfile docker/local.Dockerfile)

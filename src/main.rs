@@ -208,7 +208,7 @@ fn assembly_config(args: &ListenerArgs) -> AssemblyConfig {
     }
 }
 
-#[cfg(any(feature = "preprocessor", feature = "inferer"))]
+#[cfg(any(feature = "preprocessor", feature = "inferer", feature = "exporter"))]
 fn worker_config(consumer: ConsumerSpec, args: &WorkerArgs) -> WorkerConfig {
     let mut config = WorkerConfig::new(consumer);
     config.concurrency = args.concurrency.max(1);

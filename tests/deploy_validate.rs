@@ -1,7 +1,9 @@
 //! Deployment files: the Kubernetes overlays render and validate offline, compose
 //! validates against the compose specification, Dockerfiles and manifests pass
 //! hadolint and checkov, and the manifest policy holds (scripts/validate-deploy.sh).
-//! The policy checker is also shown to reject what it must reject.
+//! The policy checker is also shown to reject what it must reject. The exporter is
+//! deployed like the other workers: in every overlay on CPU with its destinations
+//! ConfigMap, in compose with its destinations file, and its example files parse.
 //!
 //! The tools come from `.venv` (`.ci/setup` installs requirements-dev.txt); a missing
 //! tool fails the test. The Docker smoke test of the compose stack is heavy (builds
@@ -303,9 +305,281 @@ fn gpu_overlay_puts_the_cuda_inferer_on_gpu_nodes_and_prod_does_not() {
         );
     }
     assert!(!prod.contains("kind: Secret\n"));
-    // KEDA owns the inferer's HPA: no second one may target it.
+    // KEDA owns the inferer's and the exporter's HPAs: no second one may target them.
     let hpas = prod.matches("kind: HorizontalPodAutoscaler").count();
     assert_eq!(hpas, 1, "only the preprocessor has an HPA");
+}
+
+/// YAML documents as JSON values (PyYAML of `.venv`, merge keys resolved).
+fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new(venv_bin("python3"))
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn find<'a>(
+    docs: &'a [serde_json::Value],
+    kind: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A destinations file and its commented example, uncommented, are both what the
+/// exporter accepts: the example must name a destination and a route.
+#[cfg(feature = "exporter")]
+fn assert_destinations_file(path: &str) {
+    let text = read(path);
+    radflow_exporter::Destinations::parse(&text, path)
+        .unwrap_or_else(|e| panic!("{path} as checked in: {e}"));
+    let example: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            l.starts_with("[[")
+                || l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let parsed = radflow_exporter::Destinations::parse(&example, path)
+        .unwrap_or_else(|e| panic!("{path}: the commented example does not parse: {e}\n{example}"));
+    assert!(
+        !parsed.destinations.is_empty() && !parsed.routes.is_empty(),
+        "{path}: the example names no destination or no route:\n{example}"
+    );
+}
+
+#[test]
+fn the_exporter_runs_in_every_overlay_on_cpu_with_its_destinations() {
+    for overlay in ["dev", "prod", "gpu"] {
+        let docs = yaml_docs(&render(overlay));
+        let deployment = find(&docs, "Deployment", "exporter")
+            .unwrap_or_else(|| panic!("{overlay}: no exporter Deployment"));
+        let pod = &deployment["spec"]["template"];
+        let spec = &pod["spec"];
+        let containers = spec["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1, "{overlay}: {containers:?}");
+        let c = &containers[0];
+        assert_eq!(c["image"], "radflow/exporter:0.1.0", "{overlay}");
+        assert_eq!(c["args"], serde_json::json!(["exporter"]), "{overlay}");
+        // No GPU: no request, no limit, no GPU node selector or toleration.
+        let text = deployment.to_string();
+        assert!(
+            !text.contains("nvidia.com/gpu"),
+            "{overlay}: the exporter asks for a GPU:\n{text}"
+        );
+        assert!(!c["resources"]["requests"]["cpu"].is_null(), "{overlay}");
+        // The destinations ConfigMap (generated, hashed name) is mounted where
+        // RADFLOW_DESTINATIONS points.
+        let env = c["env"].as_array().unwrap();
+        assert!(
+            env.iter().any(|e| e["name"] == "RADFLOW_DESTINATIONS"
+                && e["value"] == "/etc/radflow/destinations.toml"),
+            "{overlay}: {env:?}"
+        );
+        let volume = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| {
+                v["configMap"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("radflow-destinations-"))
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no radflow-destinations volume: {spec}"));
+        let mounts = c["volumeMounts"].as_array().unwrap();
+        assert!(
+            mounts.iter().any(|m| m["name"] == volume["name"]
+                && m["mountPath"] == "/etc/radflow"
+                && m["readOnly"] == true),
+            "{overlay}: {mounts:?}"
+        );
+        let configmap = volume["configMap"]["name"].as_str().unwrap();
+        let cm = find(&docs, "ConfigMap", configmap)
+            .unwrap_or_else(|| panic!("{overlay}: ConfigMap {configmap} missing"));
+        assert!(
+            cm["data"]["destinations.toml"].is_string(),
+            "{overlay}: {cm}"
+        );
+        // NATS and the store like every worker, and C-STORE out to the destinations.
+        assert_eq!(
+            pod["metadata"]["labels"]["radflow.io/nats-client"], "true",
+            "{overlay}"
+        );
+        let dicom = find(&docs, "NetworkPolicy", "exporter-dicom-egress")
+            .unwrap_or_else(|| panic!("{overlay}: no exporter-dicom-egress NetworkPolicy"));
+        assert_eq!(
+            dicom["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+            "exporter"
+        );
+        let ports: Vec<_> = dicom["spec"]["egress"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].clone())
+            .collect();
+        assert!(
+            ports.contains(&serde_json::json!(104)) && ports.contains(&serde_json::json!(11112)),
+            "{ports:?}"
+        );
+        assert!(
+            find(&docs, "PodDisruptionBudget", "exporter").is_some(),
+            "{overlay}"
+        );
+        // The export alerts come with the monitoring component (dev and prod).
+        let rules = find(&docs, "ConfigMap", "radflow-prometheus-rules")
+            .unwrap_or_else(|| panic!("{overlay}: no radflow-prometheus-rules"));
+        for alert in [
+            "RadflowExportsFailing",
+            "RadflowNoSuccessfulExport",
+            "RadflowExportDeadLetters",
+        ] {
+            assert!(
+                rules["data"]["alerts.yml"]
+                    .as_str()
+                    .unwrap()
+                    .contains(alert),
+                "{overlay}: {alert}"
+            );
+        }
+        // KEDA (prod, gpu) scales it on its consumers' lag; no HPA of its own.
+        let scaled = find(&docs, "ScaledObject", "exporter");
+        if overlay == "dev" {
+            assert!(scaled.is_none());
+        } else {
+            let scaled = scaled.unwrap_or_else(|| panic!("{overlay}: no exporter ScaledObject"));
+            assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "exporter");
+            let triggers = scaled["spec"]["triggers"].as_array().unwrap();
+            assert!(
+                triggers
+                    .iter()
+                    .any(|t| t["metadata"]["stream"] == "RADFLOW_EXPORTS"
+                        && t["metadata"]["consumer"] == "exporter"),
+                "{overlay}: {triggers:?}"
+            );
+        }
+        assert!(
+            !docs.iter().any(|d| d["kind"] == "HorizontalPodAutoscaler"
+                && d["spec"]["scaleTargetRef"]["name"] == "exporter"),
+            "{overlay}: an HPA targets the exporter"
+        );
+    }
+    #[cfg(feature = "exporter")]
+    assert_destinations_file("k8s/base/destinations.toml");
+}
+
+#[test]
+fn compose_runs_the_exporter_like_the_other_workers() {
+    let compose = &yaml_docs(&read("compose.yaml"))[0];
+    let services = &compose["services"];
+    let exporter = &services["exporter"];
+    let preprocessor = &services["preprocessor"];
+    assert_eq!(exporter["build"]["dockerfile"], "docker/Dockerfile");
+    assert_eq!(exporter["build"]["target"], "exporter");
+    assert_eq!(
+        exporter["image"],
+        "radflow/exporter:${RADFLOW_VERSION:-0.1.0}"
+    );
+    // The shared worker settings: dependencies, health check, hardening, environment.
+    for key in [
+        "depends_on",
+        "healthcheck",
+        "read_only",
+        "cap_drop",
+        "security_opt",
+        "restart",
+        "tmpfs",
+    ] {
+        assert_eq!(exporter[key], preprocessor[key], "compose exporter: {key}");
+    }
+    for (key, value) in preprocessor["environment"].as_object().unwrap() {
+        assert_eq!(
+            &exporter["environment"][key], value,
+            "compose exporter: environment {key}"
+        );
+    }
+    assert_eq!(
+        exporter["environment"]["RADFLOW_DESTINATIONS"],
+        "/etc/radflow/destinations.toml"
+    );
+    let volumes = exporter["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().any(|v| v
+            == "${RADFLOW_DESTINATIONS_FILE:-./docker/destinations.toml}:/etc/radflow/destinations.toml:ro"),
+        "{volumes:?}"
+    );
+    assert!(
+        exporter["deploy"].is_null(),
+        "the compose exporter reserves devices"
+    );
+    let ports: Vec<_> = services
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|s| s["ports"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(
+        ports
+            .iter()
+            .filter(|p| **p == "127.0.0.1:8085:8080")
+            .count(),
+        1,
+        "the exporter's HTTP port 8085 is published once: {ports:?}"
+    );
+    let local = &yaml_docs(&read("compose.local.yaml"))[0];
+    assert_eq!(
+        local["services"]["exporter"]["image"],
+        "radflow-local/exporter:${RADFLOW_VERSION:-0.1.0}"
+    );
+
+    // Its image: the exporter-only binary (no pixel codec, no ONNX Runtime) in
+    // production, the host's binary in the local build, which the smoke test starts and
+    // waits for.
+    let dockerfile = read("docker/Dockerfile");
+    let stage = dockerfile
+        .split("\nFROM ")
+        .find(|s| s.starts_with("runtime AS exporter\n"))
+        .expect("docker/Dockerfile: no exporter stage");
+    assert!(
+        stage.contains("COPY --from=builder /out/exporter/radflow /usr/local/bin/radflow"),
+        "{stage}"
+    );
+    assert!(stage.contains("CMD [\"exporter\"]"), "{stage}");
+    assert!(!stage.contains("onnxruntime"), "{stage}");
+    assert!(dockerfile.contains("--no-default-features --features exporter"));
+    assert!(read("docker/local.Dockerfile").contains("FROM runtime AS exporter\n"));
+    assert!(read("docker/build-local.sh").contains("build exporter radflow-local/exporter:"));
+    let smoke = read("scripts/compose-smoke.sh");
+    assert!(smoke.contains("wait_healthy 180 nats s3 listener preprocessor inferer exporter\n"));
+    let prometheus = read("monitoring/prometheus/prometheus.yml");
+    assert!(prometheus.contains("targets: [\"exporter:8080\"]"));
+    #[cfg(feature = "exporter")]
+    assert_destinations_file("docker/destinations.toml");
 }
 
 /// The compose stack on this machine's Docker engine: builds the images without a

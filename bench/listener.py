@@ -130,12 +130,15 @@ def start_seaweedfs(base):
     deadline = time.time() + 60
     while True:
         try:
+            # No body: with one, urllib adds a form Content-Type that the filer refuses
+            # ("isn't multipart/form-data"); a bodiless POST makes the folder.
             req = urllib.request.Request(f"http://127.0.0.1:{p['filer']}/buckets/radflow/",
-                                         method="POST", data=b"")
+                                         method="POST")
             urllib.request.urlopen(req, timeout=2).close()
             break
         except OSError:
             if time.time() > deadline:
+                proc.kill()
                 raise SystemExit("SeaweedFS did not create the bucket")
             time.sleep(0.2)
     endpoint = f"http://127.0.0.1:{p['s3']}"
@@ -144,6 +147,7 @@ def start_seaweedfs(base):
                           "--user", f"{S3_KEY}:{S3_SECRET}", "-T", config,
                           f"{endpoint}/radflow/probe"]).returncode != 0:
         if time.time() > deadline:
+            proc.kill()
             raise SystemExit("SeaweedFS did not take a write")
         time.sleep(0.2)
     subprocess.run(["curl", "-sf", "-X", "DELETE", "--aws-sigv4", "aws:amz:us-east-1:s3",

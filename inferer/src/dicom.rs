@@ -2,8 +2,10 @@
 //! (`sr.dcm`) beside `labels.nii.gz` and `summary.json`, for the exporter to send to
 //! the PACS.
 //!
-//! The SEG encodes the very label map that `labels.nii.gz` holds (on the source grid,
-//! voxel for voxel) and the SR the volumes of `summary.json`; both reference the
+//! A binary SEG encodes the very label map that `labels.nii.gz` holds (on the source
+//! grid, voxel for voxel), a fractional one (`segmentation_type = "fractional"`) each
+//! label's probability on the source grid in 8 bits; the SR has the volumes of
+//! `summary.json` (of the label map) either way. Both reference the
 //! source instances each plane was computed on. Those are found among the stored
 //! instances of the series by reading their headers only: one ranged GET of the first
 //! [`HEADER_PREFIX`] bytes each, so the pixel data stays in the store.
@@ -12,6 +14,7 @@
 //! data, so the inferer still links no pixel codec.
 
 use futures::{StreamExt, TryStreamExt};
+use ndarray::ArrayView4;
 use radflow_results::seg::SEGMENTATION_STORAGE;
 use radflow_results::sr::COMPREHENSIVE_3D_SR_STORAGE;
 use radflow_results::{
@@ -78,6 +81,11 @@ pub enum Finding<'a> {
     Labels {
         on_source: &'a Volume<u8>,
         stats: &'a [LabelStat],
+        /// For a fractional SEG: the 8-bit fractions `(segments, slices, rows,
+        /// columns)` on the source grid, segments in the order of
+        /// [`SegmentDescription::from_model`]; `None` writes the binary SEG of the
+        /// label map.
+        fractions: Option<ArrayView4<'a, u8>>,
     },
     Classes(&'a [events::ClassScore]),
 }
@@ -107,16 +115,19 @@ pub fn write_objects(
         sr_series_number: SR_SERIES_NUMBER,
     };
     match finding {
-        Finding::Labels { on_source, stats } => {
+        Finding::Labels {
+            on_source,
+            stats,
+            fractions,
+        } => {
             let segments = SegmentDescription::from_model(spec);
+            let pixels = match fractions {
+                Some(fractions) => SegPixels::Fractions(fractions),
+                None => SegPixels::Labels(on_source.data.view()),
+            };
             let mut seg = Vec::new();
-            let written = write_seg(
-                &mut seg,
-                &ctx,
-                &segments,
-                SegPixels::Labels(on_source.data.view()),
-            )
-            .map_err(|e| format!("cannot write the SEG: {e}"))?;
+            let written = write_seg(&mut seg, &ctx, &segments, pixels)
+                .map_err(|e| format!("cannot write the SEG: {e}"))?;
             let volumes: Vec<SegmentVolume> = segments
                 .iter()
                 .map(|s| SegmentVolume {

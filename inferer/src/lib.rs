@@ -13,8 +13,10 @@
 //!   batches and blends the logits back together (MONAI's algorithm), then picks a
 //!   label per voxel;
 //! - [`classify`]: whole-volume classification, with jobs batched into one run;
-//! - [`outputs`]: what a segmentation is turned into for people: label volumes in
-//!   millilitres and a PNG preview;
+//! - [`outputs`]: what a segmentation is turned into on the source grid and for
+//!   people: the label map moved by nearest neighbour or the class probabilities
+//!   trilinearly (`invert_interpolation`), label volumes in millilitres and a PNG
+//!   preview;
 //! - [`dicom`]: the result as DICOM SEG and SR, for the PACS (headers only, through
 //!   `radflow-results`);
 //! - [`registry`]: the set of models served, loaded and warmed up, and its reload

@@ -6,12 +6,20 @@
 //! operator can see at a glance whether a result is plausible without a DICOM viewer.
 //! Slices are oriented for radiological reading: patient left on the image right,
 //! anterior up (axial), superior up (coronal, sagittal), anterior left (sagittal).
+//!
+//! The result is brought from the model's grid onto the source series' grid either as
+//! a label map, by nearest neighbour ([`labels_on_grid`]), or as per-class
+//! probabilities, trilinearly ([`probabilities_on_grid`]: the label of a source voxel
+//! is then its most probable class there, and a fractional SEG gets the probabilities
+//! themselves).
 
 use std::collections::BTreeMap;
 
+use ndarray::{Array4, ArrayView4, Axis};
 use rayon::prelude::*;
 
-use radflow_shared::models::{ModelSpec, Normalization, parse_color};
+use radflow_shared::models::{Activation, ModelSpec, Normalization, parse_color};
+use radflow_volume::resample::LinearSampler;
 use radflow_volume::{Grid, Volume};
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +135,176 @@ pub fn labels_on_grid(labels: &Volume<u8>, target: &Grid) -> (Volume<u8>, [u64; 
         data,
     };
     (moved, counts)
+}
+
+/// Turns a model's blended scores `[C, Z, Y, X]` into probabilities in place: softmax
+/// over the channels of each voxel, a sigmoid per value, or (`none`) the scores as
+/// they are. One z-plane per thread.
+pub fn activate(scores: &mut Array4<f32>, activation: Activation) {
+    match activation {
+        Activation::None => {}
+        Activation::Sigmoid => {
+            let sigmoid = |v: &mut f32| *v = 1.0 / (1.0 + (-*v).exp());
+            match scores.as_slice_mut() {
+                Some(all) => all
+                    .par_chunks_mut(1 << 16)
+                    .for_each(|c| c.iter_mut().for_each(sigmoid)),
+                None => scores.iter_mut().for_each(sigmoid),
+            }
+        }
+        Activation::Softmax => {
+            let planes: Vec<_> = scores.axis_iter_mut(Axis(1)).collect();
+            planes.into_par_iter().for_each(|mut plane| {
+                for mut lane in plane.lanes_mut(Axis(0)) {
+                    let max = lane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for v in lane.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    for v in lane.iter_mut() {
+                        *v /= sum;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// What [`probabilities_on_grid`] produced on the target grid.
+pub struct OnGrid {
+    /// The label of every voxel and the voxel count of every label value, when asked.
+    pub labels: Option<(Volume<u8>, [u64; 256])>,
+    /// `(segments, slices, rows, columns)`: the 8-bit fraction
+    /// ([`radflow_results::seg::fraction`]) of the probability of each channel asked
+    /// for, in the order asked; held slice-major in memory. `None` when none was asked.
+    pub fractions: Option<Array4<u8>>,
+}
+
+/// Per-class probabilities `[C, Z, Y, X]` on `grid` moved onto `target` by trilinear
+/// interpolation (as `radflow_volume::resample::resample_linear` does it: edge values
+/// extend outward), one target plane per thread and one row at a time, so that no
+/// class is ever held on the target grid in `f32`.
+///
+/// With `labels`, every target voxel gets the class with the largest interpolated
+/// probability (the lowest index of equal ones; NaN never wins), counted as it is
+/// written. For each channel in `fractions` the interpolated probability is kept as
+/// its 8-bit fraction: `fractions.len()` bytes per target voxel, the only memory
+/// beyond the label map that grows with the target grid.
+///
+/// # Panics
+/// If `probabilities` is not on `grid`, has more than 256 channels, or `fractions`
+/// names a channel it does not have.
+pub fn probabilities_on_grid(
+    probabilities: ArrayView4<f32>,
+    grid: &Grid,
+    target: &Grid,
+    labels: bool,
+    fractions: &[usize],
+) -> OnGrid {
+    let (c, d, h, w) = probabilities.dim();
+    assert_eq!(
+        (d, h, w),
+        grid.shape(),
+        "the probabilities are not on the grid"
+    );
+    assert!(c <= 256, "{c} output channels do not fit u8 labels");
+    assert!(
+        fractions.iter().all(|&ch| ch < c),
+        "fractions {fractions:?} of {c} channels"
+    );
+    let src = probabilities.as_standard_layout();
+    let all = src.as_slice().expect("standard layout is contiguous");
+    let voxels = d * h * w;
+    let sampler = LinearSampler::new(grid, target);
+    let [tx, ty, tz] = target.dims;
+    let plane = tx * ty;
+    let segments = fractions.len();
+
+    let mut label_data = vec![0u8; if labels { target.len() } else { 0 }];
+    let mut fraction_data = vec![0u8; tz * segments * plane];
+    let empty = |n: usize| -> Vec<&mut [u8]> { (0..n).map(|_| Default::default()).collect() };
+    let label_planes = if labels && plane > 0 {
+        label_data.chunks_mut(plane).collect()
+    } else {
+        empty(tz)
+    };
+    let fraction_planes = if segments > 0 && plane > 0 {
+        fraction_data.chunks_mut(segments * plane).collect()
+    } else {
+        empty(tz)
+    };
+    // For each channel, where its fractions go (if anywhere).
+    let segment_of: Vec<Option<usize>> = (0..c)
+        .map(|ch| fractions.iter().position(|&f| f == ch))
+        .collect();
+
+    let counts = label_planes
+        .into_par_iter()
+        .zip(fraction_planes)
+        .enumerate()
+        .map(|(k, (label_plane, fraction_plane))| {
+            let mut counts = [0u64; 256];
+            let mut value = vec![0f32; tx];
+            let mut best = vec![f32::NEG_INFINITY; tx];
+            for j in 0..ty {
+                let mut row = labels.then(|| &mut label_plane[j * tx..(j + 1) * tx]);
+                best.fill(f32::NEG_INFINITY);
+                for (ch, segment) in segment_of.iter().enumerate() {
+                    if row.is_none() && segment.is_none() {
+                        continue;
+                    }
+                    sampler.row(&all[ch * voxels..(ch + 1) * voxels], j, k, &mut value);
+                    if let Some(s) = *segment {
+                        let out = &mut fraction_plane[(s * ty + j) * tx..][..tx];
+                        for (f, &p) in out.iter_mut().zip(&value) {
+                            *f = radflow_results::seg::fraction(p);
+                        }
+                    }
+                    if let Some(row) = row.as_deref_mut() {
+                        for ((label, best), &p) in row.iter_mut().zip(best.iter_mut()).zip(&value) {
+                            if p > *best {
+                                *best = p;
+                                *label = ch as u8;
+                            }
+                        }
+                    }
+                }
+                if let Some(row) = row {
+                    for &l in row.iter() {
+                        counts[usize::from(l)] += 1;
+                    }
+                }
+            }
+            counts
+        })
+        .reduce(
+            || [0u64; 256],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    *a += b;
+                }
+                a
+            },
+        );
+    OnGrid {
+        labels: labels.then(|| {
+            let data = ndarray::Array3::from_shape_vec((tz, ty, tx), label_data)
+                .expect("target-sized buffer");
+            (
+                Volume {
+                    grid: target.clone(),
+                    data,
+                },
+                counts,
+            )
+        }),
+        fractions: (segments > 0).then(|| {
+            Array4::from_shape_vec((tz, segments, ty, tx), fraction_data)
+                .expect("target-sized buffer")
+                .permuted_axes([1, 0, 2, 3])
+        }),
+    }
 }
 
 /// Fills one target plane from the source plane at offset `zk` (rows at `rows`,

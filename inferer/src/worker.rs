@@ -11,11 +11,13 @@
 //! `radflow.job.<model>`), so GPU and CPU models can be served by different
 //! deployments; consumers start and stop as the registry changes. `handle` reads the
 //! volume, runs the sliding window (segmentation) or the job batcher (classification),
-//! puts the labels back on the source series' grid (nearest neighbour), writes
-//! `labels.nii.gz`, `preview.png` and, last, `summary.json` (its presence means
-//! "done"), publishes `InferenceCompleted` and only then acks. A job whose result is
-//! already complete (same series revision and model file: a redelivery after a lost
-//! ack) is answered from its `summary.json` without running the model again.
+//! puts the labels back on the source series' grid (nearest neighbour, or the class
+//! probabilities trilinearly with `invert_interpolation = "linear"`), writes
+//! `labels.nii.gz`, `preview.png`, `seg.dcm`, `sr.dcm` and, last, `summary.json` (its
+//! presence means "done"), publishes `InferenceCompleted` and only then acks. A job
+//! whose result is already complete (same series revision and model file: a
+//! redelivery after a lost ack) is answered from its `summary.json` without running
+//! the model again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use radflow_shared::events::{
     self, ClassScore, DicomObject, InferenceCompleted, LabelVolume, SCHEMA_VERSION, VolumeReady,
 };
 use radflow_shared::metrics::Metrics;
-use radflow_shared::models::ModelKind;
+use radflow_shared::models::{Interpolation, ModelKind, ModelSpec, SegmentationType};
 use radflow_shared::store::{Store, StoreError};
 use radflow_shared::util::now_ms;
 use radflow_shared::worker::{HandleError, Handler, Outcome, WorkerConfig};
@@ -106,6 +108,10 @@ pub struct Summary {
     /// the source could not be matched (the reason is among the warnings).
     #[serde(default)]
     pub dicom: Vec<DicomObject>,
+    /// Segmentation Type of `seg.dcm` (`binary`: the label map; `fractional`: 8-bit
+    /// probabilities per label); absent when no SEG was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segmentation_type: Option<SegmentationType>,
 }
 
 /// Time per phase, in milliseconds.
@@ -410,6 +416,7 @@ fn summary_for(job: &VolumeReady, meta: &VolumeMeta, model: &LoadedModel) -> Sum
         created_at_ms: now_ms(),
         calling_ae: job.calling_ae.clone(),
         dicom: Vec::new(),
+        segmentation_type: None,
     }
 }
 
@@ -420,6 +427,8 @@ struct Segmented {
     stats: Vec<LabelStat>,
     /// `seg.dcm` and `sr.dcm`, or why they could not be written.
     dicom: Result<Vec<dicom::Written>, String>,
+    /// The Segmentation Type of `seg.dcm`, when it was written.
+    seg_type: Option<SegmentationType>,
     windows: sliding_window::WindowStats,
     decode: Duration,
     inference: Duration,
@@ -427,6 +436,14 @@ struct Segmented {
 }
 
 /// Decodes the volume, runs the sliding window and turns the logits into outputs.
+///
+/// With the defaults (`invert_interpolation = "nearest"`, a binary SEG) the argmax is
+/// fused into the blending and the label map is moved onto the source grid by nearest
+/// neighbour. When probabilities are needed (linear inversion, a fractional SEG) the
+/// blended scores are kept, turned into probabilities by the model's `activation` and
+/// interpolated onto the source grid plane by plane ([`outputs::probabilities_on_grid`]):
+/// the labels there are their argmax (linear) and the SEG gets each segment's
+/// probability as 8 bits (fractional), `segments × source voxels` bytes.
 fn segment(
     model: &LoadedModel,
     volume_bytes: &[u8],
@@ -434,16 +451,29 @@ fn segment(
     sources: Vec<radflow_results::SourceInstance>,
     created_at_ms: u64,
 ) -> Result<Segmented, HandleError> {
+    let spec = &model.spec;
     let t = Instant::now();
     let volume = radflow_volume::gunzip::read_volume::<f32>(volume_bytes)
         .map_err(|e| HandleError::permanent("bad_volume", e.to_string()))?;
     let decode = t.elapsed();
 
     let t = Instant::now();
-    let settings = WindowSettings::of(&model.spec);
-    let (labels, windows) =
-        sliding_window::run_windows_labels(model, volume.data.view(), &settings)
-            .map_err(|e| HandleError::permanent("inference_failed", e.to_string()))?;
+    let settings = WindowSettings::of(spec);
+    let linear = spec.invert_interpolation == Interpolation::Linear;
+    let fractional = spec.segmentation_type == SegmentationType::Fractional;
+    let failed =
+        |e: crate::session::ModelError| HandleError::permanent("inference_failed", e.to_string());
+    let (labels, scores, windows) = if linear || fractional {
+        let (logits, windows) =
+            sliding_window::run_windows(model, volume.data.view(), &settings).map_err(failed)?;
+        let labels = sliding_window::argmax_labels(logits.view());
+        (labels, Some(logits), windows)
+    } else {
+        let (labels, windows) =
+            sliding_window::run_windows_labels(model, volume.data.view(), &settings)
+                .map_err(failed)?;
+        (labels, None, windows)
+    };
     let inference = t.elapsed();
 
     let t = Instant::now();
@@ -451,33 +481,91 @@ fn segment(
         grid: volume.grid.clone(),
         data: labels,
     };
-    let preview = outputs::preview_png(&volume, &labels, &model.spec);
-    let (on_source, counts) = outputs::labels_on_grid(&labels, &meta.source);
-    let stats = outputs::stats_from_counts(&counts, &on_source.grid, &model.spec);
-    let labels_nii =
-        nifti::write_nifti_gz(&on_source, &format!("radflow {}", model.spec.reference()));
-    let dicom = dicom::write_objects(
-        &model.spec,
-        &meta.series_uid,
-        meta.revision,
-        sources,
-        &meta.source,
-        Finding::Labels {
-            on_source: &on_source,
-            stats: &stats,
-        },
-        created_at_ms,
-    );
+    let preview = outputs::preview_png(&volume, &labels, spec);
+    let mut fractions = None;
+    let mut fraction_error = None;
+    let (on_source, counts) = match scores {
+        None => outputs::labels_on_grid(&labels, &meta.source),
+        Some(mut scores) => {
+            outputs::activate(&mut scores, spec.activation);
+            let channels = if fractional {
+                match fraction_channels(spec, &scores) {
+                    Ok(channels) => channels,
+                    Err(why) => {
+                        fraction_error = Some(why);
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let moved = outputs::probabilities_on_grid(
+                scores.view(),
+                &volume.grid,
+                &meta.source,
+                linear,
+                &channels,
+            );
+            drop(scores);
+            fractions = moved.fractions;
+            match moved.labels {
+                Some(labels) => labels,
+                None => outputs::labels_on_grid(&labels, &meta.source),
+            }
+        }
+    };
+    let stats = outputs::stats_from_counts(&counts, &on_source.grid, spec);
+    let labels_nii = nifti::write_nifti_gz(&on_source, &format!("radflow {}", spec.reference()));
+    let dicom = match fraction_error {
+        Some(why) => Err(format!("no fractional SEG: {why}")),
+        None => dicom::write_objects(
+            spec,
+            &meta.series_uid,
+            meta.revision,
+            sources,
+            &meta.source,
+            Finding::Labels {
+                on_source: &on_source,
+                stats: &stats,
+                fractions: fractions.as_ref().map(|f| f.view()),
+            },
+            created_at_ms,
+        ),
+    };
+    let seg_type = dicom.is_ok().then_some(spec.segmentation_type);
     Ok(Segmented {
         labels_nii,
         preview,
         stats,
         dicom,
+        seg_type,
         windows,
         decode,
         inference,
         postprocess: t.elapsed(),
     })
+}
+
+/// The output channels of the segments of a fractional SEG, in segment order (label
+/// `l` is channel `l`), once the probabilities are known to be numbers.
+fn fraction_channels(
+    spec: &ModelSpec,
+    probabilities: &ndarray::Array4<f32>,
+) -> Result<Vec<usize>, String> {
+    let channels = probabilities.dim().0;
+    let labels: Vec<usize> = radflow_results::SegmentDescription::from_model(spec)
+        .iter()
+        .map(|s| usize::from(s.label))
+        .collect();
+    if let Some(l) = labels.iter().find(|&&l| l >= channels) {
+        return Err(format!(
+            "label {l} has no output channel (the model gives {channels})"
+        ));
+    }
+    if probabilities.iter().any(|p| !p.is_finite()) {
+        return Err("the model's probabilities are not all finite numbers".into());
+    }
+    Ok(labels)
 }
 
 #[async_trait]
@@ -543,6 +631,7 @@ impl Handler for Inferer {
                     .await?;
                 self.put_dicom(&job, &reference, out.dicom, &mut summary)
                     .await?;
+                summary.segmentation_type = out.seg_type;
             }
             ModelKind::Classification => {
                 let t = Instant::now();

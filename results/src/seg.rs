@@ -14,7 +14,8 @@
 //! last element and is packed while it is written: binary frames as one bit per voxel,
 //! little-endian within each byte and continuous across frame boundaries (PS3.5
 //! §8.1.1), fractional frames as one byte per voxel. Nothing but the header and a
-//! 64 KiB buffer is held beside the label map.
+//! 64 KiB buffer is held beside the label map (or the probabilities, given as `f32`
+//! or already as their 8-bit fractions).
 
 use std::io::Write;
 
@@ -46,6 +47,11 @@ pub enum SegPixels<'a> {
     /// descriptions) a probability volume `(segments, slices, rows, columns)` in
     /// `[0, 1]`.
     Probabilities(ArrayView4<'a, f32>),
+    /// FRACTIONAL (PROBABILITY) as the stored 8-bit values, `(segments, slices, rows,
+    /// columns)` in any memory layout: [`fraction`] of each probability. The same SEG
+    /// as [`SegPixels::Probabilities`] of those probabilities, for a quarter of the
+    /// memory.
+    Fractions(ArrayView4<'a, u8>),
 }
 
 /// What was written.
@@ -81,6 +87,7 @@ pub fn write_seg(
     // when the caller's view is not).
     let labels;
     let probabilities;
+    let mut fractions = None;
     let frames: Vec<(usize, usize)> = match &pixels {
         SegPixels::Labels(view) => {
             if view.dim() != (nz, rows, columns) {
@@ -129,7 +136,28 @@ pub fn write_seg(
                 for z in 0..nz {
                     let slice = probs.index_axis(Axis(0), s);
                     let slice = slice.index_axis(Axis(0), z);
-                    if slice.iter().any(|&p| quantize(p) > 0) {
+                    if slice.iter().any(|&p| fraction(p) > 0) {
+                        frames.push((s, z));
+                    }
+                }
+            }
+            frames
+        }
+        SegPixels::Fractions(view) => {
+            if view.dim() != (segments.len(), nz, rows, columns) {
+                return Err(WriteError::Input(format!(
+                    "fractions shape {:?} differs from (segments, slices, rows, columns) {:?}",
+                    view.dim(),
+                    (segments.len(), nz, rows, columns)
+                )));
+            }
+            labels = None;
+            probabilities = None;
+            fractions = Some(*view);
+            let mut frames = Vec::new();
+            for s in 0..segments.len() {
+                for z in 0..nz {
+                    if view.slice(ndarray::s![s, z, .., ..]).iter().any(|&f| f > 0) {
                         frames.push((s, z));
                     }
                 }
@@ -240,8 +268,8 @@ pub fn write_seg(
         .map_err(|_| WriteError::Input("the SEG's pixel data exceeds 4 GiB".into()))?;
     let frames_ref = &frames;
     let write: Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()>> =
-        match (&labels, &probabilities) {
-            (Some(labels), _) => Box::new(move |out: &mut dyn Write| {
+        match (&labels, &probabilities, fractions) {
+            (Some(labels), _, _) => Box::new(move |out: &mut dyn Write| {
                 let mut packer = BitPacker::new(out);
                 for &(s, z) in frames_ref {
                     let slice = labels.index_axis(Axis(0), z);
@@ -252,13 +280,28 @@ pub fn write_seg(
                 }
                 packer.finish(padded - bytes)
             }),
-            (None, Some(probs)) => Box::new(move |out: &mut dyn Write| {
+            (None, Some(probs), _) => Box::new(move |out: &mut dyn Write| {
                 let mut buf = Vec::with_capacity(1 << 16);
                 for &(s, z) in frames_ref {
                     let seg = probs.index_axis(Axis(0), s);
                     let slice = seg.index_axis(Axis(0), z);
                     for &p in slice.as_slice().expect("standard layout") {
-                        buf.push(quantize(p));
+                        buf.push(fraction(p));
+                        if buf.len() == buf.capacity() {
+                            out.write_all(&buf)?;
+                            buf.clear();
+                        }
+                    }
+                }
+                buf.extend(std::iter::repeat_n(0, padded - bytes));
+                out.write_all(&buf)
+            }),
+            (None, None, Some(fractions)) => Box::new(move |out: &mut dyn Write| {
+                let mut buf = Vec::with_capacity(1 << 16);
+                for &(s, z) in frames_ref {
+                    let frame = fractions.slice(ndarray::s![s, z, .., ..]);
+                    for &f in frame.iter() {
+                        buf.push(f);
                         if buf.len() == buf.capacity() {
                             out.write_all(&buf)?;
                             buf.clear();
@@ -293,9 +336,10 @@ pub fn write_seg(
     })
 }
 
-/// A probability as the stored 8-bit fraction.
-fn quantize(p: f32) -> u8 {
-    (p * f32::from(MAX_FRACTIONAL)).round() as u8
+/// A probability as the stored 8-bit fraction: `round(p × 255)`, with `p` clamped
+/// into `[0, 1]` first (NaN becomes 0).
+pub fn fraction(p: f32) -> u8 {
+    (p.clamp(0.0, 1.0) * f32::from(MAX_FRACTIONAL)).round() as u8
 }
 
 /// Packs frames of one bit per voxel into the output, bits continuous across frames.

@@ -387,6 +387,30 @@ fn fractional_seg_passes_dciodvfy_and_reads_back_exactly() {
         &dir,
     );
     assert_eq!(w.seg_info.frames, 3 * nz - 1);
+
+    // The same fractions given as bytes, held slice-major (another memory layout),
+    // write the same file.
+    let slice_major = fractions
+        .view()
+        .permuted_axes([1, 0, 2, 3])
+        .as_standard_layout()
+        .into_owned();
+    let as_bytes = write_both(
+        &dir,
+        &series,
+        SegPixels::Fractions(slice_major.view().permuted_axes([1, 0, 2, 3])),
+        &[1.0, 2.0, 3.0],
+    );
+    assert_eq!(as_bytes.seg_info, w.seg_info);
+    assert!(
+        as_bytes.seg_bytes == w.seg_bytes,
+        "the SEG of the fractions differs from the SEG of the probabilities"
+    );
+    // Out-of-range probabilities are clamped by `fraction`, never wrapped.
+    assert_eq!(
+        [-0.5, 0.0, 0.4, 1.0, 1.0000001, f32::NAN].map(seg::fraction),
+        [0, 0, 102, 255, 255, 0]
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -18,6 +18,8 @@
 //! patch = [96, 96, 96]                # D, H, W voxels
 //! overlap = 0.25
 //! padding = "edge"                    # or "constant" (zeros, MONAI's default)
+//! invert_interpolation = "nearest"    # or "linear": class probabilities onto the source grid
+//! segmentation_type = "binary"        # or "fractional": SEG of 8-bit probabilities
 //!
 //! [model.preset]
 //! name = "ct-1.5mm-window"
@@ -105,7 +107,10 @@ pub struct ModelSpec {
     /// milliseconds, before the batch runs with the jobs it has.
     #[serde(default = "default_batch_wait_ms")]
     pub batch_wait_ms: u64,
-    /// Classification: how raw scores become probabilities before thresholds apply.
+    /// How raw scores become probabilities: for classification before thresholds
+    /// apply; for segmentation where probabilities are needed (linear
+    /// `invert_interpolation`, fractional `segmentation_type`), softmax over the
+    /// channels of each voxel or a sigmoid per channel.
     #[serde(default)]
     pub activation: Activation,
     /// How the volume is prepared for this model.
@@ -119,9 +124,22 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<LabelCodes>,
     /// How a segmentation result is written as DICOM SEG: `binary` (the label map) or
-    /// `fractional` (8-bit probabilities per label).
+    /// `fractional` (per label its probability, after `activation`, interpolated
+    /// trilinearly onto the source grid whatever `invert_interpolation` says, in 8
+    /// bits; `labels.nii.gz` stays the label map).
     #[serde(default, skip_serializing_if = "SegmentationType::is_binary")]
     pub segmentation_type: SegmentationType,
+    /// Segmentation: how the result is brought from the model's grid back onto the
+    /// source series' grid (MONAI's `Invertd`). `nearest` (the default): the label
+    /// map, nearest neighbour. `linear`: each class's probability (after
+    /// `activation`) trilinearly, the label of a voxel the class most probable there
+    /// (the lowest index of equal ones); smoother edges where the source is finer
+    /// than the model grid.
+    #[serde(
+        default = "Interpolation::nearest",
+        skip_serializing_if = "Interpolation::is_nearest"
+    )]
+    pub invert_interpolation: Interpolation,
     /// Which series this model is run on.
     #[serde(default)]
     pub route: Route,
@@ -245,6 +263,14 @@ pub enum Interpolation {
 impl Interpolation {
     fn is_linear(&self) -> bool {
         *self == Interpolation::Linear
+    }
+
+    fn nearest() -> Self {
+        Interpolation::Nearest
+    }
+
+    fn is_nearest(&self) -> bool {
+        *self == Interpolation::Nearest
     }
 }
 
@@ -656,6 +682,9 @@ impl ModelSpec {
                 }
             }
             ModelKind::Classification => {
+                if self.invert_interpolation != Interpolation::Nearest {
+                    return Err("invert_interpolation applies to segmentation models only".into());
+                }
                 if self.labels.is_empty() {
                     return Err("a classification model must list its classes".into());
                 }
@@ -940,6 +969,7 @@ mod tests {
             .replace("value = \"272673000\", meaning = \"Bone\" }", "value = \"272673000\", meaning = \"Bone\" }\n\n[[model.codes]]\nlabel = 0");
         let m = &Registry::parse(&text, None).unwrap().models[0];
         assert_eq!(m.segmentation_type, SegmentationType::Fractional);
+        assert_eq!(m.invert_interpolation, Interpolation::Nearest);
         let soft = m.label_codes(2);
         assert_eq!(soft.category, Code::tissue());
         assert_eq!(soft.property_type.meaning, "Soft tissue");
@@ -949,6 +979,41 @@ mod tests {
         assert!(err.contains("label 7"), "{err}");
         let empty = text.replace("value = \"87784001\"", "value = \"\"");
         assert!(Registry::parse(&empty, None).is_err());
+    }
+
+    #[test]
+    fn invert_interpolation_defaults_to_nearest_and_is_for_segmentation() {
+        let builtin = &Registry::builtin().models[0];
+        assert_eq!(builtin.invert_interpolation, Interpolation::Nearest);
+        // The default is not written out: serialised specs stay as they were.
+        let json = serde_json::to_string(builtin).unwrap();
+        assert!(!json.contains("invert_interpolation"), "{json}");
+
+        let text = BUILTIN_REGISTRY.replace(
+            "batch_size = 1\n",
+            "batch_size = 1\ninvert_interpolation = \"linear\"\n",
+        );
+        let m = &Registry::parse(&text, None).unwrap().models[0];
+        assert_eq!(m.invert_interpolation, Interpolation::Linear);
+        let json = serde_json::to_string(m).unwrap();
+        assert!(
+            json.contains(r#""invert_interpolation":"linear""#),
+            "{json}"
+        );
+        let round_trip = toml::to_string(&Registry {
+            models: vec![m.clone()],
+            base_dir: None,
+        })
+        .unwrap();
+        assert_eq!(&Registry::parse(&round_trip, None).unwrap().models[0], m);
+
+        let bad = text.replace("\"linear\"", "\"cubic\"");
+        assert!(Registry::parse(&bad, None).is_err());
+        let classifier = text
+            .replace("kind = \"segmentation\"", "kind = \"classification\"")
+            .replace("[[model.labels]]", "[[model.classes]]");
+        let err = Registry::parse(&classifier, None).unwrap_err().to_string();
+        assert!(err.contains("segmentation models only"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! axis depends on one target index only; the neighbours and weights are then
 //! tabulated per axis once, and the inner loop is eight loads and seven
 //! interpolations per voxel.
+//!
+//! [`LinearSampler`] gives the same trilinear values one target row at a time, for
+//! callers that reduce several volumes of one grid voxel by voxel (a model's class
+//! probabilities to a label) without holding each of them resampled.
 
 use ndarray::Array3;
 use rayon::prelude::*;
@@ -151,8 +155,13 @@ struct AxisTable {
 /// Per-axis tables when every target axis runs along one source axis.
 fn separable<T>(src: &Volume<T>, target: &Grid) -> Option<[AxisTable; 3]> {
     assert!(!src.grid.is_empty(), "source volume has no voxel");
-    let m = mapping(&src.grid, target);
-    let dims = src.grid.dims;
+    separable_grids(&src.grid, target)
+}
+
+/// [`separable`] from the source grid alone.
+fn separable_grids(src: &Grid, target: &Grid) -> Option<[AxisTable; 3]> {
+    let m = mapping(src, target);
+    let dims = src.dims;
     let stride = [1, dims[0], dims[0] * dims[1]];
     let mut axis_of = [0usize; 3];
     for (t, a) in axis_of.iter_mut().enumerate() {
@@ -192,6 +201,99 @@ fn separable<T>(src: &Volume<T>, target: &Grid) -> Option<[AxisTable; 3]> {
         }
         table
     }))
+}
+
+/// Trilinear sampling of data on one grid at the voxel centres of another, one target
+/// row at a time: exactly the values of [`resample_linear`] (edge values extend
+/// outward), for callers that combine several volumes of the same grid voxel by voxel
+/// and must not hold each resampled volume whole (the per-class probabilities of a
+/// model, reduced to a label per voxel as they are sampled).
+pub struct LinearSampler {
+    src_dims: [usize; 3],
+    target_dims: [usize; 3],
+    how: Sampling,
+}
+
+enum Sampling {
+    /// Every target axis runs along one source axis: per-axis tables.
+    Separable(Box<[AxisTable; 3]>),
+    /// Any affine mapping: target index → source continuous index.
+    General([[f64; 4]; 3]),
+}
+
+impl LinearSampler {
+    /// A sampler of data on `src` at the voxels of `target`.
+    ///
+    /// # Panics
+    /// If `src` has no voxel or a singular affine.
+    pub fn new(src: &Grid, target: &Grid) -> Self {
+        assert!(!src.is_empty(), "source grid has no voxel");
+        let how = match separable_grids(src, target) {
+            Some(tables) => Sampling::Separable(Box::new(tables)),
+            None => Sampling::General(mapping(src, target)),
+        };
+        Self {
+            src_dims: src.dims,
+            target_dims: target.dims,
+            how,
+        }
+    }
+
+    /// Samples `data` (the source grid's voxels in standard layout, x fastest) along
+    /// row `j` of target plane `k` into `out` (one value per target column).
+    ///
+    /// # Panics
+    /// If `data` does not hold the source grid's voxels, `out` is not one target row
+    /// long, or `(j, k)` lies outside the target grid.
+    pub fn row(&self, data: &[f32], j: usize, k: usize, out: &mut [f32]) {
+        let [nx, ny, nz] = self.src_dims;
+        let [tx, ty, tz] = self.target_dims;
+        assert_eq!(data.len(), nx * ny * nz, "data is not the source grid's");
+        assert_eq!(out.len(), tx, "out is not one target row");
+        assert!(
+            j < ty && k < tz,
+            "row ({j}, {k}) is outside the target grid"
+        );
+        let lerp = |a: f32, b: f32, f: f32| a + f * (b - a);
+        match &self.how {
+            Sampling::Separable(t) => {
+                let (c0, c1, fz) = (t[2].lo[k], t[2].hi[k], t[2].frac[k]);
+                let (b0, b1, fy) = (t[1].lo[j], t[1].hi[j], t[1].frac[j]);
+                let (p00, p10, p01, p11) = (b0 + c0, b1 + c0, b0 + c1, b1 + c1);
+                for (i, v) in out.iter_mut().enumerate() {
+                    let (a0, a1, fx) = (t[0].lo[i], t[0].hi[i], t[0].frac[i]);
+                    let x00 = lerp(data[a0 + p00], data[a1 + p00], fx);
+                    let x10 = lerp(data[a0 + p10], data[a1 + p10], fx);
+                    let x01 = lerp(data[a0 + p01], data[a1 + p01], fx);
+                    let x11 = lerp(data[a0 + p11], data[a1 + p11], fx);
+                    *v = lerp(lerp(x00, x10, fy), lerp(x01, x11, fy), fz);
+                }
+            }
+            Sampling::General(m) => {
+                let col = |c: usize| [m[0][c], m[1][c], m[2][c]];
+                let (di, dj, dk, origin) = (col(0), col(1), col(2), col(3));
+                let base: [f64; 3] =
+                    std::array::from_fn(|a| origin[a] + j as f64 * dj[a] + k as f64 * dk[a]);
+                let at = |x: usize, y: usize, z: usize| data[(z * ny + y) * nx + x];
+                for (i, v) in out.iter_mut().enumerate() {
+                    let fi = i as f64;
+                    let p = [
+                        base[0] + fi * di[0],
+                        base[1] + fi * di[1],
+                        base[2] + fi * di[2],
+                    ];
+                    let (x0, x1, fx) = axis(p[0], nx);
+                    let (y0, y1, fy) = axis(p[1], ny);
+                    let (z0, z1, fz) = axis(p[2], nz);
+                    let c00 = lerp(at(x0, y0, z0), at(x1, y0, z0), fx);
+                    let c10 = lerp(at(x0, y1, z0), at(x1, y1, z0), fx);
+                    let c01 = lerp(at(x0, y0, z1), at(x1, y0, z1), fx);
+                    let c11 = lerp(at(x0, y1, z1), at(x1, y1, z1), fx);
+                    *v = lerp(lerp(c00, c10, fy), lerp(c01, c11, fy), fz);
+                }
+            }
+        }
+    }
 }
 
 fn separable_linear(
@@ -467,6 +569,52 @@ mod tests {
         let mut oblique = target.clone();
         oblique.affine[0][1] = 0.1;
         assert!(separable(&src, &oblique).is_none());
+    }
+
+    #[test]
+    fn the_row_sampler_gives_the_resampled_values_bit_for_bit() {
+        let mut g = grid([9, 7, 5], [0.8, 1.1, 2.5], [3.0, -4.0, 10.0]);
+        g.affine[0][0] = -0.8;
+        let (nz, ny, nx) = g.shape();
+        let src = Volume::new(
+            g.clone(),
+            Array3::from_shape_fn((nz, ny, nx), |(k, j, i)| {
+                ((i * 7919 + j * 104_729 + k * 1_299_709) % 1000) as f32 / 7.0 - 50.0
+            }),
+        )
+        .unwrap();
+        let separable_target = Grid {
+            dims: [12, 11, 13],
+            affine: [
+                [0.0, 0.0, 0.7, 4.0],
+                [0.0, -0.6, 0.0, 3.0],
+                [1.3, 0.0, 0.0, 8.0],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        };
+        let mut oblique = separable_target.clone();
+        oblique.affine[0][1] = 0.1;
+        oblique.affine[2][2] = 0.2;
+        let data = src.data.as_slice().unwrap();
+        for target in [separable_target, oblique] {
+            let sampler = LinearSampler::new(&g, &target);
+            let whole = resample_linear(&src, &target);
+            let [tx, ty, tz] = target.dims;
+            let mut row = vec![0.0; tx];
+            let mut differ = 0;
+            for k in 0..tz {
+                for j in 0..ty {
+                    sampler.row(data, j, k, &mut row);
+                    let want = whole.data.slice(ndarray::s![k, j, ..]);
+                    differ += row
+                        .iter()
+                        .zip(want.iter())
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                }
+            }
+            assert_eq!(differ, 0, "{:?}", target.affine);
+        }
     }
 
     #[test]

@@ -268,6 +268,19 @@ pub mod stage {
         spec: &ModelSpec,
         volume: &Volume<f32>,
     ) -> VolumeReady {
+        put_job_on(store, series, revision, spec, volume, &volume.grid).await
+    }
+
+    /// [`put_job`] for a series whose source grid is `source` (the model input
+    /// `volume` was resampled from it).
+    pub async fn put_job_on(
+        store: &Store,
+        series: &str,
+        revision: u32,
+        spec: &ModelSpec,
+        volume: &Volume<f32>,
+        source: &Grid,
+    ) -> VolumeReady {
         let preset = &spec.preset.name;
         let volume_key = Store::volume_key(series, preset, VolumeFile::Volume);
         let meta_key = Store::volume_key(series, preset, VolumeFile::Meta);
@@ -279,9 +292,9 @@ pub mod stage {
             correlation_id: format!("corr-{series}-{revision}"),
             modality: "CT".into(),
             preset: spec.preset.clone(),
-            source: volume.grid.clone(),
+            source: source.clone(),
             volume: volume.grid.clone(),
-            slices: volume.grid.dims[2],
+            slices: source.dims[2],
             warnings: vec![],
             suspect_incomplete: None,
         };

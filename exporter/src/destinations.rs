@@ -8,6 +8,18 @@
 //! port = 4242
 //! calling_ae = "RADFLOW"   # optional; the AE title radflow presents
 //!
+//! [[destination]]
+//! name = "archive"
+//! ae_title = "ARCHIVE"
+//! host = "archive.example.org"
+//! port = 2762              # the registered DICOM TLS port
+//!
+//! [destination.tls]        # DICOM over TLS (PS3.15 Annex B) to the destination above
+//! ca = "/etc/radflow/tls/archive-ca.pem"  # CA certificates (PEM) its certificate must chain to
+//! cert = "/etc/radflow/tls/radflow.pem"   # optional, with `key`: the client certificate
+//! key = "/etc/radflow/tls/radflow.key"    #   (mutual TLS), PEM chain and private key
+//! server_name = "archive"  # optional; the name its certificate carries (default: host)
+//!
 //! [[route]]
 //! models = ["demo-tissue"] # optional; every model when absent
 //! to = ["pacs", "caller"]  # "caller": back to the AE that sent the study
@@ -17,10 +29,18 @@
 //! title: the node that sent the images, at the address configured for it (a sender's
 //! own port is not known from its association). A route to `caller` for a study sent
 //! by an AE with no destination is reported, not guessed.
+//!
+//! A `[destination.tls]` table belongs to the `[[destination]]` above it. Its files are
+//! read and checked when the file is loaded (an unreadable or invalid one is refused,
+//! naming the destination and the file) and read again for every new association, so
+//! renewed certificates are used without a restart. Relative paths are taken from the
+//! working directory. Without the table the destination is sent to over plain TCP.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use radflow_listener::scu::{TlsClient, TlsConnector};
+use radflow_listener::tls::TlsError;
 use serde::Deserialize;
 
 /// The route target that means "the AE that sent the study".
@@ -47,7 +67,7 @@ pub enum ConfigError {
 }
 
 /// One DICOM node results can be sent to.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     /// Name in routes, metrics and subjects: letters, digits, `-` and `_`.
@@ -59,6 +79,43 @@ pub struct Destination {
     /// Calling AE title radflow presents to it.
     #[serde(default = "default_calling_ae")]
     pub calling_ae: String,
+    /// DICOM over TLS; plain TCP when `None`.
+    #[serde(default)]
+    pub tls: Option<DestinationTls>,
+}
+
+/// The `[destination.tls]` table: the client side of DICOM over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationTls {
+    /// CA certificates (PEM) the destination's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate chain (PEM) for destinations that authenticate radflow.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name the destination's certificate carries; its `host` when absent.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl DestinationTls {
+    /// The files as the C-STORE client takes them.
+    pub fn client(&self) -> TlsClient {
+        TlsClient {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            server_name: self.server_name.clone(),
+        }
+    }
+
+    /// Reads the files into a client TLS configuration.
+    pub fn connector(&self) -> Result<TlsConnector, TlsError> {
+        self.client().connector()
+    }
 }
 
 fn default_calling_ae() -> String {
@@ -159,6 +216,22 @@ impl Destinations {
                     "destination {:?}: host and port are required",
                     d.name
                 ));
+            }
+            if let Some(tls) = &d.tls {
+                if tls.cert.is_some() != tls.key.is_some() {
+                    return invalid(format!(
+                        "destination {:?}: tls: `cert` and `key` go together (the client certificate and its private key); give both or neither",
+                        d.name
+                    ));
+                }
+                // Reads every file now, so a typo is found at start, not at the first
+                // export.
+                let checked = tls
+                    .connector()
+                    .and_then(|c| c.server_name_for(&d.addr()).map(|_| ()));
+                if let Err(e) = checked {
+                    return invalid(format!("destination {:?}: tls: {e}", d.name));
+                }
             }
         }
         for r in &self.routes {
@@ -295,6 +368,18 @@ to = ["pacs"]
             &format!("{one}[[route]]\nto = []\n"),
             "without destinations",
         );
-        bad(&format!("{one}tls = true\n"), "unknown field");
+        bad(&format!("{one}tls = true\n"), "invalid type");
+        bad(&format!("{one}secure = true\n"), "unknown field");
+        let tls = format!("{one}[destination.tls]\nca = \"/nonexistent/ca.pem\"\n");
+        bad(&tls, "/nonexistent/ca.pem");
+        bad(
+            &format!("{tls}cert = \"/nonexistent/c.pem\"\n"),
+            "go together",
+        );
+        bad(
+            &format!("{tls}key = \"/nonexistent/k.pem\"\n"),
+            "go together",
+        );
+        bad(&format!("{tls}verify = false\n"), "unknown field");
     }
 }

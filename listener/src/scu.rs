@@ -5,14 +5,25 @@
 //! the wire unchanged, in the file's own transfer syntax, so what arrives is what was on
 //! disk (an odd-length deflated stream gets the one padding NUL the standard asks for). One presentation context is proposed per distinct (SOP class, transfer syntax)
 //! pair; more than [`MAX_CONTEXTS`] pairs are spread over several associations.
+//!
+//! Every exchange can run over plain TCP or over TLS (PS3.15 Annex B): a
+//! [`TlsConnector`], built from PEM files by [`TlsClient::connector`], verifies the
+//! peer against the given CA certificates and presents a client certificate when one
+//! is configured; the `_with` variants ([`echo_with`], [`send_objects_with`],
+//! [`Session::connect`]) take it, the others stay on plain TCP.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_object::meta::FileMetaTable;
+use dicom_ul::association::client::AsyncTlsStream;
 use dicom_ul::association::{AsyncClientAssociation, ClientAssociationOptions};
-use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
+use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu, PresentationContextNegotiated};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
 use crate::association::error_chain;
@@ -21,6 +32,7 @@ use crate::sop_classes::{
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
     VERIFICATION,
 };
+use crate::tls::TlsError;
 
 /// Most presentation contexts proposed in one association (the protocol allows 128).
 pub const MAX_CONTEXTS: usize = 128;
@@ -87,10 +99,141 @@ pub struct SendReport {
     pub skipped: Vec<PathBuf>,
 }
 
+/// Where the client side of DICOM over TLS finds its PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsClient {
+    /// CA certificates (PEM) the peer's certificate must chain to.
+    pub ca: PathBuf,
+    /// The client certificate chain (PEM, leaf first) presented to peers that ask for
+    /// one (mutual TLS); goes with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// The name the peer's certificate must carry (a DNS name or an IP address);
+    /// the host of the address when `None`.
+    pub server_name: Option<String>,
+}
+
+impl TlsClient {
+    /// Reads the files and builds the rustls client configuration (the `ring`
+    /// provider, TLS 1.2 and 1.3).
+    pub fn connector(&self) -> Result<TlsConnector, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for ca in certificates("CA certificate", &self.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| pem_error("CA certificate", &self.ca, e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = certificates("client certificate", cert)?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| pem_error("client private key", key, e))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::Config(format!("client certificate and key: {e}")))?
+            }
+            _ => {
+                return Err(TlsError::Config(
+                    "a client certificate and its key go together: give both or neither".into(),
+                ));
+            }
+        };
+        if let Some(name) = &self.server_name {
+            check_server_name(name)?;
+        }
+        Ok(TlsConnector {
+            config: Arc::new(config),
+            server_name: self.server_name.clone(),
+        })
+    }
+}
+
+/// A loaded client TLS configuration, ready to open associations with; cheap to
+/// clone.
+#[derive(Debug, Clone)]
+pub struct TlsConnector {
+    config: Arc<rustls::ClientConfig>,
+    server_name: Option<String>,
+}
+
+impl TlsConnector {
+    /// A connector from a rustls configuration built elsewhere; `server_name` as in
+    /// [`TlsClient::server_name`].
+    pub fn new(config: Arc<rustls::ClientConfig>, server_name: Option<String>) -> Self {
+        Self {
+            config,
+            server_name,
+        }
+    }
+
+    /// The name the certificate of the peer at `addr` (`host:port`) must carry: the
+    /// configured server name, or the host; an error when it is neither a DNS name
+    /// nor an IP address.
+    pub fn server_name_for<'a>(&'a self, addr: &'a str) -> Result<&'a str, TlsError> {
+        let name = match &self.server_name {
+            Some(name) => name.as_str(),
+            None => {
+                let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+                // `[::1]:104`: the brackets are not part of the address.
+                host.strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host)
+            }
+        };
+        check_server_name(name)?;
+        Ok(name)
+    }
+}
+
+fn pem_error(what: &'static str, path: &Path, detail: impl ToString) -> TlsError {
+    TlsError::Pem {
+        what,
+        path: path.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(what, path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(what, path, "no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+fn check_server_name(name: &str) -> Result<(), TlsError> {
+    ServerName::try_from(name).map(|_| ()).map_err(|_| {
+        TlsError::Config(format!(
+            "server name {name:?} is not a DNS name or an IP address to verify the peer's certificate against"
+        ))
+    })
+}
+
 /// Verify that a DICOM node answers: associate, C-ECHO, release.
 pub async fn echo(addr: &str, calling_ae: &str, called_ae: &str) -> Result<(), ScuError> {
+    echo_with(addr, calling_ae, called_ae, None).await
+}
+
+/// [`echo`], over TLS when `tls` is given.
+pub async fn echo_with(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    tls: Option<&TlsConnector>,
+) -> Result<(), ScuError> {
     let mut assoc = associate(
         addr,
+        tls,
         calling_ae,
         called_ae,
         &[(
@@ -204,7 +347,7 @@ pub async fn send_files_with_progress(
             }
         }
     }
-    send_prepared(addr, calling_ae, called_ae, prepared, report, on_file).await
+    send_prepared(addr, None, calling_ae, called_ae, prepared, report, on_file).await
 }
 
 /// Sends Part-10 objects held in memory with C-STORE over one association per up to
@@ -217,8 +360,28 @@ pub async fn send_objects(
     called_ae: &str,
     objects: &[Part10],
 ) -> Result<SendReport, ScuError> {
+    send_objects_with(addr, calling_ae, called_ae, objects, None).await
+}
+
+/// [`send_objects`], over TLS when `tls` is given.
+pub async fn send_objects_with(
+    addr: &str,
+    calling_ae: &str,
+    called_ae: &str,
+    objects: &[Part10],
+    tls: Option<&TlsConnector>,
+) -> Result<SendReport, ScuError> {
     let (prepared, report) = prepare_objects(objects);
-    send_prepared(addr, calling_ae, called_ae, prepared, report, &mut |_| {}).await
+    send_prepared(
+        addr,
+        tls,
+        calling_ae,
+        called_ae,
+        prepared,
+        report,
+        &mut |_| {},
+    )
+    .await
 }
 
 /// The (SOP class, transfer syntax) pairs of Part-10 objects, in order of first
@@ -239,20 +402,31 @@ pub fn presentation_pairs(objects: &[Part10]) -> Vec<(String, String)> {
 /// kinds of objects to the same node again and again (the exporter): one A-ASSOCIATE
 /// and one A-RELEASE for many C-STOREs.
 pub struct Session {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: Link,
     pairs: Vec<(String, String)>,
     message_id: u16,
     broken: bool,
 }
 
 impl Session {
-    /// Associates, proposing one presentation context per (SOP class, transfer
-    /// syntax) pair (at most [`MAX_CONTEXTS`]).
+    /// Associates over plain TCP, proposing one presentation context per (SOP class,
+    /// transfer syntax) pair (at most [`MAX_CONTEXTS`]).
     pub async fn open(
         addr: &str,
         calling_ae: &str,
         called_ae: &str,
         pairs: &[(String, String)],
+    ) -> Result<Self, ScuError> {
+        Self::connect(addr, calling_ae, called_ae, pairs, None).await
+    }
+
+    /// [`Session::open`], over TLS when `tls` is given.
+    pub async fn connect(
+        addr: &str,
+        calling_ae: &str,
+        called_ae: &str,
+        pairs: &[(String, String)],
+        tls: Option<&TlsConnector>,
     ) -> Result<Self, ScuError> {
         if pairs.is_empty() || pairs.len() > MAX_CONTEXTS {
             return Err(ScuError::Association {
@@ -267,13 +441,18 @@ impl Session {
             .iter()
             .map(|(class, ts)| (class.clone(), vec![ts.clone()]))
             .collect();
-        let assoc = associate(addr, calling_ae, called_ae, &contexts).await?;
+        let assoc = associate(addr, tls, calling_ae, called_ae, &contexts).await?;
         Ok(Self {
             assoc,
             pairs: pairs.to_vec(),
             message_id: 0,
             broken: false,
         })
+    }
+
+    /// Whether this association runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.assoc, Link::Tls(_))
     }
 
     /// The pairs this association was opened for.
@@ -350,6 +529,7 @@ fn prepare_objects(objects: &[Part10]) -> (Vec<Prepared>, SendReport) {
 
 async fn send_prepared(
     addr: &str,
+    tls: Option<&TlsConnector>,
     calling_ae: &str,
     called_ae: &str,
     prepared: Vec<Prepared>,
@@ -377,7 +557,7 @@ async fn send_prepared(
                     .any(|(c, t)| *c == p.sop_class && *t == p.transfer_syntax)
             })
             .collect();
-        let mut assoc = match associate(addr, calling_ae, called_ae, &contexts).await {
+        let mut assoc = match associate(addr, tls, calling_ae, called_ae, &contexts).await {
             Ok(a) => a,
             Err(ScuError::NothingAccepted { .. }) => {
                 for p in batch_files {
@@ -411,7 +591,7 @@ async fn send_prepared(
 /// Send the files over one association; on a broken association mark the rest failed
 /// and return `false`.
 async fn send_batch(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut Link,
     files: &[&Prepared],
     report: &mut SendReport,
     message_id: &mut u16,
@@ -470,7 +650,7 @@ async fn send_batch(
 }
 
 async fn store_one(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut Link,
     context_id: u8,
     message_id: u16,
     p: &Prepared,
@@ -582,12 +762,64 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
+/// An established association, over plain TCP or TLS.
+enum Link {
+    // Boxed: an association over TLS carries some 1.3 KB of session state.
+    Tcp(Box<AsyncClientAssociation<TcpStream>>),
+    Tls(Box<AsyncClientAssociation<AsyncTlsStream>>),
+}
+
+impl Link {
+    fn presentation_contexts(&self) -> &[PresentationContextNegotiated] {
+        match self {
+            Link::Tcp(a) => a.presentation_contexts(),
+            Link::Tls(a) => a.presentation_contexts(),
+        }
+    }
+
+    fn acceptor_max_pdu_length(&self) -> u32 {
+        match self {
+            Link::Tcp(a) => a.acceptor_max_pdu_length(),
+            Link::Tls(a) => a.acceptor_max_pdu_length(),
+        }
+    }
+
+    async fn send(&mut self, pdu: &Pdu) -> Result<(), dicom_ul::association::Error> {
+        match self {
+            Link::Tcp(a) => a.send(pdu).await,
+            Link::Tls(a) => a.send(pdu).await,
+        }
+    }
+
+    async fn receive(&mut self) -> Result<Pdu, dicom_ul::association::Error> {
+        match self {
+            Link::Tcp(a) => a.receive().await,
+            Link::Tls(a) => a.receive().await,
+        }
+    }
+
+    async fn release(self) -> Result<(), dicom_ul::association::Error> {
+        match self {
+            Link::Tcp(a) => a.release().await,
+            Link::Tls(a) => a.release().await,
+        }
+    }
+
+    async fn abort(self) -> Result<(), dicom_ul::association::Error> {
+        match self {
+            Link::Tcp(a) => a.abort().await,
+            Link::Tls(a) => a.abort().await,
+        }
+    }
+}
+
 async fn associate(
     addr: &str,
+    tls: Option<&TlsConnector>,
     calling_ae: &str,
     called_ae: &str,
     contexts: &[(String, Vec<String>)],
-) -> Result<AsyncClientAssociation<TcpStream>, ScuError> {
+) -> Result<Link, ScuError> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(calling_ae)
         .called_ae_title(called_ae)
@@ -600,25 +832,64 @@ async fn associate(
             syntaxes.iter().map(String::as_str).collect(),
         );
     }
-    let mut assoc = options.establish_async(addr).await.map_err(|e| match e {
+    let failed = |e: dicom_ul::association::Error| match e {
         dicom_ul::association::Error::NoAcceptedPresentationContexts { .. } => {
             ScuError::NothingAccepted {
                 addr: addr.to_string(),
             }
         }
+        // With TLS support compiled in, dicom-ul reports every failure to read the
+        // A-ASSOCIATE response as "TLS not enabled, but peer seems to be sending TLS
+        // data", whatever happened; say what it can mean instead.
+        dicom_ul::association::Error::TlsNotSupported => ScuError::Association {
+            addr: addr.to_string(),
+            reason: match tls {
+                Some(_) => "over TLS: no A-ASSOCIATE response after the TLS handshake: the peer \
+                    closed the connection (it may have refused the client certificate, or \
+                    none was configured) or did not answer in time"
+                    .into(),
+                None => "no A-ASSOCIATE response: the peer closed the connection, did not \
+                    answer in time, or expects TLS on this port"
+                    .into(),
+            },
+        },
         e => ScuError::Association {
             addr: addr.to_string(),
-            reason: error_chain(&e),
+            reason: match tls {
+                Some(_) => format!("over TLS: {}", error_chain(&e)),
+                None => error_chain(&e),
+            },
         },
-    })?;
-    // Commands are small writes; without this each one waits for a delayed ACK.
-    let _ = assoc.inner_stream().set_nodelay(true);
-    Ok(assoc)
+    };
+    // Commands are small writes; without TCP_NODELAY each one waits for a delayed ACK.
+    match tls {
+        None => {
+            let mut assoc = options.establish_async(addr).await.map_err(failed)?;
+            let _ = assoc.inner_stream().set_nodelay(true);
+            Ok(Link::Tcp(Box::new(assoc)))
+        }
+        Some(tls) => {
+            let server_name = tls
+                .server_name_for(addr)
+                .map_err(|e| ScuError::Association {
+                    addr: addr.to_string(),
+                    reason: format!("over TLS: {e}"),
+                })?;
+            let mut assoc = options
+                .tls_config(tls.config.clone())
+                .server_name(server_name)
+                .establish_tls_async(addr)
+                .await
+                .map_err(failed)?;
+            let _ = assoc.inner_stream().get_ref().0.set_nodelay(true);
+            Ok(Link::Tls(Box::new(assoc)))
+        }
+    }
 }
 
 /// Send `data` as PDVs of one type, each in its own P-DATA-TF within the peer's limit.
 async fn send_pdvs(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
+    assoc: &mut Link,
     context_id: u8,
     value_type: PDataValueType,
     data: &[u8],
@@ -649,9 +920,7 @@ async fn send_pdvs(
 }
 
 /// Receive one complete command set.
-async fn receive_command(
-    assoc: &mut AsyncClientAssociation<TcpStream>,
-) -> Result<dimse::Command, String> {
+async fn receive_command(assoc: &mut Link) -> Result<dimse::Command, String> {
     let mut bytes = Vec::new();
     loop {
         let pdu = assoc.receive().await.map_err(|e| error_chain(&e))?;

@@ -332,3 +332,22 @@ async fn objects_in_memory_are_sent_as_they_are() {
         assert_stored_exactly(find(&received, &ct.instance), path, EXPLICIT_LE, "RADEXP");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_closes_without_answering_is_an_association_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let peer = tokio::spawn(async move {
+        // Reads the A-ASSOCIATE-RQ, then hangs up.
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await;
+    });
+    match scu::echo(&addr, "RADSEND", "RADFLOW").await {
+        Err(ScuError::Association { reason, .. }) => {
+            assert!(reason.contains("closed the connection"), "{reason}")
+        }
+        other => panic!("expected an association error, got {other:?}"),
+    }
+    peer.await.unwrap();
+}

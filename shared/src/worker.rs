@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -168,8 +167,8 @@ fn spawn_process(
     });
 }
 
-/// The consume loop of a worker with several lanes: one message at a time per
-/// permit, pulled by priority, nothing prefetched.
+/// The consume loop: one message at a time per permit, pulled by priority when the
+/// worker has several lanes, nothing prefetched.
 async fn run_lanes(
     bus: Arc<dyn Bus>,
     handler: Arc<dyn Handler>,
@@ -221,66 +220,19 @@ pub async fn run(
 ) {
     let stage = handler.stage();
     let tracker = TaskTracker::new();
-    let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
-    let mut retry = Duration::from_millis(500);
-    if config.stat.is_some() || config.batch.is_some() {
-        run_lanes(
-            bus.clone(),
-            handler.clone(),
-            config.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-            &tracker,
-        )
-        .await;
-    }
-    'outer: while !shutdown.is_cancelled() {
-        let mut sub = match bus.subscribe(&config.consumer).await {
-            Ok(sub) => {
-                retry = Duration::from_millis(500);
-                sub
-            }
-            Err(e) => {
-                metrics.bus_error(stage);
-                tracing::warn!(stage, error = %e, "cannot subscribe; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(retry) => {}
-                }
-                retry = (retry * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        tracing::info!(stage, consumer = %config.consumer.durable, "consuming");
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'outer,
-                n = sub.next() => n,
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    spawn_process(
-                        &tracker, &bus, &handler, &config, &metrics, delivery, permit,
-                    );
-                }
-                Some(Err(e)) => {
-                    metrics.bus_error(stage);
-                    tracing::warn!(stage, error = %e, "subscription error; resubscribing");
-                    tokio::time::sleep(retry).await;
-                    continue 'outer;
-                }
-                None => {
-                    tracing::warn!(stage, "subscription ended; resubscribing");
-                    tokio::time::sleep(retry).await;
-                    continue 'outer;
-                }
-            }
-        }
-    }
+    // Every worker pulls one message per free permit (`run_lanes`, also with a single
+    // consumer): a message waiting in a client-side prefetch buffer gets no in-progress
+    // acks, so behind a slow message it would pass its ack wait, be delivered again
+    // (to this worker or another) and be handled twice, each time counting a delivery.
+    run_lanes(
+        bus.clone(),
+        handler.clone(),
+        config.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        &tracker,
+    )
+    .await;
     tracker.close();
     if tokio::time::timeout(config.drain, tracker.wait())
         .await

@@ -19,6 +19,10 @@
 #      dead-lettered, no job left;
 #   5. checks that the phantom's patient name and ID appear in no container log.
 #
+# After start-up it checks NATS's access: TLS required on 4222, every radflow connection
+# TLS and authenticated as user radflow, `radflow status` from the host over TLS with
+# the CA and password that nats-certs made, and nothing in the clear or without the CA.
+#
 #   scripts/compose-smoke.sh            (needs root for the first debootstrap, Docker,
 #                                        docker-compose, cargo, curl, python3, .venv,
 #                                        DCMTK's storescp)
@@ -216,6 +220,41 @@ for s in listener preprocessor inferer exporter; do
   docker inspect -f '{{.Config.User}}' "$(container "$s")" | grep -q '^10001' || die "$s does not run as user 10001"
   [[ $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$(container "$s")") == true ]] || die "$s root file system is writable"
 done
+
+# ------------------------------------------------------------- NATS access
+log "NATS: TLS and user/password (nats-certs)"
+python3 - <<'PY' || die "NATS takes cleartext clients"
+import json, socket
+s = socket.create_connection(("127.0.0.1", 4222), timeout=5)
+info = json.loads(s.recv(65536).decode().split(" ", 1)[1])
+assert info.get("tls_required") is True and info.get("auth_required") is True, info
+PY
+connz=$(curl -sf "http://127.0.0.1:8222/connz?auth=true&limit=1024") || die "no /connz"
+python3 - "$connz" <<'PY' || die "a radflow connection to NATS is not TLS as user radflow"
+import json, sys
+conns = [c for c in json.loads(sys.argv[1]).get("connections", []) if c.get("name", "").startswith("radflow")]
+names = sorted({c["name"] for c in conns})
+assert len(names) >= 4, f"radflow clients: {names}"
+bad = [c for c in conns if not c.get("tls_version") or c.get("authorized_user") != "radflow"]
+assert not bad, bad
+print(f"{len(conns)} connections of {', '.join(names)}: TLS {conns[0]['tls_version']}, user radflow")
+PY
+nats_id=$(container nats)
+docker cp "$nats_id:/etc/nats/tls/ca.crt" "$work/nats-ca.crt" >/dev/null
+docker cp "$nats_id:/etc/nats/tls/nats-password" "$work/nats-password" >/dev/null
+nats_tls=(--nats-url tls://127.0.0.1:4222 --nats-tls-ca "$work/nats-ca.crt" --nats-user radflow
+  --nats-password-file "$work/nats-password" --nats-monitor-url http://127.0.0.1:8222)
+"$radflow" status "${nats_tls[@]}" --json >"$work/status.json" 2>"$work/status.log" \
+  || die "radflow status over TLS from the host failed: $(tail -n 5 "$work/status.log")"
+# Without the CA, or in the clear: refused, with the certificate error.
+for url in tls://127.0.0.1:4222 nats://127.0.0.1:4222; do
+  if timeout 30 "$radflow" status --nats-url "$url" --nats-user radflow --nats-password-file "$work/nats-password" \
+    --nats-monitor-url http://127.0.0.1:8222 --json >"$work/refused.log" 2>&1; then
+    die "radflow status reached NATS at $url without the CA"
+  fi
+  grep -q UnknownIssuer "$work/refused.log" || die "no certificate error for $url: $(tail -n 3 "$work/refused.log")"
+done
+record "nats_access" '"TLS required, radflow clients TLS as user radflow, host client over TLS with the CA, refused without it"'
 
 # -------------------------------------------------------------- 1. cold starts
 # Process start (the container's StartedAt) to the first 200 from /readyz, polled

@@ -223,6 +223,9 @@ def cmd_monitoring(args) -> list[str]:
     }
     for name, service in services.items():
         build = service.get("build", {})
+        # A one-shot job without a network (nats-certs) has nothing to scrape.
+        if service.get("network_mode") == "none":
+            continue
         if isinstance(build, dict) and build.get("dockerfile") == "docker/Dockerfile" and name not in scraped:
             out.append(f"prometheus: radflow service {name} of compose.yaml is not scraped")
     for name in ("prometheus", "grafana", "nats-exporter"):

@@ -13,7 +13,6 @@ use radflow_shared::bus::Bus;
 use radflow_shared::secret::Secret;
 use radflow_shared::status::{self, Failure, StatusReport};
 use radflow_shared::util::now_ms;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DlqArgs, DlqCommand, SourceArgs, StatusArgs};
 
@@ -40,11 +39,10 @@ async fn open(args: &SourceArgs) -> Result<Source> {
             defaulted: true,
         });
     }
-    let cancel = CancellationToken::new();
-    let connect = args.bus.connect_nats("radflow-ops", &cancel);
-    let bus = tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .context("NATS did not answer within 10 s")??;
+    let bus = args
+        .bus
+        .connect_nats_within("radflow-ops", Duration::from_secs(10))
+        .await?;
     Ok(Source::Nats(bus))
 }
 

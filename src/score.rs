@@ -24,7 +24,6 @@ use radflow_shared::status;
 use radflow_shared::store::Store;
 use radflow_shared::util::{now_ms, sha256_hex};
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::ScoreArgs;
 use crate::progress::Progress;
@@ -150,13 +149,10 @@ pub async fn score(args: ScoreArgs) -> Result<()> {
         .clone();
     let reference = model.reference();
     let store = args.store.open()?;
-    let cancel = CancellationToken::new();
-    let bus: Arc<dyn Bus> = tokio::time::timeout(
-        Duration::from_secs(15),
-        args.bus.connect_nats("radflow-score", &cancel),
-    )
-    .await
-    .context("NATS did not answer within 15 s")??;
+    let bus: Arc<dyn Bus> = args
+        .bus
+        .connect_nats_within("radflow-score", Duration::from_secs(15))
+        .await?;
 
     // 1. Candidates.
     let mut candidates = match &args.folder {

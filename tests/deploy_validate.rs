@@ -229,6 +229,15 @@ spec:
   project: radflow
   source: {{repoURL: "https://example.org/radflow.git", targetRevison: main, path: k8s/overlays/dev}}
   destination: {{server: "https://kubernetes.default.svc", namespace: radflow}}
+---
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {{name: radflow-nats-tls}}
+spec:
+  secretNmae: radflow-nats-tls
+  dnsNames: [nats]
+  usages: [server auth, client-auth]
+  issuerRef: {{name: radflow-nats-ca}}
 "#
     );
     let output = check_manifests(&dir.0, "prod", &yaml);
@@ -241,6 +250,9 @@ spec:
         "ScaledObject/inferer: spec: Additional properties are not allowed ('pollingIntervall' was unexpected)",
         "ScaledObject/inferer: spec.triggers.0.metadata.lagThreshold: 4 is not of type 'string'",
         "Application/radflow-dev: spec.source: Additional properties are not allowed ('targetRevison' was unexpected)",
+        "Certificate/radflow-nats-tls: spec: 'secretName' is a required property",
+        "Certificate/radflow-nats-tls: spec: Additional properties are not allowed ('secretNmae' was unexpected)",
+        "Certificate/radflow-nats-tls: spec.usages.1: 'client-auth' is not one of",
     ] {
         assert!(
             err.contains(finding),
@@ -580,6 +592,525 @@ fn compose_runs_the_exporter_like_the_other_workers() {
     assert!(prometheus.contains("targets: [\"exporter:8080\"]"));
     #[cfg(feature = "exporter")]
     assert_destinations_file("docker/destinations.toml");
+}
+
+/// The pod templates of a rendered overlay's workloads, by kind and name.
+fn pod_templates(docs: &[serde_json::Value]) -> Vec<(String, &serde_json::Value)> {
+    docs.iter()
+        .filter_map(|d| {
+            let template = match d["kind"].as_str()? {
+                "Deployment" | "StatefulSet" | "DaemonSet" | "Job" => &d["spec"]["template"],
+                "CronJob" => &d["spec"]["jobTemplate"]["spec"]["template"],
+                _ => return None,
+            };
+            Some((
+                format!(
+                    "{}/{}",
+                    d["kind"].as_str()?,
+                    d["metadata"]["name"].as_str()?
+                ),
+                template,
+            ))
+        })
+        .collect()
+}
+
+/// Whether a container's environment comes from Secret `secret` (or the hashed name a
+/// secretGenerator gives it).
+fn has_secret_ref(container: &serde_json::Value, secret: &str) -> bool {
+    container["envFrom"].as_array().is_some_and(|e| {
+        e.iter().any(|r| {
+            r["secretRef"]["name"].as_str().is_some_and(|n| {
+                n == secret
+                    || n.strip_prefix(secret)
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(|hash| {
+                            hash.len() == 10 && hash.bytes().all(|b| b.is_ascii_alphanumeric())
+                        })
+            })
+        })
+    })
+}
+
+#[test]
+fn nats_takes_tls_clients_only_and_every_radflow_workload_trusts_its_ca() {
+    for overlay in ["dev", "prod", "gpu"] {
+        let docs = yaml_docs(&render(overlay));
+        // Every radflow container reads these from radflow-config.
+        let config = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ConfigMap"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("radflow-config-"))
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no radflow-config"));
+        assert_eq!(
+            config["data"]["RADFLOW_NATS_URL"], "tls://nats:4222",
+            "{overlay}"
+        );
+        assert_eq!(
+            config["data"]["RADFLOW_NATS_TLS_CA"], "/etc/nats-tls/ca.crt",
+            "{overlay}"
+        );
+
+        // Every pod that talks to NATS (the label that lets it through the network
+        // policy) mounts the CA, and only the CA, of Secret radflow-nats-tls, and no
+        // container points RADFLOW_NATS_URL elsewhere.
+        let mut clients = Vec::new();
+        for (name, pod) in pod_templates(&docs) {
+            let text = pod.to_string();
+            assert!(
+                !text.contains("nats://"),
+                "{overlay}: {name} names a cleartext NATS URL"
+            );
+            if pod["metadata"]["labels"]["radflow.io/nats-client"] != "true" {
+                assert!(
+                    !pod["spec"]["containers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|c| has_secret_ref(c, "radflow-nats")),
+                    "{overlay}: {name} has NATS credentials but no nats-client label"
+                );
+                continue;
+            }
+            let volumes = pod["spec"]["volumes"].as_array().unwrap();
+            let ca = volumes
+                .iter()
+                .find(|v| v["secret"]["secretName"] == "radflow-nats-tls")
+                .unwrap_or_else(|| {
+                    panic!("{overlay}: {name} mounts no radflow-nats-tls: {volumes:?}")
+                });
+            assert_eq!(
+                ca["secret"]["items"],
+                serde_json::json!([{"key": "ca.crt", "path": "ca.crt"}]),
+                "{overlay}: {name} mounts more of radflow-nats-tls than its CA"
+            );
+            let containers = pod["spec"]["containers"].as_array().unwrap();
+            let nats_containers: Vec<_> = containers
+                .iter()
+                .filter(|c| has_secret_ref(c, "radflow-nats"))
+                .collect();
+            assert!(
+                !nats_containers.is_empty(),
+                "{overlay}: {name}: no container with NATS credentials"
+            );
+            for c in nats_containers {
+                let mounts = c["volumeMounts"].as_array().unwrap();
+                assert!(
+                    mounts.iter().any(|m| m["name"] == ca["name"]
+                        && m["mountPath"] == "/etc/nats-tls"
+                        && m["readOnly"] == true),
+                    "{overlay}: {name}/{}: the CA is not at /etc/nats-tls: {mounts:?}",
+                    c["name"]
+                );
+                assert!(
+                    c["envFrom"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r["configMapRef"]["name"]
+                            .as_str()
+                            .is_some_and(|n| n.starts_with("radflow-config-"))),
+                    "{overlay}: {name}: no radflow-config"
+                );
+            }
+            clients.push(name);
+        }
+        let mut want = vec![
+            "Deployment/listener",
+            "Deployment/preprocessor",
+            "Deployment/inferer",
+            "Deployment/exporter",
+        ];
+        if overlay != "dev" {
+            want.extend([
+                "CronJob/radflow-rescore",
+                "CronJob/radflow-batch-score",
+                "CronJob/radflow-batch-workers",
+            ]);
+        }
+        for w in want {
+            assert!(
+                clients.iter().any(|c| c == w),
+                "{overlay}: {w} is not a TLS NATS client: {clients:?}"
+            );
+        }
+
+        // NATS: a tls {} block for clients from the Secret's files, mounted; the
+        // monitoring port stays plain HTTP (probes, KEDA, the NATS exporter).
+        let conf_map = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ConfigMap"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("nats-config-"))
+            })
+            .unwrap_or_else(|| panic!("{overlay}: no nats-config"));
+        let conf = conf_map["data"]["nats.conf"].as_str().unwrap();
+        let client_tls = &conf[conf
+            .find("\ntls {")
+            .unwrap_or_else(|| panic!("{overlay}: nats.conf has no tls block:\n{conf}"))..];
+        let client_tls = &client_tls[..client_tls.find("\n}").unwrap()];
+        for line in [
+            "cert_file: /etc/nats-tls/tls.crt",
+            "key_file: /etc/nats-tls/tls.key",
+            "ca_file: /etc/nats-tls/ca.crt",
+        ] {
+            assert!(
+                client_tls.contains(line),
+                "{overlay}: {line} missing in\n{client_tls}"
+            );
+        }
+        assert!(conf.contains("http: 0.0.0.0:8222"), "{overlay}: {conf}");
+        assert!(conf.contains("authorization {"), "{overlay}: {conf}");
+        if overlay != "dev" {
+            let cluster = &conf[conf.find("cluster {").expect("prod runs a cluster")..];
+            assert!(
+                cluster.contains("tls {") && cluster.contains("verify: true"),
+                "{overlay}: routes without mutual TLS:\n{cluster}"
+            );
+        }
+        let nats = find(&docs, "StatefulSet", "nats").unwrap();
+        let spec = &nats["spec"]["template"]["spec"];
+        let tls = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"] == "radflow-nats-tls")
+            .unwrap_or_else(|| panic!("{overlay}: NATS mounts no radflow-nats-tls"));
+        let c = spec["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "nats")
+            .unwrap_or_else(|| panic!("{overlay}: no nats container"));
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == tls["name"]
+                    && m["mountPath"] == "/etc/nats-tls"
+                    && m["readOnly"] == true),
+            "{overlay}: {c}"
+        );
+        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(c[probe]["httpGet"]["port"], "monitor", "{overlay}: {probe}");
+            assert!(
+                c[probe]["httpGet"]["scheme"].is_null(),
+                "{overlay}: {probe} is not plain HTTP"
+            );
+        }
+        for scaled in docs.iter().filter(|d| d["kind"] == "ScaledObject") {
+            for t in scaled["spec"]["triggers"].as_array().unwrap() {
+                assert!(
+                    t["metadata"]["natsServerMonitoringEndpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.ends_with(":8222")),
+                    "{overlay}: {t}"
+                );
+            }
+        }
+
+        // cert-manager issues the Secret, for the names clients and routes use.
+        let cert = find(&docs, "Certificate", "radflow-nats-tls")
+            .unwrap_or_else(|| panic!("{overlay}: no Certificate radflow-nats-tls"));
+        assert_eq!(cert["spec"]["secretName"], "radflow-nats-tls");
+        let names = cert["spec"]["dnsNames"].as_array().unwrap();
+        for name in ["nats", "nats.radflow.svc.cluster.local", "*.nats-headless"] {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{overlay}: {name} not in {names:?}"
+            );
+        }
+        let usages = cert["spec"]["usages"].as_array().unwrap();
+        for usage in ["server auth", "client auth"] {
+            assert!(usages.iter().any(|u| u == usage), "{overlay}: {usages:?}");
+        }
+        let issuer = cert["spec"]["issuerRef"]["name"].as_str().unwrap();
+        assert!(
+            find(&docs, "Issuer", issuer).is_some(),
+            "{overlay}: no Issuer {issuer}"
+        );
+    }
+}
+
+#[test]
+fn compose_gives_nats_tls_and_a_password_and_every_radflow_service_uses_them() {
+    let compose = &yaml_docs(&read("compose.yaml"))[0];
+    let services = compose["services"].as_object().unwrap();
+    let nats = &services["nats"];
+    assert_eq!(
+        nats["command"],
+        serde_json::json!(["--config", "/etc/nats/nats.conf"])
+    );
+    assert_eq!(
+        nats["depends_on"]["nats-certs"]["condition"],
+        "service_completed_successfully"
+    );
+    let volumes = nats["volumes"].as_array().unwrap();
+    for v in [
+        "./docker/nats.conf:/etc/nats/nats.conf:ro",
+        "nats-tls:/etc/nats/tls:ro",
+    ] {
+        assert!(
+            volumes.iter().any(|x| x == v),
+            "nats: {v} not in {volumes:?}"
+        );
+    }
+    let conf = read("docker/nats.conf");
+    for line in [
+        "include \"tls/nats-auth.conf\"",
+        "cert_file: /etc/nats/tls/server.crt",
+        "key_file: /etc/nats/tls/server.key",
+        "{ user: radflow, password: $NATS_PASSWORD }",
+        "http: 0.0.0.0:8222",
+    ] {
+        assert!(conf.contains(line), "docker/nats.conf: {line} missing");
+    }
+    let certs = &services["nats-certs"];
+    assert_eq!(
+        certs["entrypoint"],
+        serde_json::json!(["bash", "/usr/local/bin/dev-certs.sh"])
+    );
+    assert!(
+        certs["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == "./scripts/dev-certs.sh:/usr/local/bin/dev-certs.sh:ro")
+    );
+    assert_eq!(certs["network_mode"], "none");
+    let local = &yaml_docs(&read("compose.local.yaml"))[0];
+    assert_eq!(
+        local["services"]["nats-certs"]["image"],
+        "radflow-local/listener:${RADFLOW_VERSION:-0.1.0}"
+    );
+    // Every service that runs radflow: TLS to nats, its CA, user and password file.
+    let mut radflow = 0;
+    for (name, service) in services {
+        let env = &service["environment"];
+        if env["RADFLOW_NATS_URL"].is_null() {
+            assert!(
+                service["build"]["dockerfile"] != "docker/Dockerfile" || name == "nats-certs",
+                "{name} builds radflow but has no NATS settings"
+            );
+            continue;
+        }
+        radflow += 1;
+        assert_eq!(env["RADFLOW_NATS_URL"], "tls://nats:4222", "{name}");
+        assert_eq!(env["RADFLOW_NATS_TLS_CA"], "/etc/nats-tls/ca.crt", "{name}");
+        assert_eq!(env["RADFLOW_NATS_USER"], "radflow", "{name}");
+        assert_eq!(
+            env["RADFLOW_NATS_PASSWORD_FILE"], "/etc/nats-tls/nats-password",
+            "{name}"
+        );
+        assert!(
+            env["RADFLOW_NATS_PASSWORD"].is_null(),
+            "{name}: a password in compose.yaml"
+        );
+        let volumes = service["volumes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no volumes"));
+        assert!(
+            volumes.iter().any(|v| v == "nats-tls:/etc/nats-tls:ro"),
+            "{name}: {volumes:?}"
+        );
+    }
+    assert_eq!(
+        radflow, 5,
+        "listener, preprocessor, inferer, exporter, inferer-gpu"
+    );
+    assert!(read(".gitignore").lines().any(|l| l == "/docker/certs/"));
+}
+
+/// Runs scripts/dev-certs.sh into `dir`; its output.
+fn dev_certs(dir: &Path, args: &[&str]) -> Output {
+    let output = Command::new("bash")
+        .arg(repo().join("scripts/dev-certs.sh"))
+        .args(args)
+        .arg(dir)
+        .env_remove("RADFLOW_NATS_PASSWORD")
+        .env_remove("RADFLOW_NATS_CERT_NAMES")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", show(&output));
+    output
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[derive(clap::Parser)]
+struct BusCli {
+    #[command(flatten)]
+    bus: radflow_shared::config::BusArgs,
+}
+
+/// compose's NATS, without Docker: docker/nats.conf with what dev-certs.sh makes, on
+/// loopback ports, and radflow with compose's settings.
+#[tokio::test]
+async fn compose_nats_with_dev_certs_takes_radflow_over_tls_and_nothing_else() {
+    use clap::Parser;
+    use radflow_shared::bus::{Bus, ConsumerSpec, NatsBus, NatsOptions, Outgoing, RESULTS};
+
+    let dir = TempDir::new("compose-nats");
+    let etc = dir.0.join("etc/nats");
+    let tls = etc.join("tls");
+    dev_certs(&tls, &[]);
+    let names = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(tls.join("server.crt"))
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&names.stdout);
+    assert!(
+        names.contains("DNS:nats")
+            && names.contains("DNS:localhost")
+            && names.contains("IP Address:127.0.0.1"),
+        "{names}"
+    );
+    // Run again: kept. --renew: a new CA.
+    let ca = std::fs::read(tls.join("ca.crt")).unwrap();
+    let password = std::fs::read_to_string(tls.join("nats-password")).unwrap();
+    let again = dev_certs(&tls, &[]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("holds valid certificates"));
+    assert_eq!(std::fs::read(tls.join("ca.crt")).unwrap(), ca);
+    dev_certs(&tls, &["--renew"]);
+    assert_ne!(
+        std::fs::read(tls.join("ca.crt")).unwrap(),
+        ca,
+        "--renew kept the CA"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tls.join("nats-password")).unwrap(),
+        password
+    );
+    assert_eq!(password.trim().len(), 32);
+
+    let (port, monitor) = (free_port(), free_port());
+    let conf = read("docker/nats.conf")
+        .replace("/etc/nats/", &format!("{}/", etc.display()))
+        .replace(
+            "store_dir: /data",
+            &format!("store_dir: {:?}", dir.0.join("data")),
+        )
+        .replace("0.0.0.0:4222", &format!("127.0.0.1:{port}"))
+        .replace("0.0.0.0:8222", &format!("127.0.0.1:{monitor}"));
+    std::fs::write(etc.join("nats.conf"), conf).unwrap();
+    let log = dir.0.join("nats.log");
+    let mut server = Command::new(venv_bin("nats-server"))
+        .arg("-c")
+        .arg(etc.join("nats.conf"))
+        .arg("-l")
+        .arg(&log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("Server is ready")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start: {:?}",
+            server.try_wait()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _server = Kill(server);
+
+    // radflow as compose starts it (RADFLOW_NATS_* there), by name and by address.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("tls://{host}:{port}");
+        let cli = BusCli::try_parse_from([
+            "radflow",
+            "--nats-url",
+            &url,
+            "--nats-tls-ca",
+            tls.join("ca.crt").to_str().unwrap(),
+            "--nats-user",
+            "radflow",
+            "--nats-password-file",
+            tls.join("nats-password").to_str().unwrap(),
+        ])
+        .unwrap();
+        let bus = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            cli.bus.connect_nats("compose-test", &cancel),
+        )
+        .await
+        .expect("connects within 20 s")
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+        bus.publish(Outgoing {
+            subject: "radflow.result.compose".into(),
+            msg_id: format!("compose-{host}"),
+            correlation_id: String::new(),
+            payload: bytes::Bytes::from_static(b"job"),
+        })
+        .await
+        .unwrap();
+        let got = bus
+            .fetch(
+                &ConsumerSpec::new(RESULTS, &format!("compose-{}", host.replace('.', "-"))),
+                10,
+                std::time::Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "{url}: nothing came back");
+    }
+    // Refused: the right CA without the password, and the password without the CA.
+    let plain = |url: String| NatsOptions {
+        url,
+        name: "compose-test".into(),
+        replicas: 1,
+        ..Default::default()
+    };
+    let with_ca = NatsOptions {
+        tls_ca: Some(tls.join("ca.crt")),
+        ..plain(format!("tls://127.0.0.1:{port}"))
+    };
+    let err = NatsBus::connect(&with_ca)
+        .await
+        .err()
+        .expect("no password, no entry")
+        .to_string();
+    assert!(err.to_lowercase().contains("authorization"), "{err}");
+    let err = NatsBus::connect(&NatsOptions {
+        user: Some("radflow".into()),
+        password: Some(radflow_shared::secret::Secret::new(password.trim())),
+        ..plain(format!("nats://127.0.0.1:{port}"))
+    })
+    .await
+    .err()
+    .expect("no CA, no entry")
+    .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // The monitoring port stays plain HTTP (compose's health check, the NATS exporter).
+    let health = reqwest::get(format!(
+        "http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
+    ))
+    .await
+    .unwrap();
+    assert!(health.status().is_success());
 }
 
 /// The compose stack on this machine's Docker engine: builds the images without a

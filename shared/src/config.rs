@@ -18,8 +18,8 @@ use crate::telemetry::LogFormat;
 /// Where the bus is.
 #[derive(Debug, Clone, Args)]
 pub struct BusArgs {
-    /// NATS server URL (e.g. nats://nats:4222). Without it, `run` uses an in-process
-    /// bus; single-component commands require it.
+    /// NATS server URL (e.g. nats://nats:4222; tls://nats:4222 requires TLS).
+    /// Without it, `run` uses an in-process bus; single-component commands require it.
     #[arg(long, env = "RADFLOW_NATS_URL")]
     pub nats_url: Option<String>,
     /// NATS credentials file (.creds).
@@ -31,25 +31,72 @@ pub struct BusArgs {
     /// NATS password (prefer the environment variable or a creds file).
     #[arg(long, env = "RADFLOW_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<Secret>,
+    /// File holding the NATS password (e.g. a mounted Secret; trimmed), instead of
+    /// --nats-password.
+    #[arg(
+        long,
+        env = "RADFLOW_NATS_PASSWORD_FILE",
+        value_name = "FILE",
+        conflicts_with = "nats_password"
+    )]
+    pub nats_password_file: Option<PathBuf>,
     /// NATS token (prefer the environment variable).
     #[arg(long, env = "RADFLOW_NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<Secret>,
+    /// CA certificate(s) that signed the NATS server's certificate (PEM), trusted
+    /// instead of the system's; implies TLS required.
+    #[arg(long, env = "RADFLOW_NATS_TLS_CA", value_name = "PEM file")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM, with its chain) for a NATS server that verifies
+    /// clients (mutual TLS); needs --nats-tls-key, implies TLS required.
+    #[arg(
+        long,
+        env = "RADFLOW_NATS_TLS_CERT",
+        value_name = "PEM file",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Private key of --nats-tls-cert (PEM); needs --nats-tls-cert.
+    #[arg(
+        long,
+        env = "RADFLOW_NATS_TLS_KEY",
+        value_name = "PEM file",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
     /// Replicas of streams and buckets when radflow creates them (3 on a cluster).
     #[arg(long, env = "RADFLOW_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
 }
 
 impl BusArgs {
-    fn options(&self, url: &str, name: &str) -> NatsOptions {
-        NatsOptions {
+    /// The connection options; reads the password file.
+    pub fn options(&self, url: &str, name: &str) -> Result<NatsOptions, BusError> {
+        let password = match (&self.nats_password, &self.nats_password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    BusError::Refused(format!(
+                        "--nats-password-file {}: cannot read it: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(Secret::new(text.trim()))
+            }
+            (None, None) => None,
+        };
+        Ok(NatsOptions {
             url: url.to_owned(),
             name: name.to_owned(),
             creds_file: self.nats_creds.clone(),
             user: self.nats_user.clone(),
-            password: self.nats_password.clone(),
+            password,
             token: self.nats_token.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
             replicas: self.nats_replicas,
-        }
+        })
     }
 
     /// NATS if a URL is set (waiting for it to come up), else the in-process bus.
@@ -60,7 +107,7 @@ impl BusArgs {
     ) -> Result<Arc<dyn Bus>, BusError> {
         match &self.nats_url {
             Some(url) => Ok(Arc::new(
-                NatsBus::connect_retrying(&self.options(url, name), cancel).await?,
+                NatsBus::connect_retrying(&self.options(url, name)?, cancel).await?,
             )),
             None => Ok(Arc::new(InProcBus::new())),
         }
@@ -79,7 +126,22 @@ impl BusArgs {
             )
         })?;
         Ok(Arc::new(
-            NatsBus::connect_retrying(&self.options(url, name), cancel).await?,
+            NatsBus::connect_retrying(&self.options(url, name)?, cancel).await?,
+        ))
+    }
+
+    /// NATS, required, for tools that run once: retried for at most `limit`, then the
+    /// last error (an untrusted certificate, a wrong password) is the answer.
+    pub async fn connect_nats_within(
+        &self,
+        name: &str,
+        limit: std::time::Duration,
+    ) -> Result<Arc<NatsBus>, BusError> {
+        let url = self.nats_url.as_deref().ok_or_else(|| {
+            BusError::Refused("this command needs --nats-url (or RADFLOW_NATS_URL)".into())
+        })?;
+        Ok(Arc::new(
+            NatsBus::connect_within(&self.options(url, name)?, limit).await?,
         ))
     }
 }

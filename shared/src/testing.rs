@@ -1,4 +1,5 @@
-//! Real peers for tests: a `nats-server` with JetStream on a free loopback port, a
+//! Real peers for tests: a `nats-server` with JetStream on a free loopback port (in the
+//! clear, or TLS-only with certificates of a [`TestPki`]), a
 //! SeaweedFS S3 server ([`SeaweedFs`]), an Orthanc PACS ([`Orthanc`]), and the Python
 //! that has the reference packages.
 //!
@@ -8,9 +9,11 @@
 //! install it: a test must not pass by skipping.
 
 mod orthanc;
+mod pki;
 mod seaweedfs;
 
 pub use orthanc::Orthanc;
+pub use pki::TestPki;
 pub use seaweedfs::SeaweedFs;
 
 use std::path::{Path, PathBuf};
@@ -25,11 +28,48 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     binary: PathBuf,
+    tls: Option<NatsServerTls>,
+}
+
+/// TLS of a test server (a `tls {}` block in its configuration file): every client
+/// connection must then be TLS. The monitoring port stays plain HTTP.
+#[derive(Debug, Clone)]
+pub struct NatsServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that client certificates must be signed by (with `verify`).
+    pub ca: Option<PathBuf>,
+    /// Demand a client certificate and verify it (mutual TLS).
+    pub verify: bool,
+    /// One user and password that clients must give (an `authorization` block).
+    pub user_password: Option<(String, String)>,
+}
+
+impl NatsServerTls {
+    /// The server certificate of `pki`; with `verify`, client certificates of its CA.
+    pub fn from_pki(pki: &TestPki, verify: bool) -> Self {
+        Self {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            ca: Some(pki.ca.clone()),
+            verify,
+            user_password: None,
+        }
+    }
 }
 
 impl NatsServer {
     /// Starts a fresh server with JetStream on free ports.
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts a fresh server with JetStream that accepts TLS clients only.
+    pub fn start_tls(tls: NatsServerTls) -> std::io::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<NatsServerTls>) -> std::io::Result<Self> {
         let binary = find_binary()?;
         let dir = std::env::temp_dir().join(format!(
             "radflow-nats-{}-{}",
@@ -43,6 +83,7 @@ impl NatsServer {
             port: 0,
             monitor_port: 0,
             binary,
+            tls,
         };
         server.spawn(None, None)?;
         Ok(server)
@@ -55,23 +96,20 @@ impl NatsServer {
         let monitor_arg = monitor
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-1".into());
-        let child = Command::new(&self.binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port_arg,
-                "-m",
-                &monitor_arg,
-                "-sd",
-            ])
-            .arg(self.dir.join("data"))
+        let stderr = self.dir.join("nats.stderr");
+        let mut command = Command::new(&self.binary);
+        match &self.tls {
+            // The storage folder is in the configuration file.
+            Some(tls) => command.arg("-c").arg(self.write_tls_config(tls)?),
+            None => command.arg("-js").arg("-sd").arg(self.dir.join("data")),
+        };
+        let child = command
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-m", &monitor_arg])
             .arg("-l")
             .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr)?)
             .spawn()?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -84,17 +122,47 @@ impl NatsServer {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let errors = std::fs::read_to_string(&stderr).unwrap_or_default();
                 return Err(std::io::Error::other(format!(
-                    "nats-server did not start within 20 s; log:\n{text}"
+                    "nats-server did not start within 20 s; log:\n{text}{errors}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// `nats://127.0.0.1:<port>`
+    /// The configuration file of a TLS server: JetStream and the `tls {}` block
+    /// (addresses and ports stay on the command line).
+    fn write_tls_config(&self, tls: &NatsServerTls) -> std::io::Result<PathBuf> {
+        let mut conf = format!(
+            "jetstream {{\n  store_dir: {:?}\n}}\ntls {{\n  cert_file: {:?}\n  key_file: {:?}\n",
+            self.dir.join("data"),
+            tls.cert,
+            tls.key
+        );
+        if let Some(ca) = &tls.ca {
+            conf.push_str(&format!("  ca_file: {ca:?}\n"));
+        }
+        conf.push_str(&format!("  verify: {}\n  timeout: 5\n}}\n", tls.verify));
+        if let Some((user, password)) = &tls.user_password {
+            conf.push_str(&format!(
+                "authorization {{\n  users = [ {{ user: {user:?}, password: {password:?} }} ]\n}}\n"
+            ));
+        }
+        let path = self.dir.join("nats.conf");
+        std::fs::write(&path, conf)?;
+        Ok(path)
+    }
+
+    /// `nats://127.0.0.1:<port>`, or `tls://127.0.0.1:<port>` for a TLS server.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port, `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// `http://127.0.0.1:<monitor port>` (`/jsz`, `/varz`).

@@ -6,7 +6,7 @@
 //! duplicates inside the duplicate window.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,8 @@ use crate::secret::Secret;
 /// How to reach NATS.
 #[derive(Debug, Clone, Default)]
 pub struct NatsOptions {
-    /// `nats://host:4222` (comma-separated for a cluster).
+    /// `nats://host:4222` or `tls://host:4222` (TLS required), comma-separated for a
+    /// cluster.
     pub url: String,
     /// Client name shown in NATS monitoring (`radflow-listener`, …).
     pub name: String,
@@ -40,8 +41,121 @@ pub struct NatsOptions {
     pub user: Option<String>,
     pub password: Option<Secret>,
     pub token: Option<Secret>,
+    /// PEM file of the CA (or CAs) that signed the server's certificate; trusted instead
+    /// of the system's roots. Setting it requires TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate (with its chain) and its key, for servers that verify
+    /// clients (mutual TLS). Both or neither; setting them requires TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Replicas for streams and the bucket when they are created (3 in a cluster).
     pub replicas: usize,
+}
+
+impl NatsOptions {
+    /// Whether the connection must be TLS: a `tls://` URL, a CA or a client certificate.
+    /// A server that requires TLS gets it either way; this refuses a server that does
+    /// not offer it.
+    pub fn tls_required(&self) -> bool {
+        self.tls_ca.is_some()
+            || self.tls_cert.is_some()
+            || self
+                .url
+                .split(',')
+                .any(|u| u.trim().to_ascii_lowercase().starts_with("tls://"))
+    }
+
+    /// Checks the TLS files before any connection is tried: each must be readable and
+    /// hold what it is named for, and a certificate comes with its key. A mistake here
+    /// is a configuration error, reported once with the flag and the path, not a NATS
+    /// outage to wait out.
+    pub fn check_tls_files(&self) -> Result<(), BusError> {
+        use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let refused = |flag: &str, path: &Path, why: String| {
+            BusError::Refused(format!("{flag} {}: {why}", path.display()))
+        };
+        let certificates = |flag: &str, path: &Path| -> Result<(), BusError> {
+            let text = std::fs::read(path)
+                .map_err(|e| refused(flag, path, format!("cannot read it: {e}")))?;
+            let certs = CertificateDer::pem_slice_iter(&text)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| refused(flag, path, format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(refused(
+                    flag,
+                    path,
+                    "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(path) = &self.tls_ca {
+            certificates("--nats-tls-ca", path)?;
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                certificates("--nats-tls-cert", cert)?;
+                let text = std::fs::read(key)
+                    .map_err(|e| refused("--nats-tls-key", key, format!("cannot read it: {e}")))?;
+                PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+                    refused(
+                        "--nats-tls-key",
+                        key,
+                        format!("holds no PEM private key: {e}"),
+                    )
+                })?;
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(BusError::Refused(
+                    "--nats-tls-cert and --nats-tls-key go together: give both for a client certificate, or neither".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes ring rustls' process-wide crypto provider unless one is installed. async-nats
+/// builds its TLS configuration from the process default, and with more than one
+/// provider compiled in (object_store brings aws-lc-rs) rustls cannot choose one itself.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means another part of the process installed one first: that one is used.
+        let _ = async_nats::rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A connection error with what the TLS ones mean for the operator.
+fn explain_connect_error(e: &str) -> String {
+    let hint = if e.contains("InvalidContentType") {
+        "the server does not speak TLS, and the client requires it (tls:// URL, --nats-tls-ca or a client certificate)"
+    } else if e.contains("UnknownIssuer") {
+        "the server's certificate is not signed by a trusted CA: give its CA with --nats-tls-ca"
+    } else if e.contains("NotValidForName") {
+        "the server's certificate does not name the host of the URL"
+    } else if e.contains("CertificateRequired") {
+        "the server demands a client certificate: --nats-tls-cert and --nats-tls-key"
+    } else if e.contains("UnknownCA") || e.contains("BadCertificate") {
+        "the server does not trust the client certificate (--nats-tls-cert)"
+    } else {
+        return e.to_owned();
+    };
+    format!("{e} ({hint})")
+}
+
+/// The URLs with any `user:password@` taken out, for logs.
+fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}[redacted]@{}", &u[..scheme + 3], &u[at + 1..])
+            }
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The JetStream bus.
@@ -57,6 +171,8 @@ impl NatsBus {
     /// Connects and makes sure every stream exists. Fails if the server cannot be
     /// reached within a few seconds; callers that want to wait use [`connect_retrying`].
     pub async fn connect(opts: &NatsOptions) -> Result<Self, BusError> {
+        opts.check_tls_files()?;
+        install_crypto_provider();
         let mut connect = async_nats::ConnectOptions::new()
             .name(if opts.name.is_empty() {
                 "radflow"
@@ -77,10 +193,21 @@ impl NatsBus {
         if let Some(token) = &opts.token {
             connect = connect.token(token.expose().to_owned());
         }
+        // The files are read again on every (re)connect, so certificates renewed in
+        // place are picked up by the next connection.
+        if let Some(ca) = &opts.tls_ca {
+            connect = connect.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        if opts.tls_required() {
+            connect = connect.require_tls(true);
+        }
         let client = connect
             .connect(opts.url.as_str())
             .await
-            .map_err(BusError::unavailable)?;
+            .map_err(|e| BusError::Unavailable(explain_connect_error(&e.to_string())))?;
         let js = jetstream::new(client.clone());
         let bus = Self {
             client,
@@ -98,18 +225,48 @@ impl NatsBus {
         opts: &NatsOptions,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Self, BusError> {
+        // A TLS file that is missing or wrong does not fix itself: fail at once.
+        opts.check_tls_files()?;
         let backoff = Backoff::new(Duration::from_millis(250), 2, Duration::from_secs(5));
+        let url = redacted(&opts.url);
         for attempt in 1.. {
             match Self::connect(opts).await {
                 Ok(bus) => return Ok(bus),
                 Err(e) => {
-                    tracing::warn!(error = %e, url = %opts.url, retry_in = ?backoff.delay(attempt), "NATS not reachable yet");
+                    tracing::warn!(error = %e, url = %url, retry_in = ?backoff.delay(attempt), "NATS not reachable yet");
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Err(BusError::Closed),
                 _ = tokio::time::sleep(backoff.delay(attempt)) => {}
             }
+        }
+        unreachable!("the attempts never run out")
+    }
+
+    /// Connects, retrying with backoff for at most `limit`; then fails with the last
+    /// attempt's error (a command-line tool says why, e.g. an untrusted certificate).
+    pub async fn connect_within(opts: &NatsOptions, limit: Duration) -> Result<Self, BusError> {
+        opts.check_tls_files()?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let backoff = Backoff::new(Duration::from_millis(250), 2, Duration::from_secs(2));
+        for attempt in 1.. {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let error = match tokio::time::timeout(left, Self::connect(opts)).await {
+                Ok(Ok(bus)) => return Ok(bus),
+                Ok(Err(BusError::Unavailable(e))) => e,
+                Ok(Err(other)) => return Err(other),
+                Err(_) => "no answer".to_owned(),
+            };
+            let wait = backoff.delay(attempt);
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(BusError::Unavailable(format!(
+                    "no connection to NATS at {} within {} s: {error}",
+                    redacted(&opts.url),
+                    limit.as_secs()
+                )));
+            }
+            tokio::time::sleep(wait).await;
         }
         unreachable!("the attempts never run out")
     }
@@ -535,5 +692,86 @@ impl Kv for NatsKv {
             Err(e) if e.to_string().contains("wrong last sequence") => Ok(false),
             Err(e) => Err(BusError::unavailable(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_is_required_by_a_tls_url_a_ca_or_a_client_certificate() {
+        let plain = NatsOptions {
+            url: "nats://nats:4222".into(),
+            ..Default::default()
+        };
+        assert!(!plain.tls_required());
+        for opts in [
+            NatsOptions {
+                url: "nats://a:4222, TLS://b:4222".into(),
+                ..Default::default()
+            },
+            NatsOptions {
+                tls_ca: Some("ca.crt".into()),
+                ..plain.clone()
+            },
+            NatsOptions {
+                tls_cert: Some("client.crt".into()),
+                tls_key: Some("client.key".into()),
+                ..plain.clone()
+            },
+        ] {
+            assert!(opts.tls_required(), "{opts:?}");
+        }
+    }
+
+    #[test]
+    fn tls_files_are_checked_with_the_flag_and_the_path() {
+        let dir =
+            std::env::temp_dir().join(format!("radflow-nats-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.crt");
+        let not_pem = dir.join("not-pem.crt");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let err = |opts: NatsOptions| opts.check_tls_files().unwrap_err().to_string();
+
+        let e = err(NatsOptions {
+            tls_ca: Some(missing.clone()),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("--nats-tls-ca") && e.contains(&*missing.to_string_lossy()),
+            "{e}"
+        );
+        assert!(e.contains("cannot read it"), "{e}");
+        let e = err(NatsOptions {
+            tls_ca: Some(not_pem.clone()),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("--nats-tls-ca") && e.contains("holds no PEM certificate"),
+            "{e}"
+        );
+        let e = err(NatsOptions {
+            tls_cert: Some(not_pem.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("go together"), "{e}");
+        let e = err(NatsOptions {
+            tls_key: Some(not_pem.clone()),
+            ..Default::default()
+        });
+        assert!(e.contains("go together"), "{e}");
+        assert!(NatsOptions::default().check_tls_files().is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn urls_are_logged_without_credentials() {
+        assert_eq!(
+            redacted("nats://radflow:hunter2@a:4222,tls://b:4222"),
+            "nats://[redacted]@a:4222,tls://b:4222"
+        );
+        assert_eq!(redacted("tls://nats:4222"), "tls://nats:4222");
     }
 }

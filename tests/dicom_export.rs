@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -74,52 +74,19 @@ to = ["caller", "down"]
     )
     .unwrap();
 
-    let common = |cmd: &mut Command, http: u16| {
-        cmd.args(["--nats-url", &nats.url(), "--store-url", &store_url])
-            .args(["--http-port", &http.to_string()]);
-    };
-    let (listener_http, pre_http, inf_http, exp_http) =
-        (free_port(), free_port(), free_port(), free_port());
-    let mut listener = radflow();
-    listener.arg("listener");
-    common(&mut listener, listener_http);
-    listener.args([
-        "--dicom-port",
-        &dicom_port.to_string(),
-        "--series-quiet-secs",
-        "2",
-    ]);
-    let mut listener = Proc::spawn("listener", listener, work.path());
-    let mut pre = radflow();
-    pre.arg("preprocessor");
-    common(&mut pre, pre_http);
-    let mut pre = Proc::spawn("preprocessor", pre, work.path());
-    let mut inf = radflow();
-    inf.arg("inferer");
-    common(&mut inf, inf_http);
-    let mut inf = Proc::spawn("inferer", inf, work.path());
-    let mut exp = radflow();
-    exp.arg("exporter");
-    common(&mut exp, exp_http);
-    exp.arg("--destinations")
-        .arg(&destinations)
-        .args(["--max-deliver", "3"]);
-    let mut exp = Proc::spawn("exporter", exp, work.path());
-
-    wait_port(
+    let mut stack = Stack::start(
+        &nats.url(),
+        &store_url,
         dicom_port,
-        &mut [&mut listener, &mut pre, &mut inf, &mut exp],
+        &[
+            "--destinations".as_ref(),
+            destinations.as_os_str(),
+            "--max-deliver".as_ref(),
+            "3".as_ref(),
+        ],
+        work.path(),
     );
-    wait_for(
-        "inferer and exporter ready",
-        Duration::from_secs(60),
-        || {
-            inf.assert_running();
-            exp.assert_running();
-            let ready = |port| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
-            (ready(inf_http) && ready(exp_http)).then_some(())
-        },
-    );
+    let exp_http = stack.exporter_http;
 
     let out = storescu(dicom_port, "RADFLOW", &dicom_files(&series_dir));
     assert!(
@@ -133,9 +100,7 @@ to = ["caller", "down"]
         "a failed try to the console",
         Duration::from_secs(120),
         || {
-            for p in [&mut listener, &mut pre, &mut inf, &mut exp] {
-                p.assert_running();
-            }
+            stack.assert_running();
             (exports(exp_http, "console", "retry") >= 1.0).then_some(())
         },
     );
@@ -143,7 +108,7 @@ to = ["caller", "down"]
     let mut console = storescp(console_port, "CT-SCANNER", &inbox, work.path());
 
     wait_for("SEG and SR at the console", Duration::from_secs(60), || {
-        exp.assert_running();
+        stack.exporter.assert_running();
         console.assert_running();
         (exports(exp_http, "console", "sent") >= 1.0 && received(&inbox).len() >= 2).then_some(())
     });
@@ -174,7 +139,7 @@ to = ["caller", "down"]
 
     // The destination that stays down: dead-lettered after 3 deliveries, with why.
     let dead = wait_for("the dead letter of 'down'", Duration::from_secs(90), || {
-        exp.assert_running();
+        stack.exporter.assert_running();
         let (code, body) = http_get(exp_http, "/dlq")?;
         assert_eq!(code, 200, "{body}");
         let list: serde_json::Value = serde_json::from_str(&body).unwrap();

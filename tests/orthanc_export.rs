@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -101,50 +100,14 @@ to = ["pacs"]
     )
     .unwrap();
 
-    let common = |cmd: &mut Command, http: u16| {
-        cmd.args(["--nats-url", &nats.url(), "--store-url", &store_url])
-            .args(["--http-port", &http.to_string()]);
-    };
-    let (listener_http, pre_http, inf_http, exp_http) =
-        (free_port(), free_port(), free_port(), free_port());
-    let mut listener = radflow();
-    listener.arg("listener");
-    common(&mut listener, listener_http);
-    listener.args([
-        "--dicom-port",
-        &dicom_port.to_string(),
-        "--series-quiet-secs",
-        "2",
-    ]);
-    let mut listener = Proc::spawn("listener", listener, work.path());
-    let mut pre = radflow();
-    pre.arg("preprocessor");
-    common(&mut pre, pre_http);
-    let mut pre = Proc::spawn("preprocessor", pre, work.path());
-    let mut inf = radflow();
-    inf.arg("inferer");
-    common(&mut inf, inf_http);
-    let mut inf = Proc::spawn("inferer", inf, work.path());
-    let mut exp = radflow();
-    exp.arg("exporter");
-    common(&mut exp, exp_http);
-    exp.arg("--destinations").arg(&destinations);
-    let mut exp = Proc::spawn("exporter", exp, work.path());
-
-    wait_port(
+    let mut stack = Stack::start(
+        &nats.url(),
+        &store_url,
         dicom_port,
-        &mut [&mut listener, &mut pre, &mut inf, &mut exp],
+        &["--destinations".as_ref(), destinations.as_os_str()],
+        work.path(),
     );
-    wait_for(
-        "inferer and exporter ready",
-        Duration::from_secs(60),
-        || {
-            inf.assert_running();
-            exp.assert_running();
-            let ready = |port| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
-            (ready(inf_http) && ready(exp_http)).then_some(())
-        },
-    );
+    let exp_http = stack.exporter_http;
 
     // Orthanc sends the study to radflow: a real C-STORE SCU, synchronously.
     let sent: Value = serde_json::from_str(
@@ -162,9 +125,7 @@ to = ["pacs"]
     // Two more series in the same study: the SEG and the SR.
     let deadline = Instant::now() + Duration::from_secs(180);
     let series = loop {
-        for p in [&mut listener, &mut pre, &mut inf, &mut exp] {
-            p.assert_running();
-        }
+        stack.assert_running();
         let series = study_series(&orthanc, &study);
         let mut modalities: Vec<&str> = series.iter().map(modality).collect();
         modalities.sort();
@@ -181,7 +142,7 @@ to = ["pacs"]
                 exports(exp_http, "pacs", "sent"),
                 exports(exp_http, "pacs", "retry"),
                 exports(exp_http, "pacs", "refused"),
-                tail(&exp.logs(), 30),
+                tail(&stack.exporter.logs(), 30),
                 tail(&orthanc.log(), 30),
             );
         }

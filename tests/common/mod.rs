@@ -180,6 +180,76 @@ pub fn wait_port(port: u16, procs: &mut [&mut Proc]) {
     });
 }
 
+/// The four stages as processes of their own on NATS and one store, as the
+/// distributed mode runs them: the listener on `dicom_port` (quiet period 2 s), the
+/// preprocessor, the inferer and the exporter with `exporter_args` (its destinations
+/// file and limits). Each has a free HTTP port; `start` returns once the listener
+/// takes associations and the inferer and the exporter are ready.
+pub struct Stack {
+    pub listener: Proc,
+    pub preprocessor: Proc,
+    pub inferer: Proc,
+    pub exporter: Proc,
+    pub exporter_http: u16,
+}
+
+impl Stack {
+    pub fn start(
+        nats_url: &str,
+        store_url: &str,
+        dicom_port: u16,
+        exporter_args: &[&std::ffi::OsStr],
+        logs: &Path,
+    ) -> Self {
+        let spawn = |stage: &str, http: u16, extra: &[&std::ffi::OsStr]| {
+            let mut cmd = radflow();
+            cmd.arg(stage)
+                .args(["--nats-url", nats_url, "--store-url", store_url])
+                .args(["--http-port", &http.to_string()])
+                .args(extra);
+            Proc::spawn(stage, cmd, logs)
+        };
+        let dicom = dicom_port.to_string();
+        let listener_args =
+            ["--dicom-port", dicom.as_str(), "--series-quiet-secs", "2"].map(std::ffi::OsStr::new);
+        let (inferer_http, exporter_http) = (free_port(), free_port());
+        let mut stack = Self {
+            listener: spawn("listener", free_port(), &listener_args),
+            preprocessor: spawn("preprocessor", free_port(), &[]),
+            inferer: spawn("inferer", inferer_http, &[]),
+            exporter: spawn("exporter", exporter_http, exporter_args),
+            exporter_http,
+        };
+        wait_port(dicom_port, &mut stack.procs());
+        wait_for(
+            "inferer and exporter ready",
+            Duration::from_secs(60),
+            || {
+                stack.assert_running();
+                let ready = |port| http_get(port, "/readyz").is_some_and(|(s, _)| s == 200);
+                (ready(inferer_http) && ready(exporter_http)).then_some(())
+            },
+        );
+        stack
+    }
+
+    pub fn procs(&mut self) -> [&mut Proc; 4] {
+        [
+            &mut self.listener,
+            &mut self.preprocessor,
+            &mut self.inferer,
+            &mut self.exporter,
+        ]
+    }
+
+    /// Fails the test if a stage has exited.
+    pub fn assert_running(&mut self) {
+        for p in self.procs() {
+            p.assert_running();
+        }
+    }
+}
+
 /// The counter `radflow_exports_total` of a destination and outcome, from /metrics.
 pub fn exports(http: u16, destination: &str, outcome: &str) -> f64 {
     let Some((200, text)) = http_get(http, "/metrics") else {

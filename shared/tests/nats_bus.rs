@@ -176,7 +176,12 @@ async fn fetch_pulls_only_what_is_asked_for() {
             .await
             .unwrap();
     }
-    let one = bus.fetch(&spec, 1, Duration::ZERO).await.unwrap();
+    // A pull that does not wait may run ahead of the consumer seeing the new
+    // messages: wait for the first (it returns as soon as one is there).
+    let one = bus
+        .fetch(&spec, 1, Duration::from_millis(2000))
+        .await
+        .unwrap();
     assert_eq!(one.len(), 1);
     // Only the fetched message is in flight; the others wait on the server.
     let streams = bus.streams().await.unwrap();

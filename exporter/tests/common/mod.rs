@@ -136,82 +136,10 @@ impl Drop for Storescp {
     }
 }
 
-/// Runs openssl in `dir` and insists it succeeded.
-fn openssl(dir: &Path, args: &[&str]) {
-    let program = Path::new("/usr/bin/openssl");
-    assert!(
-        program.exists(),
-        "openssl is required at /usr/bin/openssl (apt-get install openssl)"
-    );
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// In `dir`: a test CA (`ca.crt`), a server certificate for 127.0.0.1 and localhost
-/// (`server.crt`, `server.key`) and a client certificate (`client.crt`,
-/// `client.key`) signed by it, and a self-signed certificate of another CA
-/// (`rogue.crt`, `rogue.key`). All PEM, valid for two days.
+/// In `dir`: the shared test PKI (`radflow_shared::testing::TestPki`): a CA
+/// (`ca.crt`), a server certificate for 127.0.0.1 and localhost (`server.crt`,
+/// `server.key`) and a client certificate (`client.crt`, `client.key`) signed by it,
+/// and a self-signed certificate nobody trusts (`rogue.crt`, `rogue.key`).
 pub fn make_pki(dir: &Path) {
-    let self_signed = |name: &str, subject: &str| {
-        let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
-        openssl(
-            dir,
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &crt,
-                "-subj", subject, "-days", "2",
-            ],
-        );
-    };
-    self_signed("ca", "/CN=radflow exporter test CA");
-    self_signed("rogue", "/CN=rogue CA");
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for who in ["server", "client"] {
-        let (key, csr, crt, ext) = (
-            format!("{who}.key"),
-            format!("{who}.csr"),
-            format!("{who}.crt"),
-            format!("{who}.ext"),
-        );
-        let subject = format!("/CN=radflow exporter test {who}");
-        openssl(
-            dir,
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                &subject,
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-extfile",
-                &ext,
-                "-days",
-                "2",
-            ],
-        );
-    }
+    radflow_shared::testing::TestPki::create(dir).expect("test certificates (openssl)");
 }

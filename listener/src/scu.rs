@@ -13,7 +13,7 @@
 //! [`Session::connect`]) take it, the others stay on plain TCP.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use dicom_ul::association::{AsyncClientAssociation, ClientAssociationOptions};
 use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu, PresentationContextNegotiated};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
 use crate::association::error_chain;
@@ -32,7 +32,7 @@ use crate::sop_classes::{
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
     VERIFICATION,
 };
-use crate::tls::TlsError;
+use crate::tls::{TlsError, certificates, pem_error};
 
 /// Most presentation contexts proposed in one association (the protocol allows 128).
 pub const MAX_CONTEXTS: usize = 128;
@@ -190,25 +190,6 @@ impl TlsConnector {
         check_server_name(name)?;
         Ok(name)
     }
-}
-
-fn pem_error(what: &'static str, path: &Path, detail: impl ToString) -> TlsError {
-    TlsError::Pem {
-        what,
-        path: path.to_owned(),
-        detail: detail.to_string(),
-    }
-}
-
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(what, path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_error(what, path, e))?;
-    if certs.is_empty() {
-        return Err(pem_error(what, path, "no CERTIFICATE block"));
-    }
-    Ok(certs)
 }
 
 fn check_server_name(name: &str) -> Result<(), TlsError> {

@@ -45,7 +45,7 @@ pub enum TlsError {
     Config(String),
 }
 
-fn pem_error(what: &'static str, path: &Path, detail: impl ToString) -> TlsError {
+pub(crate) fn pem_error(what: &'static str, path: &Path, detail: impl ToString) -> TlsError {
     TlsError::Pem {
         what,
         path: path.to_owned(),
@@ -53,7 +53,11 @@ fn pem_error(what: &'static str, path: &Path, detail: impl ToString) -> TlsError
     }
 }
 
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The certificates of a PEM file; none is an error.
+pub(crate) fn certificates(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_error(what, path, e))?
         .collect::<Result<Vec<_>, _>>()

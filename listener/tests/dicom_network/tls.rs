@@ -9,106 +9,16 @@ use radflow_listener::tls::{TlsFiles, server_config};
 
 use crate::helpers::*;
 
-/// Run openssl and insist it succeeded.
-async fn openssl(dir: &Path, args: &[&str]) {
-    let program = Path::new("/usr/bin/openssl");
-    assert!(
-        program.exists(),
-        "openssl is required at /usr/bin/openssl (apt-get install openssl)"
-    );
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .await
-        .expect("openssl runs");
-    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
-}
-
-/// A test CA, a server certificate for 127.0.0.1 and a client certificate, all PEM.
+/// The shared test PKI in `dir`: `ca.crt`, `server.crt`/`server.key` for 127.0.0.1
+/// and localhost, `client.crt`/`client.key` signed by the CA, and `rogue.crt`/
+/// `rogue.key` of a CA nobody trusts.
 async fn make_pki(dir: &Path) {
-    let days = ["-days", "2"];
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-subj",
-            "/CN=radflow test CA",
-            days[0],
-            days[1],
-        ],
-    )
-    .await;
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        radflow_shared::testing::TestPki::create(&dir).expect("test certificates (openssl)")
+    })
+    .await
     .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for who in ["server", "client"] {
-        let key = format!("{who}.key");
-        let csr = format!("{who}.csr");
-        let crt = format!("{who}.crt");
-        let ext = format!("{who}.ext");
-        let subject = format!("/CN=radflow test {who}");
-        openssl(
-            dir,
-            &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
-                &subject,
-            ],
-        )
-        .await;
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-extfile",
-                &ext,
-                days[0],
-                days[1],
-            ],
-        )
-        .await;
-    }
-    // A client certificate from a CA the server does not trust.
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "rogue.key",
-            "-out",
-            "rogue.crt",
-            "-subj",
-            "/CN=rogue",
-            days[0],
-            days[1],
-        ],
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,29 +50,14 @@ fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_d
 
     // The sender (calling AE CT-SCANNER) is also a destination; "down" never listens.
     let destinations = work.path().join("destinations.toml");
-    std::fs::write(
+    destinations_file(
         &destinations,
-        format!(
-            r#"
-[[destination]]
-name = "console"
-ae_title = "CT-SCANNER"
-host = "127.0.0.1"
-port = {console_port}
-
-[[destination]]
-name = "down"
-ae_title = "NOBODY"
-host = "127.0.0.1"
-port = {down_port}
-
-[[route]]
-models = ["demo-tissue"]
-to = ["caller", "down"]
-"#
-        ),
-    )
-    .unwrap();
+        &[
+            ("console", "CT-SCANNER", console_port),
+            ("down", "NOBODY", down_port),
+        ],
+        &["caller", "down"],
+    );
 
     let mut stack = Stack::start(
         &nats.url(),

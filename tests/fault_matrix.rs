@@ -169,23 +169,7 @@ impl Pipeline {
         let inbox = work.path().join("pacs");
         let (dicom_port, pacs_port) = (free_port(), free_port());
         let destinations = work.path().join("destinations.toml");
-        std::fs::write(
-            &destinations,
-            format!(
-                r#"
-[[destination]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-
-[[route]]
-models = ["demo-tissue"]
-to = ["pacs"]
-"#
-            ),
-        )
-        .unwrap();
+        destinations_file(&destinations, &[("pacs", "PACS", pacs_port)], &["pacs"]);
         let pacs = storescp(pacs_port, &inbox, work.path());
         let mut roles = vec![
             ("listener".to_owned(), Role::Listener),

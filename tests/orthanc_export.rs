@@ -80,25 +80,11 @@ fn a_study_orthanc_sends_comes_back_into_its_study_as_seg_and_sr() {
 
     // Orthanc is the destination "pacs", and the demo model's results go there.
     let destinations = work.path().join("destinations.toml");
-    std::fs::write(
+    destinations_file(
         &destinations,
-        format!(
-            r#"
-[[destination]]
-name = "pacs"
-ae_title = "{aet}"
-host = "127.0.0.1"
-port = {port}
-
-[[route]]
-models = ["demo-tissue"]
-to = ["pacs"]
-"#,
-            aet = orthanc.aet(),
-            port = orthanc.dicom_port()
-        ),
-    )
-    .unwrap();
+        &[("pacs", orthanc.aet(), orthanc.dicom_port())],
+        &["pacs"],
+    );
 
     let mut stack = Stack::start(
         &nats.url(),

@@ -180,6 +180,23 @@ pub fn wait_port(port: u16, procs: &mut [&mut Proc]) {
     });
 }
 
+/// Writes a destinations file: each `(name, AE title, port)` a node on 127.0.0.1, and
+/// one route of the demo model to `to` (destination names or `caller`).
+pub fn destinations_file(path: &Path, destinations: &[(&str, &str, u16)], to: &[&str]) {
+    let mut text = String::new();
+    for (name, ae_title, port) in destinations {
+        text.push_str(&format!(
+            "[[destination]]\nname = \"{name}\"\nae_title = \"{ae_title}\"\nhost = \"127.0.0.1\"\nport = {port}\n\n"
+        ));
+    }
+    let to: Vec<String> = to.iter().map(|t| format!("\"{t}\"")).collect();
+    text.push_str(&format!(
+        "[[route]]\nmodels = [\"demo-tissue\"]\nto = [{}]\n",
+        to.join(", ")
+    ));
+    std::fs::write(path, text).unwrap();
+}
+
 /// The four stages as processes of their own on NATS and one store, as the
 /// distributed mode runs them: the listener on `dicom_port` (quiet period 2 s), the
 /// preprocessor, the inferer and the exporter with `exporter_args` (its destinations

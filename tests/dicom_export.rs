@@ -5,7 +5,8 @@
 //! One destination is the sending AE ("back to the caller") and is down when the first
 //! export is tried: once it is up, it receives the SEG and the SR exactly once each,
 //! byte for byte as stored. Another stays down: its job ends in the dead-letter stream
-//! after the configured deliveries, with the reason.
+//! after the configured deliveries, with the reason. The embedded mode (`radflow run
+//! --destinations`) exports the same way.
 
 mod common;
 
@@ -211,4 +212,68 @@ fn dataset(file: &[u8]) -> &[u8] {
     // (0002,0000) File Meta Information Group Length, UL, explicit VR.
     let group_len = u32::from_le_bytes(file[140..144].try_into().unwrap()) as usize;
     &file[144 + group_len..]
+}
+
+/// The embedded mode exports too: `radflow run --destinations` sends the SEG and the SR
+/// of a result to its destination, byte for byte as stored.
+#[test]
+fn the_embedded_mode_exports_the_results() {
+    let work = TempDir::new("dicom-export-embedded");
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 64, 16, &["--seed", "5"]);
+    let (dicom_port, http_port, pacs_port) = (free_port(), free_port(), free_port());
+    let inbox = work.path().join("pacs");
+    let mut pacs = storescp(pacs_port, "PACS", &inbox, work.path());
+    let destinations = work.path().join("destinations.toml");
+    destinations_file(&destinations, &[("pacs", "PACS", pacs_port)], &["pacs"]);
+    let mut cmd = radflow();
+    cmd.arg("run")
+        .arg("--data")
+        .arg(work.path().join("data"))
+        .args(["--dicom-port", &dicom_port.to_string()])
+        .args(["--http-port", &http_port.to_string()])
+        .args(["--series-quiet-secs", "2"])
+        .arg("--destinations")
+        .arg(&destinations);
+    let mut run = Proc::spawn("run", cmd, work.path());
+    wait_port(dicom_port, &mut [&mut run]);
+
+    let out = storescu(dicom_port, "RADFLOW", &dicom_files(&series_dir));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "SEG and SR at the destination",
+        Duration::from_secs(120),
+        || {
+            run.assert_running();
+            pacs.assert_running();
+            (exports(http_port, "pacs", "sent") >= 1.0 && received(&inbox).len() >= 2).then_some(())
+        },
+    );
+    let result = work
+        .path()
+        .join(format!("data/results/{}/{MODEL}", truth.series_uid));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(result.join("summary.json")).unwrap()).unwrap();
+    let files = received(&inbox);
+    assert_eq!(files.len(), 2, "{files:?}");
+    for object in summary["dicom"].as_array().unwrap() {
+        let uid = object["sop_instance_uid"].as_str().unwrap();
+        let got = files
+            .iter()
+            .find(|f| f.file_name().unwrap().to_string_lossy().contains(uid))
+            .unwrap_or_else(|| panic!("{uid} not received: {files:?}"));
+        let stored = std::fs::read(result.join(object["file"].as_str().unwrap())).unwrap();
+        let arrived = std::fs::read(got).unwrap();
+        assert!(
+            dataset(&arrived) == dataset(&stored),
+            "{uid} arrived changed ({} bytes for {})",
+            arrived.len(),
+            stored.len()
+        );
+    }
+    pacs.kill();
 }

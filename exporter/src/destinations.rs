@@ -20,6 +20,15 @@
 //! key = "/etc/radflow/tls/radflow.key"    #   (mutual TLS), PEM chain and private key
 //! server_name = "archive"  # optional; the name its certificate carries (default: host)
 //!
+//! [[destination]]
+//! name = "research"
+//! ae_title = "RESEARCH"
+//! host = "research.example.org"
+//! port = 11112
+//!
+//! [destination.deidentify] # PS3.15 Basic Application Confidentiality Profile
+//! key_file = "/etc/radflow/deid/key"      # secret of the UID and patient pseudonyms
+//!
 //! [[route]]
 //! models = ["demo-tissue"] # optional; every model when absent
 //! to = ["pacs", "caller"]  # "caller": back to the AE that sent the study
@@ -35,6 +44,10 @@
 //! naming the destination and the file) and read again for every new association, so
 //! renewed certificates are used without a restart. Relative paths are taken from the
 //! working directory. Without the table the destination is sent to over plain TCP.
+//!
+//! A `[destination.deidentify]` table makes every object sent to that destination
+//! de-identified first ([`crate::deidentify`]); its key file is read and checked when the
+//! file is loaded, and again for every job.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -42,6 +55,8 @@ use std::path::{Path, PathBuf};
 use radflow_listener::scu::{TlsClient, TlsConnector};
 use radflow_listener::tls::TlsError;
 use serde::Deserialize;
+
+use crate::deidentify::{DeidentifyConfig, Key};
 
 /// The route target that means "the AE that sent the study".
 pub const CALLER: &str = "caller";
@@ -82,6 +97,10 @@ pub struct Destination {
     /// DICOM over TLS; plain TCP when `None`.
     #[serde(default)]
     pub tls: Option<DestinationTls>,
+    /// The Basic Application Confidentiality Profile on every object sent; objects go
+    /// as written when `None`.
+    #[serde(default)]
+    pub deidentify: Option<DeidentifyConfig>,
 }
 
 /// The `[destination.tls]` table: the client side of DICOM over TLS.
@@ -233,6 +252,11 @@ impl Destinations {
                     return invalid(format!("destination {:?}: tls: {e}", d.name));
                 }
             }
+            if let Some(deid) = &d.deidentify
+                && let Err(e) = Key::load(&deid.key_file)
+            {
+                return invalid(format!("destination {:?}: deidentify: {e}", d.name));
+            }
         }
         for r in &self.routes {
             if r.to.is_empty() {
@@ -381,5 +405,14 @@ to = ["pacs"]
             "go together",
         );
         bad(&format!("{tls}verify = false\n"), "unknown field");
+        let deid = format!("{one}[destination.deidentify]\nkey_file = \"/nonexistent/deid.key\"\n");
+        bad(
+            &deid,
+            "deidentify: cannot read the de-identification key /nonexistent/deid.key",
+        );
+        bad(
+            &format!("{one}[destination.deidentify]\n"),
+            "missing field `key_file`",
+        );
     }
 }

@@ -12,11 +12,14 @@
 //! - [`router`]: results to export jobs (`export-router` on the results stream).
 //! - [`sender`]: export jobs to C-STORE (`exporter` on the export stream).
 //! - [`associations`]: associations kept open between jobs to a destination.
+//! - [`deidentify`]: the Basic Application Confidentiality Profile for destinations
+//!   outside the hospital.
 //!
 //! The objects are written by the inferer, where the label map is; this stage only
 //! reads them from the store, so it links neither ONNX Runtime nor a pixel codec.
 
 pub mod associations;
+pub mod deidentify;
 pub mod destinations;
 pub mod router;
 pub mod sender;

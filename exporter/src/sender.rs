@@ -12,7 +12,9 @@
 //! it at once: retrying would not change the answer.
 //!
 //! The objects' UIDs are derived from the result, so an object sent twice (a retry
-//! after a lost response) replaces itself at the destination instead of doubling.
+//! after a lost response) replaces itself at the destination instead of doubling. A
+//! destination with `[destination.deidentify]` gets each object de-identified first
+//! ([`crate::deidentify`]); the keyed UIDs keep that property.
 
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ use radflow_shared::store::{Store, StoreError};
 use radflow_shared::worker::{HandleError, Handler, Outcome};
 
 use crate::associations::Pool;
+use crate::deidentify::{Key, deidentify_part10};
 use crate::destinations::Destinations;
 
 /// Stage name of the sender in metrics, logs and `radflow.dlq.exporter`.
@@ -93,6 +96,13 @@ impl Sender {
         job: &ExportRequested,
         destination: &crate::destinations::Destination,
     ) -> Result<Outcome, HandleError> {
+        let deid = match &destination.deidentify {
+            // Read for every job: a Secret remounted with the same key is picked up.
+            Some(config) => Some(Key::load(&config.key_file).map_err(|e| {
+                HandleError::Transient(anyhow::anyhow!("{}: {e}", destination.name))
+            })?),
+            None => None,
+        };
         let mut objects = Vec::with_capacity(job.objects.len());
         for object in &job.objects {
             let key = format!("{}{}", job.result_prefix, object.file);
@@ -105,6 +115,14 @@ impl Sender {
                     HandleError::Transient(e.into())
                 }
             })?;
+            let bytes = match &deid {
+                Some(secret) => deidentify_part10(&bytes, secret)
+                    .map(Into::into)
+                    .map_err(|e| {
+                        HandleError::permanent("deidentify_failed", format!("{key}: {e}"))
+                    })?,
+                None => bytes,
+            };
             objects.push(Part10 { name: key, bytes });
         }
         let name = &destination.name;

@@ -199,3 +199,82 @@ async fn fetch_pulls_only_what_is_asked_for() {
         .unwrap();
     assert_eq!(rest.len(), 2);
 }
+
+/// A pull open while nats-server restarts is forgotten by the server, which never
+/// answers it: the fetch gives up on its own (within its wait and a few seconds), and
+/// the next one, on the new connection, gets what was published meanwhile.
+#[tokio::test]
+async fn a_pull_open_across_a_server_restart_returns_and_the_next_gets_the_message() {
+    let mut server = NatsServer::start().expect("nats-server");
+    let bus = Arc::new(connect(&server).await);
+    let spec = ConsumerSpec::new(JOBS, "restart-lane");
+    assert!(
+        bus.fetch(&spec, 1, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let wait = Duration::from_secs(3);
+    let pulling = {
+        let (bus, spec) = (bus.clone(), spec.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let got = bus.fetch(&spec, 1, wait).await;
+            (got.map(|d| d.len()), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.restart().unwrap();
+    // And one that starts while the server is down, answered by nobody either.
+    server.stop();
+    let pulling_down = {
+        let (bus, spec) = (bus.clone(), spec.clone());
+        tokio::spawn(async move { bus.fetch(&spec, 1, wait).await.map(|d| d.len()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().unwrap();
+    let down = tokio::time::timeout(Duration::from_secs(30), pulling_down)
+        .await
+        .expect("the pull started while the server was down never returned")
+        .unwrap();
+    assert!(!matches!(down, Ok(n) if n > 0), "{down:?}");
+    let (got, took) = tokio::time::timeout(Duration::from_secs(30), pulling)
+        .await
+        .expect("the pull open across the restart never returned")
+        .unwrap();
+    assert!(
+        took < wait + Duration::from_secs(8),
+        "{got:?} after {took:?}"
+    );
+    assert!(!matches!(got, Ok(n) if n > 0), "{got:?}");
+
+    let mut published = false;
+    for _ in 0..50 {
+        if bus
+            .publish(msg("radflow.job.m", "after-restart", "x"))
+            .await
+            .is_ok()
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(published, "publish did not recover after the restart");
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        match bus.fetch(&spec, 1, Duration::from_millis(1000)).await {
+            Ok(d) if !d.is_empty() => {
+                got = d;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert_eq!(
+        got.len(),
+        1,
+        "the message published after the restart was not pulled"
+    );
+    got[0].acker.ack().await.unwrap();
+}

@@ -28,6 +28,9 @@ use super::{
 use crate::backoff::Backoff;
 use crate::secret::Secret;
 
+/// How long past its own expiry a pull may go unanswered before the client gives up.
+const PULL_GRACE: Duration = Duration::from_secs(5);
+
 /// How to reach NATS.
 #[derive(Debug, Clone, Default)]
 pub struct NatsOptions {
@@ -403,6 +406,48 @@ fn delivery(m: jetstream::Message) -> Delivery {
     }
 }
 
+impl NatsBus {
+    async fn pull(
+        &self,
+        spec: &ConsumerSpec,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let consumer = self.consumer(spec).await?;
+        let max = max.max(1);
+        let mut out = Vec::new();
+        if wait.is_zero() {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(BusError::unavailable)?;
+            while let Some(m) = batch.next().await {
+                out.push(delivery(m.map_err(BusError::unavailable)?));
+            }
+        } else {
+            // The server needs some time to answer an empty pull; below a second it
+            // may answer "request timeout" instead of an empty batch.
+            let mut batch = consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait.max(Duration::from_millis(100)))
+                .messages()
+                .await
+                .map_err(BusError::unavailable)?;
+            while let Some(m) = batch.next().await {
+                match m {
+                    Ok(m) => out.push(delivery(m)),
+                    Err(e) if out.is_empty() && e.to_string().contains("timed out") => break,
+                    Err(e) => return Err(BusError::unavailable(e)),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn unix_ms(t: time::OffsetDateTime) -> u64 {
     (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
@@ -443,38 +488,18 @@ impl Bus for NatsBus {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>, BusError> {
-        let consumer = self.consumer(spec).await?;
-        let max = max.max(1);
-        let mut out = Vec::new();
-        if wait.is_zero() {
-            let mut batch = consumer
-                .fetch()
-                .max_messages(max)
-                .messages()
-                .await
-                .map_err(BusError::unavailable)?;
-            while let Some(m) = batch.next().await {
-                out.push(delivery(m.map_err(BusError::unavailable)?));
-            }
-        } else {
-            // The server needs some time to answer an empty pull; below a second it
-            // may answer "request timeout" instead of an empty batch.
-            let mut batch = consumer
-                .batch()
-                .max_messages(max)
-                .expires(wait.max(Duration::from_millis(100)))
-                .messages()
-                .await
-                .map_err(BusError::unavailable)?;
-            while let Some(m) = batch.next().await {
-                match m {
-                    Ok(m) => out.push(delivery(m)),
-                    Err(e) if out.is_empty() && e.to_string().contains("timed out") => break,
-                    Err(e) => return Err(BusError::unavailable(e)),
-                }
-            }
+        // A pull request lives on the server: one that restarts while the request is
+        // open forgets it and never answers, not even with the end of the batch. The
+        // client gives up on its own after the wait and this grace, and the caller
+        // pulls again on the new connection instead of waiting forever.
+        let deadline = wait + PULL_GRACE;
+        match tokio::time::timeout(deadline, self.pull(spec, max, wait)).await {
+            Ok(result) => result,
+            Err(_) => Err(BusError::unavailable(format!(
+                "a pull from {} got no answer within {deadline:?}",
+                spec.durable
+            ))),
         }
-        Ok(out)
     }
 
     async fn kv(&self, bucket: &str) -> Result<Arc<dyn Kv>, BusError> {

@@ -1,8 +1,9 @@
 //! The fault matrix: a stream of studies through the distributed pipeline (listener,
 //! preprocessor, inferer and exporter as their own processes on a real nats-server,
 //! DCMTK's storescp as the destination) while one component is SIGKILLed at random
-//! points and restarted with the same flags, or while the destination stalls for
-//! longer than the ack wait.
+//! points and restarted with the same flags, while nats-server or the S3 server
+//! (SeaweedFS, the compose stack's) is killed and restarted under the workers, or while
+//! the destination stalls for longer than the ack wait.
 //!
 //! After each fault the same invariants are checked:
 //! - every instance answered Success is in the store, whole, under its SOP Instance UID;
@@ -28,7 +29,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use radflow_shared::testing::NatsServer;
+use radflow_shared::testing::{NatsServer, SeaweedFs};
 
 const MODEL: &str = "demo-tissue@1.0.0";
 /// Short, so that a killed worker's message comes back quickly.
@@ -146,7 +147,10 @@ struct Series {
 
 struct Pipeline {
     nats: NatsServer,
+    /// The S3 server when the store is S3; `store` is then a local mirror of its bucket.
+    s3: Option<SeaweedFs>,
     work: TempDir,
+    /// The store's folder (or the mirror of the S3 bucket, see [`Pipeline::mirror`]).
     store: PathBuf,
     store_url: String,
     /// What the destination received.
@@ -162,10 +166,18 @@ impl Pipeline {
     /// Everything up and ready: nats-server, storescp, the listener, the preprocessor,
     /// the inferer and `exporters` exporters.
     fn start(name: &str, exporters: usize) -> Self {
+        Self::start_on(name, exporters, None)
+    }
+
+    /// The same on an S3 store of `s3`.
+    fn start_on(name: &str, exporters: usize, s3: Option<SeaweedFs>) -> Self {
         let nats = NatsServer::start().expect("nats-server");
         let work = TempDir::new(name);
         let store = work.path().join("store");
-        let store_url = format!("file://{}", store.display());
+        let store_url = match &s3 {
+            Some(s3) => s3.store_url(),
+            None => format!("file://{}", store.display()),
+        };
         let inbox = work.path().join("pacs");
         let (dicom_port, pacs_port) = (free_port(), free_port());
         let destinations = work.path().join("destinations.toml");
@@ -196,6 +208,7 @@ impl Pipeline {
             .collect();
         let mut p = Self {
             nats,
+            s3,
             work,
             store,
             store_url,
@@ -247,7 +260,39 @@ impl Pipeline {
         if c.role == Role::Exporter {
             cmd.arg("--destinations").arg(&self.destinations);
         }
+        if let Some(s3) = &self.s3 {
+            cmd.envs(s3.env());
+        }
         cmd
+    }
+
+    /// Copies what the S3 bucket holds and the mirror lacks (or holds at another size)
+    /// into `store`, so that the checks read it as files. Nothing to do on a folder
+    /// store. A server that is down leaves the mirror as it was.
+    fn mirror(&self) {
+        let Some(s3) = &self.s3 else { return };
+        let store = s3.store();
+        let root = self.store.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let Ok(objects) = store.list("").await else {
+                return;
+            };
+            for o in objects {
+                let path = root.join(&o.key);
+                let same = std::fs::metadata(&path).is_ok_and(|m| m.len() == o.size);
+                if same {
+                    continue;
+                }
+                if let Ok(bytes) = store.get(&o.key).await {
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(&path, &bytes).unwrap();
+                }
+            }
+        });
     }
 
     fn index(&self, role: Role) -> usize {
@@ -611,6 +656,7 @@ fn wait_done(p: &mut Pipeline, series: &[Series], within: Duration) -> Instant {
     let deadline = Instant::now() + within;
     loop {
         p.assert_running();
+        p.mirror();
         let results = series
             .iter()
             .filter(|s| p.summary(&s.truth.series_uid).is_some())
@@ -665,6 +711,7 @@ struct Observed {
 
 /// The invariants, after the pipeline is quiet.
 fn check_invariants(p: &mut Pipeline, series: &[Series]) -> Observed {
+    p.mirror();
     // Every instance answered Success is in the store, whole, under its UID.
     for s in series {
         let dir = p.store.join(format!(
@@ -937,4 +984,91 @@ fn slow_destination_longer_than_the_ack_wait() {
         seen.redeliveries
     );
     assert_eq!(seen.inferred_twice, 0);
+}
+
+/// A server under the pipeline: the bus or the object store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Nats,
+    S3,
+}
+
+/// `server` SIGKILLed and restarted (same port, same data) 2–3 times while the workers
+/// hold messages of a stream that the listener has stored: every worker reconnects by
+/// itself, work in hand when the server went is retried or finished, and every series
+/// still ends with one result and its objects at the destination.
+fn server_killed_mid_pipeline(test: &str, server: Server) {
+    let mut rng = seeded(test);
+    let s3 = (server == Server::S3).then(|| SeaweedFs::start().expect("SeaweedFS"));
+    let mut p = Pipeline::start_on(test, 1, s3);
+    let series = make_series(p.work.path(), &mut rng, SERIES);
+    let workers: Vec<usize> = (0..p.components.len())
+        .filter(|i| p.components[*i].role != Role::Listener)
+        .collect();
+
+    let t0 = Instant::now();
+    // The sends finish first: an outage during a C-STORE is refused and resent by the
+    // modality (`tests/listener.rs`, `tests/object_storage.rs`), which would make later
+    // series revisions here.
+    let senders = send_stream(p.dicom_port, &series, &mut rng, Duration::from_secs(3));
+    check_sent(&series, senders);
+    let kills = rng.range(2, 3) as usize;
+    let mut done = Vec::new();
+    for _ in 0..kills {
+        let patience = Instant::now() + rng.millis(3000, 8000);
+        let holding = loop {
+            p.assert_running();
+            if workers.iter().any(|i| p.holding(*i) > 0) {
+                std::thread::sleep(rng.millis(0, 300));
+                break true;
+            }
+            if Instant::now() > patience {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        match server {
+            Server::Nats => p.nats.stop(),
+            Server::S3 => p.s3.as_mut().unwrap().stop(),
+        }
+        done.push(Fault {
+            at: t0.elapsed(),
+            holding,
+        });
+        let down = rng.millis(500, 3000);
+        std::thread::sleep(down);
+        match server {
+            Server::Nats => p.nats.restart().expect("nats-server restarts"),
+            Server::S3 => {
+                p.s3.as_mut()
+                    .unwrap()
+                    .restart()
+                    .expect("SeaweedFS restarts")
+            }
+        }
+        println!("{test}: {server:?} down for {:.1} s", down.as_secs_f64());
+        std::thread::sleep(rng.millis(500, 2000));
+    }
+    let last_fault = Instant::now();
+    let finished = wait_done(&mut p, &series, Duration::from_secs(180));
+    std::thread::sleep(Duration::from_secs(ACK_WAIT_SECS + 1));
+    let seen = check_invariants(&mut p, &series);
+    report(
+        test,
+        &format!("{server:?} kills"),
+        &p,
+        &done,
+        finished.saturating_duration_since(last_fault),
+        &seen,
+    );
+}
+
+#[test]
+fn nats_server_killed_mid_pipeline() {
+    server_killed_mid_pipeline("nats_server_killed_mid_pipeline", Server::Nats);
+}
+
+#[test]
+fn s3_server_killed_mid_pipeline() {
+    server_killed_mid_pipeline("s3_server_killed_mid_pipeline", Server::S3);
 }

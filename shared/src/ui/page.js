@@ -26,7 +26,7 @@
   }
 
   function ago(now, at) {
-    const td = el("td", null, `${age(Math.max(0, now - at))} ago`);
+    const td = el("td", "nowrap", `${age(Math.max(0, now - at))} ago`);
     td.title = new Date(at).toLocaleString();
     return td;
   }
@@ -78,7 +78,7 @@
       tr.dataset.model = `${r.model}@${r.model_version}`;
       const img = el("td");
       img.append(preview(r.preview));
-      const model = el("td", null, `${r.model}@${r.model_version}`);
+      const model = el("td", "nowrap", `${r.model}@${r.model_version}`);
       if (r.shadow) model.append(" ", el("span", "shadow", "shadow"));
       const volumes = el("ul", "volumes");
       for (const l of r.labels) volumes.append(el("li", "label", `${l.name}: ${l.volume_ml.toFixed(1)} mL`));

@@ -306,7 +306,6 @@ fn no_demographics_in_logs_metrics_events_status_or_results() {
     }
     assert!(searched >= 5, "only {searched} result files found");
     // Logs of every process, at debug level.
-    drop(check);
     for p in [&mut listener, &mut pre, &mut inf] {
         p.assert_running();
         let logs = p.logs();

@@ -232,6 +232,13 @@ fn the_page_shows_a_result_with_its_preview_in_a_browser() {
     // No demographics, neither on the page nor in the data behind it.
     let (code, overview) = http_get(http_port, "/ui/overview.json").unwrap();
     assert_eq!(code, 200, "{overview}");
+    let view: serde_json::Value = serde_json::from_str(&overview).unwrap();
+    assert!(
+        view["results"][0]["took_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "no inferer time: {overview}"
+    );
     for (tag, value) in DEMOGRAPHICS {
         for part in value.split('^') {
             assert!(!after.contains(part), "{tag} {part} on the page");

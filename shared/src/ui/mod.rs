@@ -41,6 +41,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 struct UiState {
     bus: Option<Arc<dyn Bus>>,
     store: Option<Store>,
+    durations: Arc<overview::Durations>,
 }
 
 /// The routes of the page: `/` and `/ui` lead to `/ui/`.
@@ -66,7 +67,11 @@ pub fn router(bus: Option<Arc<dyn Bus>>, store: Option<Store>) -> Router {
             "/ui/results/{series}/{model_ref}/preview.png",
             get(preview_handler),
         )
-        .with_state(UiState { bus, store })
+        .with_state(UiState {
+            bus,
+            store,
+            durations: Default::default(),
+        })
 }
 
 /// Headers every answer of the page carries.
@@ -104,7 +109,7 @@ async fn overview_handler(State(s): State<UiState>) -> Response {
     let Some(bus) = &s.bus else {
         return text(StatusCode::NOT_FOUND, "no bus in this process\n");
     };
-    match overview::collect(&**bus).await {
+    match overview::collect(&**bus, s.store.as_ref(), &s.durations).await {
         Ok(view) => guarded(
             (
                 [(header::CONTENT_TYPE, "application/json")],

@@ -9,12 +9,14 @@
 //! birth dates and accession numbers are never among them.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{self, Bus, BusError, DLQ, RESULTS, SERIES_STATE_BUCKET};
 use crate::events::{self, InferenceCompleted, Lane};
 use crate::status::Failure;
+use crate::store::Store;
 use crate::util::now_ms;
 
 /// How many recent results and dead letters the page lists.
@@ -96,8 +98,56 @@ pub struct ResultRow {
     pub classes: Vec<ClassRow>,
     /// The preview, relative to the page (`/ui/`).
     pub preview: String,
+    /// The inferer's time for the job (`timings_ms.total` of `summary.json`), when
+    /// the store could be read.
+    pub took_ms: Option<f64>,
     /// When the result was announced.
     pub at_ms: u64,
+}
+
+/// The inferer's time of results already looked up, by result and revision: a
+/// result's `summary.json` is read once, not at every refresh of every viewer.
+#[derive(Default)]
+pub struct Durations(Mutex<HashMap<(String, u32), f64>>);
+
+/// How many durations are remembered before the memory starts afresh (results are
+/// listed newest first, so the ones on the page are soon read again).
+const DURATIONS_KEPT: usize = 1024;
+
+impl Durations {
+    async fn fill(&self, store: &Store, rows: &mut [ResultRow]) {
+        let reads = rows.iter_mut().map(|row| async move {
+            let model_ref = format!("{}@{}", row.model, row.model_version);
+            let key = (
+                Store::result_prefix(&row.series_uid, &model_ref),
+                row.revision,
+            );
+            if let Some(ms) = self.0.lock().unwrap().get(&key) {
+                row.took_ms = Some(*ms);
+                return;
+            }
+            let summary = store
+                .get(&Store::result_key(
+                    &row.series_uid,
+                    &model_ref,
+                    "summary.json",
+                ))
+                .await;
+            let ms = summary.ok().and_then(|bytes| {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+                v["timings_ms"]["total"].as_f64()
+            });
+            if let Some(ms) = ms {
+                let mut known = self.0.lock().unwrap();
+                if known.len() >= DURATIONS_KEPT {
+                    known.clear();
+                }
+                known.insert(key, ms);
+            }
+            row.took_ms = ms;
+        });
+        futures::future::join_all(reads).await;
+    }
 }
 
 /// The lane of a consumer, from the subject suffix of its filter.
@@ -110,8 +160,12 @@ fn lane_of(filter: &str) -> Lane {
     Lane::Routine
 }
 
-/// Builds the page's document from the bus.
-pub async fn collect(bus: &dyn Bus) -> Result<Overview, BusError> {
+/// Builds the page's document from the bus, and the inferer's times from the store.
+pub async fn collect(
+    bus: &dyn Bus,
+    store: Option<&Store>,
+    durations: &Durations,
+) -> Result<Overview, BusError> {
     let now = now_ms();
     let streams = bus.streams().await?;
     let queues = streams
@@ -153,7 +207,7 @@ pub async fn collect(bus: &dyn Bus) -> Result<Overview, BusError> {
         .sort_by(|a, b| (a.quiet_for_ms, &a.series_uid).cmp(&(b.quiet_for_ms, &b.series_uid)));
     assembling.truncate(ASSEMBLING);
 
-    let results = bus::last_messages(bus, RESULTS, RECENT)
+    let mut results: Vec<ResultRow> = bus::last_messages(bus, RESULTS, RECENT)
         .await?
         .into_iter()
         .rev()
@@ -162,6 +216,9 @@ pub async fn collect(bus: &dyn Bus) -> Result<Overview, BusError> {
             Some(result_row(e, &modality, m.time_ms))
         })
         .collect();
+    if let Some(store) = store {
+        durations.fill(store, &mut results).await;
+    }
     let dead_letters = bus::last_messages(bus, DLQ, RECENT)
         .await?
         .iter()
@@ -209,6 +266,7 @@ fn result_row(e: InferenceCompleted, modality: &HashMap<String, String>, at_ms: 
         provider: e.provider,
         shadow: e.shadow,
         preview,
+        took_ms: None,
         at_ms,
     }
 }
@@ -307,7 +365,20 @@ mod tests {
             .await
             .unwrap();
 
-        let view = collect(&bus).await.unwrap();
+        let store = Store::memory();
+        let summary =
+            serde_json::json!({"timings_ms": {"total": 1234.5}, "patient_name": DEMOGRAPHICS[0]});
+        store
+            .put_result(
+                "1.2.4",
+                "demo-tissue@1.0.0",
+                "summary.json",
+                summary.to_string().into(),
+            )
+            .await
+            .unwrap();
+        let durations = Durations::default();
+        let view = collect(&bus, Some(&store), &durations).await.unwrap();
         let text = serde_json::to_string(&view).unwrap();
         for needle in DEMOGRAPHICS {
             assert!(!text.contains(needle), "{needle} in {text}");
@@ -330,6 +401,14 @@ mod tests {
         assert_eq!(view.results.len(), 1, "{text}");
         let r = &view.results[0];
         assert_eq!(r.modality, "CT");
+        assert_eq!(r.took_ms, Some(1234.5));
+        // Read once: a later view takes the time from memory.
+        store
+            .delete("results/1.2.4/demo-tissue@1.0.0/summary.json")
+            .await
+            .unwrap();
+        let again = collect(&bus, Some(&store), &durations).await.unwrap();
+        assert_eq!(again.results[0].took_ms, Some(1234.5));
         assert_eq!(
             r.labels,
             [LabelRow {

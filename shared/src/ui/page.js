@@ -90,8 +90,9 @@
       if (r.revision > 1) series.append(el("span", "muted", ` rev ${r.revision}`));
       const vol = el("td");
       vol.append(volumes);
+      const took = r.took_ms === null || r.took_ms === undefined ? "–" : age(Math.round(r.took_ms));
       tr.append(img, series, el("td", null, r.modality || "–"), model, vol,
-        el("td", null, r.provider), ago(now, r.at_ms));
+        el("td", null, r.provider), el("td", "n nowrap", took), ago(now, r.at_ms));
       return tr;
     });
     fill("dead-letters", v.dead_letters, (d) => {
@@ -108,7 +109,15 @@
     document.body.dataset.updated = String(now);
   }
 
+  let timer = null;
+  function schedule(ms) {
+    clearTimeout(timer);
+    timer = setTimeout(refresh, ms);
+  }
+
   async function refresh() {
+    // A page in a background tab asks nothing; it catches up when shown again.
+    if (document.hidden) return;
     try {
       const r = await fetch("overview.json", { cache: "no-store" });
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
@@ -118,9 +127,10 @@
       live.classList.add("stale");
       live.textContent = `not answering (${e.message})`;
     } finally {
-      setTimeout(refresh, REFRESH_MS);
+      schedule(REFRESH_MS);
     }
   }
 
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) schedule(0); });
   refresh();
 })();

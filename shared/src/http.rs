@@ -162,8 +162,8 @@ pub enum Endpoints {
     /// the HTTP port when observation has an address of its own.
     Probes,
     /// What tells about the pipeline (`/metrics`, `/status`, `/dlq`, the web page
-    /// under `/ui/`) and `/healthz`: an
-    /// address of their own, e.g. loopback or a monitoring network only.
+    /// under `/ui/`) and `/healthz`: an address of their own, e.g. loopback or a
+    /// monitoring network only.
     Observation,
 }
 

@@ -3,7 +3,8 @@
 //! processes, debug logging), one of its series poisoned so that a dead letter is made
 //! too; then every log line, every `/metrics` page, every message of every JetStream
 //! stream (events, KV series state, dead letters, with their headers), the output of
-//! `radflow status` and `radflow dlq list`, and every stored file except the DICOM
+//! `radflow status` and `radflow dlq list`, every component's web page and the JSON it
+//! draws, and every stored file except the DICOM
 //! instances themselves are searched for each value. None may appear.
 
 mod common;
@@ -184,6 +185,25 @@ fn no_demographics_in_logs_metrics_events_status_or_results() {
         assert!(body.contains("radflow_"), "{name}: no radflow metrics");
         check(format!("{name} /metrics"), body.as_bytes());
     }
+    // The web page of every component and the data it draws (which does show the
+    // result and the dead letter, so the search can tell).
+    for (name, port) in ["listener", "preprocessor", "inferer"].iter().zip(http) {
+        for path in ["/ui/", "/ui/overview.json"] {
+            let (code, body) = http_get(port, path).expect("the web page");
+            assert_eq!(code, 200, "{name} {path}: {body}");
+            if path.ends_with(".json") {
+                assert!(
+                    body.contains(&good_truth.series_uid),
+                    "{name}: no result in {body}"
+                );
+                assert!(
+                    body.contains(&bad_truth.series_uid),
+                    "{name}: no dead letter in {body}"
+                );
+            }
+            check(format!("{name} {path}"), body.as_bytes());
+        }
+    }
     // Every message of every stream: events, series state, dead letters.
     let messages = every_stream_message(&nats.url());
     assert!(
@@ -225,7 +245,6 @@ fn no_demographics_in_logs_metrics_events_status_or_results() {
     }
     assert!(searched >= 5, "only {searched} result files found");
     // Logs of every process, at debug level.
-    drop(check);
     for p in [&mut listener, &mut pre, &mut inf] {
         p.assert_running();
         let logs = p.logs();

@@ -179,7 +179,7 @@ pub struct HttpArgs {
     /// Address the HTTP port binds to.
     #[arg(long, env = "RADFLOW_HTTP_ADDR", default_value = "0.0.0.0")]
     pub http_addr: String,
-    /// `host:port` of its own for /metrics, /status and /dlq (e.g. loopback, or a
+    /// `host:port` of its own for /metrics, /status, /dlq and the web page (e.g. loopback, or a
     /// monitoring network only); the HTTP port then serves only the probes (/healthz,
     /// /readyz) and the token-guarded replay. Unset: everything on the HTTP port.
     #[arg(long, env = "RADFLOW_METRICS_ADDR")]

@@ -161,8 +161,9 @@ pub enum Endpoints {
     /// The probes (`/healthz`, `/readyz`) and the token-guarded `POST /dlq/replay`:
     /// the HTTP port when observation has an address of its own.
     Probes,
-    /// What tells about the pipeline (`/metrics`, `/status`, `/dlq`) and `/healthz`: an
-    /// address of their own, e.g. loopback or a monitoring network only.
+    /// What tells about the pipeline (`/metrics`, `/status`, `/dlq`, the web page
+    /// under `/ui/`) and `/healthz`: an address of their own, e.g. loopback or a
+    /// monitoring network only.
     Observation,
 }
 
@@ -185,7 +186,13 @@ pub fn router_for(which: Endpoints, health: Arc<Health>, metrics: Arc<Metrics>) 
             .route("/status", axum::routing::get(status_handler))
             .route("/dlq", axum::routing::get(dlq_handler));
     }
-    r.with_state(AppState { health, metrics })
+    let page = (which != Endpoints::Probes)
+        .then(|| crate::ui::router(health.bus.clone(), health.store.clone()));
+    let r = r.with_state(AppState { health, metrics });
+    match page {
+        Some(page) => r.merge(page),
+        None => r,
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -444,6 +451,9 @@ mod tests {
         assert_eq!(status(observation, "GET", "/metrics").await, 200);
         assert_eq!(status(observation, "GET", "/readyz").await, 404);
         assert_eq!(status(observation, "GET", "/dlq/replay").await, 404);
+        // The web page goes with observation.
+        assert_eq!(status(probes, "GET", "/ui/").await, 404);
+        assert_eq!(status(observation, "GET", "/ui/").await, 200);
         stop.cancel();
     }
 }

@@ -10,6 +10,7 @@
 //! - [`http`], [`metrics`], [`telemetry`]: health, Prometheus metrics and logs.
 //! - [`status`]: the operator's view (queues, assembly, results, exports, dead
 //!   letters) and dead-letter replay.
+//! - [`ui`]: the web page (queues, assembly, results with previews, dead letters).
 //! - [`export_state`]: what each export destination last did, shared by exporters.
 //! - [`config`]: command-line option groups with their environment variables.
 //! - [`shutdown`]: SIGINT/SIGTERM to a cancellation token.
@@ -31,5 +32,6 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod ui;
 pub mod util;
 pub mod worker;

@@ -766,7 +766,7 @@ pub fn parse_color(s: &str) -> Option<[u8; 3]> {
     Some([(v >> 16) as u8, (v >> 8) as u8, v as u8])
 }
 
-fn is_token(s: &str, allow_dot: bool) -> bool {
+pub(crate) fn is_token(s: &str, allow_dot: bool) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| {

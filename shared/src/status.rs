@@ -198,7 +198,7 @@ async fn exports(bus: &dyn Bus) -> Result<Vec<ExportStatus>, BusError> {
     Ok(by_name.into_values().collect())
 }
 
-fn failure(m: &StoredMessage) -> Option<Failure> {
+pub(crate) fn failure(m: &StoredMessage) -> Option<Failure> {
     let e: DeadLettered = events::decode(&m.payload).ok()?;
     Some(Failure {
         seq: m.seq,

@@ -9,32 +9,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::demographics::{DEMOGRAPHICS, add_demographics, found_in};
 use common::*;
 
 const MODEL: &str = "demo-tissue@1.0.0";
-
-fn storescp(port: u16, ae_title: &str, dir: &Path, log_dir: &Path) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = dcmtk("storescp");
-    cmd.args(["--bit-preserving", "-aet", ae_title, "-od"])
-        .arg(dir)
-        .args(["-uf", &port.to_string()])
-        .stdout(Stdio::null());
-    Proc::spawn(&format!("storescp-{ae_title}"), cmd, log_dir)
-}
-
-fn received(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
-}
 
 /// Every `.dcm` below the store's `dicom/` folder, named by its SOP Instance UID.
 fn source_uids(store: &Path) -> Vec<String> {
@@ -71,8 +53,14 @@ fn a_deidentifying_destination_gets_no_demographics_and_consistent_uids() {
     let (dicom_port, http_port, pacs_port, research_port) =
         (free_port(), free_port(), free_port(), free_port());
     let (pacs_inbox, research_inbox) = (work.path().join("pacs"), work.path().join("research"));
-    let mut pacs = storescp(pacs_port, "PACS", &pacs_inbox, work.path());
-    let mut research = storescp(research_port, "RESEARCH", &research_inbox, work.path());
+    let mut pacs = storescp(pacs_port, "PACS", &pacs_inbox, work.path(), false);
+    let mut research = storescp(
+        research_port,
+        "RESEARCH",
+        &research_inbox,
+        work.path(),
+        false,
+    );
     let destinations = work.path().join("destinations.toml");
     std::fs::write(
         &destinations,
@@ -102,13 +90,8 @@ to = ["pacs", "research"]
     .unwrap();
 
     let data = work.path().join("data");
-    let mut cmd = radflow();
-    cmd.arg("run")
-        .arg("--data")
-        .arg(&data)
-        .args(["--dicom-port", &dicom_port.to_string()])
-        .args(["--http-port", &http_port.to_string()])
-        .args(["--series-quiet-secs", "2"])
+    let mut cmd = embedded(&data, dicom_port, http_port);
+    cmd.args(["--series-quiet-secs", "2"])
         .arg("--destinations")
         .arg(&destinations);
     let mut run = Proc::spawn("run", cmd, work.path());
@@ -127,14 +110,14 @@ to = ["pacs", "research"]
             run.assert_running();
             pacs.assert_running();
             research.assert_running();
-            (received(&pacs_inbox).len() >= 2 && received(&research_inbox).len() >= 2).then_some(())
+            (files_in(&pacs_inbox).len() >= 2 && files_in(&research_inbox).len() >= 2).then_some(())
         },
     );
     let result = data.join(format!("results/{}/{MODEL}", truth.series_uid));
 
     // The PACS inside the hospital gets the objects as written, demographics and all:
     // the search below can tell.
-    let identified: Vec<u8> = received(&pacs_inbox)
+    let identified: Vec<u8> = files_in(&pacs_inbox)
         .iter()
         .flat_map(|f| std::fs::read(f).unwrap())
         .collect();
@@ -158,7 +141,7 @@ to = ["pacs", "research"]
     let sources = source_uids(&data);
     assert_eq!(sources.len(), truth.files);
     original_uids.extend(sources);
-    let files = received(&research_inbox);
+    let files = files_in(&research_inbox);
     assert_eq!(files.len(), 2, "{files:?}");
     for file in &files {
         let bytes = std::fs::read(file).unwrap();

@@ -10,34 +10,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use radflow_shared::testing::NatsServer;
 
 const MODEL: &str = "demo-tissue@1.0.0";
-
-/// A DCMTK storescp writing what it receives into `dir`.
-fn storescp(port: u16, ae_title: &str, dir: &Path, log_dir: &Path) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = dcmtk("storescp");
-    // Bit-preserving: the files are the datasets as they came over the wire.
-    cmd.args(["--bit-preserving", "-aet", ae_title, "-od"])
-        .arg(dir)
-        .args(["-uf", &port.to_string()])
-        .stdout(Stdio::null());
-    Proc::spawn(&format!("storescp-{ae_title}"), cmd, log_dir)
-}
-
-fn received(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
-}
 
 #[test]
 fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_dead_lettered() {
@@ -91,18 +69,18 @@ fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_d
         },
     );
     let inbox = work.path().join("console");
-    let mut console = storescp(console_port, "CT-SCANNER", &inbox, work.path());
+    let mut console = storescp(console_port, "CT-SCANNER", &inbox, work.path(), false);
 
     wait_for("SEG and SR at the console", Duration::from_secs(60), || {
         stack.exporter.assert_running();
         console.assert_running();
-        (exports(exp_http, "console", "sent") >= 1.0 && received(&inbox).len() >= 2).then_some(())
+        (exports(exp_http, "console", "sent") >= 1.0 && files_in(&inbox).len() >= 2).then_some(())
     });
     // Exactly once each, byte for byte the stored objects' datasets.
     let result = store.join(format!("results/{}/{MODEL}", truth.series_uid));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(result.join("summary.json")).unwrap()).unwrap();
-    let files = received(&inbox);
+    let files = files_in(&inbox);
     assert_eq!(files.len(), 2, "{files:?}");
     for object in summary["dicom"].as_array().unwrap() {
         let uid = object["sop_instance_uid"].as_str().unwrap();
@@ -144,7 +122,7 @@ fn results_reach_the_caller_once_after_it_comes_back_and_a_dead_destination_is_d
 
     // Nothing more arrives at the console, and its job left the queue.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(received(&inbox).len(), 2);
+    assert_eq!(files_in(&inbox).len(), 2);
     assert_eq!(exports(exp_http, "console", "sent"), 1.0);
     let (_, metrics) = http_get(exp_http, "/metrics").unwrap();
     promtool_check(&metrics, "exporter");
@@ -223,16 +201,11 @@ fn the_embedded_mode_exports_the_results() {
     let truth = synth(&series_dir, 64, 16, &["--seed", "5"]);
     let (dicom_port, http_port, pacs_port) = (free_port(), free_port(), free_port());
     let inbox = work.path().join("pacs");
-    let mut pacs = storescp(pacs_port, "PACS", &inbox, work.path());
+    let mut pacs = storescp(pacs_port, "PACS", &inbox, work.path(), false);
     let destinations = work.path().join("destinations.toml");
     destinations_file(&destinations, &[("pacs", "PACS", pacs_port)], &["pacs"]);
-    let mut cmd = radflow();
-    cmd.arg("run")
-        .arg("--data")
-        .arg(work.path().join("data"))
-        .args(["--dicom-port", &dicom_port.to_string()])
-        .args(["--http-port", &http_port.to_string()])
-        .args(["--series-quiet-secs", "2"])
+    let mut cmd = embedded(&work.path().join("data"), dicom_port, http_port);
+    cmd.args(["--series-quiet-secs", "2"])
         .arg("--destinations")
         .arg(&destinations);
     let mut run = Proc::spawn("run", cmd, work.path());
@@ -250,7 +223,7 @@ fn the_embedded_mode_exports_the_results() {
         || {
             run.assert_running();
             pacs.assert_running();
-            (exports(http_port, "pacs", "sent") >= 1.0 && received(&inbox).len() >= 2).then_some(())
+            (exports(http_port, "pacs", "sent") >= 1.0 && files_in(&inbox).len() >= 2).then_some(())
         },
     );
     let result = work
@@ -258,7 +231,7 @@ fn the_embedded_mode_exports_the_results() {
         .join(format!("data/results/{}/{MODEL}", truth.series_uid));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(result.join("summary.json")).unwrap()).unwrap();
-    let files = received(&inbox);
+    let files = files_in(&inbox);
     assert_eq!(files.len(), 2, "{files:?}");
     for object in summary["dicom"].as_array().unwrap() {
         let uid = object["sop_instance_uid"].as_str().unwrap();

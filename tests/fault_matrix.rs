@@ -25,7 +25,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -182,7 +182,7 @@ impl Pipeline {
         let (dicom_port, pacs_port) = (free_port(), free_port());
         let destinations = work.path().join("destinations.toml");
         destinations_file(&destinations, &[("pacs", "PACS", pacs_port)], &["pacs"]);
-        let pacs = storescp(pacs_port, &inbox, work.path());
+        let pacs = storescp(pacs_port, "PACS", &inbox, work.path(), true);
         let mut roles = vec![
             ("listener".to_owned(), Role::Listener),
             ("preprocessor".to_owned(), Role::Preprocessor),
@@ -404,18 +404,6 @@ impl Pipeline {
     }
 }
 
-/// A DCMTK storescp keeping every object it receives as its own file (`+uf`), so that
-/// an object received twice shows as two files.
-fn storescp(port: u16, dir: &Path, log_dir: &Path) -> Proc {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut cmd = dcmtk("storescp");
-    cmd.args(["--bit-preserving", "-aet", "PACS", "-od"])
-        .arg(dir)
-        .args(["+uf", &port.to_string()])
-        .stdout(Stdio::null());
-    Proc::spawn("storescp", cmd, log_dir)
-}
-
 /// Sends a signal (`STOP`, `CONT`) to a process.
 fn signal(proc: &Proc, sig: &str) {
     let status = Command::new("kill")
@@ -424,15 +412,6 @@ fn signal(proc: &Proc, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{sig} {}", proc.name);
-}
-
-/// The files of a folder, sorted.
-fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
 }
 
 /// The SOP Instance UID of each file (one dcmdump for all), in order. dcmdump reads

@@ -126,21 +126,6 @@ fn metrics_pass_promtool_and_prometheus_scrapes_a_stage_counter() {
     assert_eq!(value, "1");
 }
 
-/// Adds to `series` a copy of one of its slices with a new SOP Instance UID and no
-/// Image Position (Patient): an instance that cannot be placed in space.
-fn poison(series: &Path) -> std::path::PathBuf {
-    let src = dicom_files(series).remove(0);
-    let dst = series.join("odd-one-out.dcm");
-    std::fs::copy(&src, &dst).unwrap();
-    let mut cmd = dcmtk("dcmodify");
-    cmd.arg("-nb")
-        .args(["-m", "(0008,0018)=2.25.1234567890123456789"])
-        .args(["-e", "(0020,0032)"])
-        .arg(&dst);
-    run_ok(cmd, "dcmodify");
-    dst
-}
-
 #[test]
 fn status_shows_a_stuck_consumer_and_a_poisoned_series_is_replayed_after_the_fix() {
     let nats = NatsServer::start().expect("nats-server");
@@ -179,7 +164,7 @@ fn status_shows_a_stuck_consumer_and_a_poisoned_series_is_replayed_after_the_fix
     let good_truth = synth(&good, 48, 12, &["--seed", "3"]);
     let bad = work.path().join("bad");
     let bad_truth = synth(&bad, 48, 12, &["--seed", "4"]);
-    let odd = poison(&bad);
+    let odd = poison(&bad, "2.25.1234567890123456789");
     for dir in [&good, &bad] {
         let out = storescu(dicom_port, "RADFLOW", &dicom_files(dir));
         assert!(

@@ -170,13 +170,8 @@ fn embedded_pipeline_recovers_after_a_crash() {
     let dicom_port = free_port();
     let http_port = free_port();
     let start = || {
-        let mut cmd = radflow();
-        cmd.arg("run")
-            .arg("--data")
-            .arg(&data)
-            .args(["--dicom-port", &dicom_port.to_string()])
-            .args(["--http-port", &http_port.to_string()])
-            .args(["--series-quiet-secs", "3"]);
+        let mut cmd = embedded(&data, dicom_port, http_port);
+        cmd.args(["--series-quiet-secs", "3"]);
         cmd
     };
 

@@ -105,20 +105,6 @@ fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
         .then(|| (be(&bytes[16..20]), be(&bytes[20..24])))
 }
 
-/// Adds to `series` a copy of one of its slices with a new SOP Instance UID and no
-/// Image Position (Patient), so the preprocessor dead-letters the series.
-fn poison(series: &Path) {
-    let src = dicom_files(series).remove(0);
-    let dst = series.join("odd-one-out.dcm");
-    std::fs::copy(&src, &dst).unwrap();
-    let mut cmd = dcmtk("dcmodify");
-    cmd.arg("-nb")
-        .args(["-m", "(0008,0018)=2.25.98765432109876543211"])
-        .args(["-e", "(0020,0032)"])
-        .arg(&dst);
-    run_ok(cmd, "dcmodify");
-}
-
 fn send(dicom_port: u16, dir: &Path) {
     let out = storescu(dicom_port, "RADFLOW", &dicom_files(dir));
     assert!(
@@ -146,13 +132,8 @@ fn the_page_shows_a_result_with_its_preview_in_a_browser() {
     let profile = work.path().join("chromium-profile");
     let data = work.path().join("data");
     let (dicom_port, http_port) = (free_port(), free_port());
-    let mut cmd = radflow();
-    cmd.arg("run")
-        .arg("--data")
-        .arg(&data)
-        .args(["--dicom-port", &dicom_port.to_string()])
-        .args(["--http-port", &http_port.to_string()])
-        .args(["--series-quiet-secs", "1", "--max-deliver", "1"]);
+    let mut cmd = embedded(&data, dicom_port, http_port);
+    cmd.args(["--series-quiet-secs", "1", "--max-deliver", "1"]);
     let mut run = Proc::spawn("run", cmd, work.path());
     wait_port(dicom_port, &mut [&mut run]);
     wait_for("radflow ready", Duration::from_secs(60), || {
@@ -185,7 +166,7 @@ fn the_page_shows_a_result_with_its_preview_in_a_browser() {
     run_ok(modify, "dcmodify");
     let bad = work.path().join("bad");
     let bad_truth = synth(&bad, 32, 6, &["--seed", "22"]);
-    poison(&bad);
+    poison(&bad, "2.25.98765432109876543211");
     send(dicom_port, &good);
     send(dicom_port, &bad);
 

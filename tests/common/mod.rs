@@ -484,3 +484,54 @@ pub fn promtool_check(metrics: &str, who: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A DCMTK storescp writing what it receives into `dir`, bit-preserving (the files are
+/// the datasets as they came over the wire). Files are named by SOP Instance UID, so an
+/// object received again replaces its file; with `unique_names` every arrival gets its
+/// own file, so an object received twice shows as two.
+pub fn storescp(port: u16, ae_title: &str, dir: &Path, log_dir: &Path, unique_names: bool) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cmd = dcmtk("storescp");
+    cmd.args(["--bit-preserving", "-aet", ae_title, "-od"])
+        .arg(dir)
+        .arg(if unique_names { "+uf" } else { "-uf" })
+        .arg(port.to_string())
+        .stdout(Stdio::null());
+    Proc::spawn(&format!("storescp-{ae_title}"), cmd, log_dir)
+}
+
+/// The files of a folder (none if it is missing), sorted.
+pub fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// `radflow run` on its own data folder and ports; callers add what else they need.
+pub fn embedded(data: &Path, dicom_port: u16, http_port: u16) -> Command {
+    let mut cmd = radflow();
+    cmd.arg("run")
+        .arg("--data")
+        .arg(data)
+        .args(["--dicom-port", &dicom_port.to_string()])
+        .args(["--http-port", &http_port.to_string()]);
+    cmd
+}
+
+/// Adds to `series` a copy of one of its slices with the SOP Instance UID `uid` and no
+/// Image Position (Patient), so that the preprocessor dead-letters the series; returns
+/// the new file.
+pub fn poison(series: &Path, uid: &str) -> PathBuf {
+    let src = dicom_files(series).remove(0);
+    let dst = series.join("odd-one-out.dcm");
+    std::fs::copy(&src, &dst).unwrap();
+    let mut cmd = dcmtk("dcmodify");
+    cmd.arg("-nb")
+        .args(["-m", &format!("(0008,0018)={uid}")])
+        .args(["-e", "(0020,0032)"])
+        .arg(&dst);
+    run_ok(cmd, "dcmodify");
+    dst
+}

@@ -76,6 +76,9 @@ pub struct Listener {
     pressure: Arc<Pressure>,
     /// Whether instances may arrive over HTTP: true while `run` serves.
     open: Arc<AtomicBool>,
+    /// One permit per STOW-RS request that may run at once; `run` takes them all
+    /// back before the journal closes, so no request writes past it.
+    requests: Arc<tokio::sync::Semaphore>,
 }
 
 impl Listener {
@@ -94,11 +97,13 @@ impl Listener {
             deps.scp.stream_threshold = deps.scp.stream_threshold.min(LOCAL_STREAM_START);
             deps.scp.part_size = deps.scp.part_size.min(LOCAL_PART_SIZE);
         }
+        let requests = Arc::new(tokio::sync::Semaphore::new(stow_requests(&deps.scp)));
         Self {
             deps,
             sink,
             pressure,
             open: Arc::new(AtomicBool::new(false)),
+            requests,
         }
     }
 
@@ -110,6 +115,7 @@ impl Listener {
             self.pressure.clone(),
             crate::dicomweb::StowConfig::from_scp(&self.deps.scp, token),
             self.open.clone(),
+            self.requests.clone(),
         )
     }
 
@@ -121,6 +127,7 @@ impl Listener {
             sink,
             pressure,
             open,
+            requests,
         } = self;
         let ListenerDeps {
             scp,
@@ -160,6 +167,7 @@ impl Listener {
                 stop_serving.cancel();
             })
         };
+        let (grace, stow_permits) = (scp.shutdown_grace, stow_requests(&scp) as u32);
         let served = scp::serve(
             dicom,
             Arc::new(scp),
@@ -171,6 +179,9 @@ impl Listener {
         .await;
         open.store(false, Ordering::SeqCst);
         shutdown.cancel();
+        // STOW-RS requests still running finish (within the grace period) before the
+        // journal closes.
+        let _ = tokio::time::timeout(grace, requests.acquire_many(stow_permits)).await;
         let _ = tokio::join!(assembling, scanning, watching, draining);
         if let Some(journal) = journal {
             // Everything acknowledged is flushed: nothing is left to replay.
@@ -179,6 +190,11 @@ impl Listener {
         served?;
         Ok(())
     }
+}
+
+/// How many STOW-RS requests may run at once: as many as associations.
+fn stow_requests(scp: &ScpConfig) -> usize {
+    scp.max_associations.max(1)
 }
 
 /// Opens the write-ahead journal of a flushed folder store when `enabled`, after

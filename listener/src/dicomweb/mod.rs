@@ -91,13 +91,15 @@ struct Stow {
 
 /// The STOW-RS routes, to be merged into the process's HTTP router. Requests are
 /// answered 503 until `open` is true.
+/// `requests` holds `config.max_requests` permits, one per running request, so the
+/// listener can wait for running requests before it closes the store's journal.
 pub fn router(
     ingest: Arc<Ingest>,
     pressure: Arc<Pressure>,
     config: StowConfig,
     open: Arc<AtomicBool>,
+    requests: Arc<Semaphore>,
 ) -> Router {
-    let requests = Arc::new(Semaphore::new(config.max_requests));
     let state = Stow {
         ingest,
         pressure,

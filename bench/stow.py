@@ -34,6 +34,19 @@ import time
 
 import requests
 
+
+def wait_ready(http, timeout=60):
+    """Until /readyz answers 200: the listener serves (and takes STOW-RS)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{http}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("the listener did not become ready")
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from listener import ENV, free_port, send, split, stop, wait_port  # noqa: E402
 
@@ -148,6 +161,7 @@ def large(work, radflow, nats_server, gigabytes):
          "--series-quiet-secs", "60", "--dicomweb", "true"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(dicom, proc)
+    wait_ready(http)
     started = time.perf_counter()
     r = requests.post(
         f"http://127.0.0.1:{http}/dicomweb/studies", data=body(),
@@ -180,6 +194,7 @@ def run(work, radflow, nats_server, files, parallel, how):
          "--series-quiet-secs", "60", "--dicomweb", "true"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(dicom, proc)
+    wait_ready(http)
     groups = split(files, parallel)
     if how == "stow":
         seconds = stow_all(http, groups)

@@ -199,6 +199,10 @@ fn a_distributed_listener_serves_stow_rs_only_when_configured() {
             .args(extra);
         let mut p = Proc::spawn(name, cmd, work.path());
         wait_port(dicom, &mut [&mut p]);
+        wait_for("listener ready", Duration::from_secs(30), || {
+            p.assert_running();
+            http_get(http, "/readyz").filter(|(s, _)| *s == 200)
+        });
         (p, format!("http://127.0.0.1:{http}/dicomweb"))
     };
     let (mut off, url) = start("listener-off", &[]);

@@ -74,7 +74,8 @@ pub struct Listener {
     deps: ListenerDeps,
     sink: Arc<Ingest>,
     pressure: Arc<Pressure>,
-    /// Whether instances may arrive over HTTP: true while `run` serves.
+    /// Whether instances may arrive over HTTP: true while `run` serves (the process's
+    /// readiness component "listener").
     open: Arc<AtomicBool>,
     /// One permit per STOW-RS request that may run at once; `run` takes them all
     /// back before the journal closes, so no request writes past it.
@@ -98,11 +99,16 @@ impl Listener {
             deps.scp.part_size = deps.scp.part_size.min(LOCAL_PART_SIZE);
         }
         let requests = Arc::new(tokio::sync::Semaphore::new(stow_requests(&deps.scp)));
+        // `/readyz` says "listener" once it serves, so HTTP clients know when to send.
+        let open = match &deps.health {
+            Some(health) => health.component("listener"),
+            None => Arc::new(AtomicBool::new(false)),
+        };
         Self {
             deps,
             sink,
             pressure,
-            open: Arc::new(AtomicBool::new(false)),
+            open,
             requests,
         }
     }

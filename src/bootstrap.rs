@@ -73,8 +73,13 @@ impl Node {
         })
     }
 
-    /// Serves health, metrics and status on the HTTP port.
-    pub async fn serve_http(&mut self, args: &HttpArgs) -> Result<()> {
+    /// Serves health, metrics and status on the HTTP port, and `extra` routes of a
+    /// component (the listener's STOW-RS) beside the probes.
+    pub async fn serve_http(
+        &mut self,
+        args: &HttpArgs,
+        extra: Option<radflow_shared::http::Routes>,
+    ) -> Result<()> {
         use radflow_shared::http::Endpoints;
         let listener = TcpListener::bind((args.http_addr.as_str(), args.http_port))
             .await
@@ -105,15 +110,17 @@ impl Node {
         let tasks: Vec<_> = servers
             .into_iter()
             .map(|(listener, which)| {
-                let (health, metrics, shutdown) = (
+                let (health, metrics, shutdown, extra) = (
                     self.health.clone(),
                     self.metrics.clone(),
                     self.shutdown.clone(),
+                    extra.clone(),
                 );
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        radflow_shared::http::serve(listener, which, health, metrics, shutdown)
-                            .await
+                    if let Err(e) = radflow_shared::http::serve_with(
+                        listener, which, health, metrics, extra, shutdown,
+                    )
+                    .await
                     {
                         tracing::error!(error = %e, "HTTP server failed");
                     }

@@ -368,9 +368,53 @@ pub struct ListenerArgs {
     /// when set, clients without a valid certificate are refused.
     #[arg(long, env = "RADFLOW_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// DICOMweb STOW-RS (POST /dicomweb/studies[/{study}]) on the HTTP port, into the
+    /// same ingest and limits as C-STORE. Default: on in `radflow run`, off in
+    /// `radflow listener` (set true, or give a token, to turn it on).
+    #[arg(long, env = "RADFLOW_DICOMWEB", action = clap::ArgAction::Set)]
+    pub dicomweb: Option<bool>,
+    /// Token that STOW-RS requires as `Authorization: Bearer <token>`. Prefer the
+    /// variable or --dicomweb-token-file; never logged. Without one, STOW-RS takes
+    /// requests from anyone who reaches the HTTP port.
+    #[arg(long, env = "RADFLOW_DICOMWEB_TOKEN")]
+    pub dicomweb_token: Option<radflow_shared::secret::Secret>,
+    /// File holding the STOW-RS token (e.g. a mounted Kubernetes Secret).
+    #[arg(
+        long,
+        env = "RADFLOW_DICOMWEB_TOKEN_FILE",
+        conflicts_with = "dicomweb_token"
+    )]
+    pub dicomweb_token_file: Option<PathBuf>,
 }
 
 impl ListenerArgs {
+    /// Whether STOW-RS is served: `--dicomweb`, else on where `default` says (embedded)
+    /// or where a token was given.
+    pub fn dicomweb_enabled(&self, default: bool) -> bool {
+        self.dicomweb.unwrap_or(
+            default || self.dicomweb_token.is_some() || self.dicomweb_token_file.is_some(),
+        )
+    }
+
+    /// The STOW-RS token, from the flag, the variable or the file (trimmed).
+    pub fn dicomweb_token(&self) -> std::io::Result<Option<radflow_shared::secret::Secret>> {
+        if let Some(t) = &self.dicomweb_token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.dicomweb_token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("DICOMweb token file {}: {e}", path.display()),
+                    )
+                })?;
+                Ok(Some(radflow_shared::secret::Secret::new(text.trim())))
+            }
+            None => Ok(None),
+        }
+    }
+
     pub fn quiet(&self) -> Duration {
         Duration::from_secs_f64(self.series_quiet_secs.max(0.0))
     }

@@ -44,7 +44,7 @@ use radflow_listener::ingest::AdmissionConfig;
 #[cfg(feature = "listener")]
 use radflow_listener::scp::ScpConfig;
 #[cfg(feature = "listener")]
-use radflow_listener::service::{self, ListenerDeps};
+use radflow_listener::service::{self, Listener, ListenerDeps};
 #[cfg(feature = "preprocessor")]
 use radflow_preprocessor::worker::Preprocessor;
 use radflow_shared::bus::ConsumerSpec;
@@ -294,7 +294,20 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     .await?;
     let registry = load_registry(&args.models)?;
     let inferer_ready = node.health.component("inferer");
-    node.serve_http(&args.http).await?;
+    // Instances acknowledged before a crash are back in the store before it is read.
+    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
+    let listener = Listener::new(ListenerDeps {
+        scp: scp_config(&args.listener)?,
+        assembly: assembly_config(&args.listener),
+        admission: admission_config(&args.listener),
+        store: node.store.clone(),
+        journal,
+        bus: node.bus.clone(),
+        metrics: node.metrics.clone(),
+        health: Some(node.health.clone()),
+    });
+    let stow = dicomweb_routes(&listener, &args.listener, true)?;
+    node.serve_http(&args.http, stow).await?;
     node.health.enable_admin(args.http.admin_token()?);
     let mut consumers = vec!["assembler".to_owned()];
     consumers.extend(with_lanes("preprocessor"));
@@ -316,8 +329,6 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         node.shutdown.clone(),
     );
 
-    // Instances acknowledged before a crash are back in the store before it is read.
-    let journal = service::open_journal(&store, args.listener.store_journal).await?;
     // The in-process bus forgets everything on exit: series in the store without a
     // result are assembled again.
     let references: Vec<String> = registry.models.iter().map(|m| m.reference()).collect();
@@ -333,20 +344,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
         bus = bus.kind(),
         "radflow running: send DICOM to this port (e.g. `radflow send <folder>`)"
     );
-    let listener = tokio::spawn(service::run(
-        dicom,
-        ListenerDeps {
-            scp: scp_config(&args.listener)?,
-            assembly: assembly_config(&args.listener),
-            admission: admission_config(&args.listener),
-            store: store.clone(),
-            journal,
-            bus: bus.clone(),
-            metrics: metrics.clone(),
-            health: Some(node.health.clone()),
-        },
-        shutdown.clone(),
-    ));
+    let listener = tokio::spawn(listener.run(dicom, shutdown.clone()));
     let pre = Arc::new(Preprocessor {
         store: store.clone(),
         bus: bus.clone(),
@@ -404,6 +402,24 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
 }
 
 #[cfg(feature = "listener")]
+/// The STOW-RS routes of `listener` when they are on (`default`: on unless turned off).
+fn dicomweb_routes(
+    listener: &Listener,
+    args: &ListenerArgs,
+    default: bool,
+) -> Result<Option<radflow_shared::http::Routes>> {
+    if !args.dicomweb_enabled(default) {
+        return Ok(None);
+    }
+    let token = args.dicomweb_token()?;
+    if token.is_none() {
+        tracing::warn!("DICOMweb STOW-RS takes requests without a token (--dicomweb-token-file)");
+    }
+    tracing::info!("DICOMweb STOW-RS on the HTTP port at /dicomweb/studies");
+    Ok(Some(listener.dicomweb(token)))
+}
+
+#[cfg(feature = "listener")]
 /// `radflow listener`
 async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
     let mut node = Node::start(
@@ -414,26 +430,23 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
         BusMode::Nats,
     )
     .await?;
-    node.serve_http(&args.http).await?;
+    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
+    let listener = Listener::new(ListenerDeps {
+        scp: scp_config(&args.listener)?,
+        assembly: assembly_config(&args.listener),
+        admission: admission_config(&args.listener),
+        store: node.store.clone(),
+        journal,
+        bus: node.bus.clone(),
+        metrics: node.metrics.clone(),
+        health: Some(node.health.clone()),
+    });
+    let stow = dicomweb_routes(&listener, &args.listener, false)?;
+    node.serve_http(&args.http, stow).await?;
     node.report_lag(vec!["assembler".into()]);
     let dicom = bind_dicom(&args.listener).await?;
-    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
     tracing::info!(dicom = %dicom.local_addr()?, store = %node.store.url(), "listener running");
-    let result = service::run(
-        dicom,
-        ListenerDeps {
-            scp: scp_config(&args.listener)?,
-            assembly: assembly_config(&args.listener),
-            admission: admission_config(&args.listener),
-            store: node.store.clone(),
-            journal,
-            bus: node.bus.clone(),
-            metrics: node.metrics.clone(),
-            health: Some(node.health.clone()),
-        },
-        node.shutdown.clone(),
-    )
-    .await;
+    let result = listener.run(dicom, node.shutdown.clone()).await;
     node.finish().await;
     result
 }
@@ -450,7 +463,7 @@ async fn run_preprocessor(args: cli::PreprocessorCmd) -> Result<()> {
     )
     .await?;
     let registry = load_registry(&args.models)?;
-    node.serve_http(&args.http).await?;
+    node.serve_http(&args.http, None).await?;
     node.report_lag(with_lanes("preprocessor"));
     node.exit_when_idle(args.worker.exit_when_idle());
     let pre = Arc::new(Preprocessor {
@@ -499,7 +512,7 @@ async fn run_exporter(args: cli::ExporterCmd) -> Result<()> {
         BusMode::Nats,
     )
     .await?;
-    node.serve_http(&args.http).await?;
+    node.serve_http(&args.http, None).await?;
     node.report_lag(radflow_exporter::consumers());
     node.exit_when_idle(args.worker.exit_when_idle());
     tracing::info!(
@@ -535,7 +548,7 @@ async fn run_inferer(args: cli::InfererCmd) -> Result<()> {
     .await?;
     let registry = load_registry(&args.models)?;
     let ready = node.health.component("models");
-    node.serve_http(&args.http).await?;
+    node.serve_http(&args.http, None).await?;
     node.report_lag(inferer_consumers(&registry));
     let models = load_models(registry.clone(), &args.inferer, node.metrics.clone()).await?;
     node.exit_when_idle(args.worker.exit_when_idle());

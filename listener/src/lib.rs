@@ -12,6 +12,8 @@
 //! - [`pixels`]: what the Pixel Data must be, from the image attributes and the syntax;
 //! - [`sop_classes`]: which SOP classes and transfer syntaxes are accepted;
 //! - [`local`]: writing instances into a folder store while they arrive;
+//! - [`dicomweb`]: STOW-RS over HTTP into the same ingest (`dicomweb/part.rs` one part,
+//!   `dicomweb/part10.rs` its File Meta group, `dicomweb/response.rs` the store response);
 //! - [`ingest`]: what happens to an instance before Success: store, then publish;
 //! - [`assembly`]: series state in the bus's KV bucket, quiet periods, revisions;
 //! - [`service`]: the listener stage as a whole (`run`), and embedded recovery;
@@ -21,6 +23,7 @@
 pub mod assembly;
 pub mod association;
 pub mod dataset;
+pub mod dicomweb;
 pub mod dimse;
 #[doc(hidden)]
 pub mod fuzzing;

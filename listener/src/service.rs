@@ -10,6 +10,7 @@
 //! assembler and the ready scanner stop last.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use radflow_shared::bus::{Bus, BusError, ConsumerSpec, INSTANCES, Kv, SERIES_STATE_BUCKET};
 use radflow_shared::http::Health;
@@ -64,72 +65,142 @@ pub async fn run(
     deps: ListenerDeps,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ListenerDeps {
-        scp,
-        assembly,
-        admission,
-        store,
-        journal,
-        bus,
-        metrics,
-        health,
-    } = deps;
-    let pressure = Pressure::new(admission);
-    let sink = Arc::new(Ingest::new(
-        store,
-        journal.clone(),
-        bus.clone(),
-        metrics.clone(),
-        pressure.clone(),
-    ));
-    let mut scp = scp;
-    if sink.writes_locally() {
-        // A folder takes parts of any size: write while receiving, from the first PDU.
-        scp.stream_threshold = scp.stream_threshold.min(LOCAL_STREAM_START);
-        scp.part_size = scp.part_size.min(LOCAL_PART_SIZE);
-    }
-    let hooks = Arc::new(Hooks::new(&*bus, metrics.clone(), pressure.clone()).await?);
-    let assembler = Arc::new(Assembler::new(&*bus).await?);
-    let scanner = ReadyScanner::new(bus.clone(), assembly, metrics.clone()).await?;
+    Listener::new(deps).run(dicom, shutdown).await
+}
 
-    let assembling = tokio::spawn(worker::run(
-        bus.clone(),
-        assembler,
-        WorkerConfig::new(assembler_consumer()),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let scanning = tokio::spawn(scanner.run(shutdown.clone()));
-    let watching = tokio::spawn(pressure.watch_bus(bus.clone(), shutdown.clone()));
-    // The DICOM server stops only after readiness has turned false.
-    let stop_serving = CancellationToken::new();
-    let draining = {
-        let (shutdown, stop_serving) = (shutdown.clone(), stop_serving.clone());
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            if let Some(health) = health {
-                health.set_draining();
-            }
-            stop_serving.cancel();
-        })
-    };
-    let served = scp::serve(
-        dicom,
-        Arc::new(scp),
-        sink,
-        hooks,
-        metrics.clone(),
-        stop_serving.clone(),
-    )
-    .await;
-    shutdown.cancel();
-    let _ = tokio::join!(assembling, scanning, watching, draining);
-    if let Some(journal) = journal {
-        // Everything acknowledged is flushed: nothing is left to replay.
-        let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+/// The listener built but not yet serving: its ingest exists, so the HTTP side can
+/// mount STOW-RS on it ([`Listener::dicomweb`]) before [`Listener::run`] starts.
+pub struct Listener {
+    deps: ListenerDeps,
+    sink: Arc<Ingest>,
+    pressure: Arc<Pressure>,
+    /// Whether instances may arrive over HTTP: true while `run` serves (the process's
+    /// readiness component "listener").
+    open: Arc<AtomicBool>,
+    /// One permit per STOW-RS request that may run at once; `run` takes them all
+    /// back before the journal closes, so no request writes past it.
+    requests: Arc<tokio::sync::Semaphore>,
+}
+
+impl Listener {
+    /// Builds the ingest (store, journal, bus) and the back-pressure record.
+    pub fn new(mut deps: ListenerDeps) -> Self {
+        let pressure = Pressure::new(deps.admission.clone());
+        let sink = Arc::new(Ingest::new(
+            deps.store.clone(),
+            deps.journal.clone(),
+            deps.bus.clone(),
+            deps.metrics.clone(),
+            pressure.clone(),
+        ));
+        if sink.writes_locally() {
+            // A folder takes parts of any size: write while receiving, from the first PDU.
+            deps.scp.stream_threshold = deps.scp.stream_threshold.min(LOCAL_STREAM_START);
+            deps.scp.part_size = deps.scp.part_size.min(LOCAL_PART_SIZE);
+        }
+        let requests = Arc::new(tokio::sync::Semaphore::new(stow_requests(&deps.scp)));
+        // `/readyz` says "listener" once it serves, so HTTP clients know when to send.
+        let open = match &deps.health {
+            Some(health) => health.component("listener"),
+            None => Arc::new(AtomicBool::new(false)),
+        };
+        Self {
+            deps,
+            sink,
+            pressure,
+            open,
+            requests,
+        }
     }
-    served?;
-    Ok(())
+
+    /// The STOW-RS routes into this listener's ingest, with the DICOM port's limits and
+    /// `token`; they answer 503 until [`Listener::run`] serves, and again once it drains.
+    pub fn dicomweb(&self, token: Option<radflow_shared::secret::Secret>) -> axum::Router {
+        crate::dicomweb::router(
+            self.sink.clone(),
+            self.pressure.clone(),
+            crate::dicomweb::StowConfig::from_scp(&self.deps.scp, token),
+            self.open.clone(),
+            self.requests.clone(),
+        )
+    }
+
+    /// Serves DICOM on `dicom` (and STOW-RS, where mounted) and assembles series until
+    /// `shutdown`.
+    pub async fn run(self, dicom: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Listener {
+            deps,
+            sink,
+            pressure,
+            open,
+            requests,
+        } = self;
+        let ListenerDeps {
+            scp,
+            assembly,
+            admission: _,
+            store: _,
+            journal,
+            bus,
+            metrics,
+            health,
+        } = deps;
+        let hooks = Arc::new(Hooks::new(&*bus, metrics.clone(), pressure.clone()).await?);
+        let assembler = Arc::new(Assembler::new(&*bus).await?);
+        let scanner = ReadyScanner::new(bus.clone(), assembly, metrics.clone()).await?;
+
+        let assembling = tokio::spawn(worker::run(
+            bus.clone(),
+            assembler,
+            WorkerConfig::new(assembler_consumer()),
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        let scanning = tokio::spawn(scanner.run(shutdown.clone()));
+        let watching = tokio::spawn(pressure.watch_bus(bus.clone(), shutdown.clone()));
+        // The DICOM server stops only after readiness has turned false.
+        let stop_serving = CancellationToken::new();
+        open.store(true, Ordering::SeqCst);
+        let draining = {
+            let (shutdown, stop_serving, open) =
+                (shutdown.clone(), stop_serving.clone(), open.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                if let Some(health) = health {
+                    health.set_draining();
+                }
+                open.store(false, Ordering::SeqCst);
+                stop_serving.cancel();
+            })
+        };
+        let (grace, stow_permits) = (scp.shutdown_grace, stow_requests(&scp) as u32);
+        let served = scp::serve(
+            dicom,
+            Arc::new(scp),
+            sink,
+            hooks,
+            metrics.clone(),
+            stop_serving.clone(),
+        )
+        .await;
+        open.store(false, Ordering::SeqCst);
+        shutdown.cancel();
+        // STOW-RS requests still running finish (within the grace period) before the
+        // journal closes.
+        let _ = tokio::time::timeout(grace, requests.acquire_many(stow_permits)).await;
+        let _ = tokio::join!(assembling, scanning, watching, draining);
+        if let Some(journal) = journal {
+            // Everything acknowledged is flushed: nothing is left to replay.
+            let _ = tokio::task::spawn_blocking(move || journal.close()).await;
+        }
+        served?;
+        Ok(())
+    }
+}
+
+/// How many STOW-RS requests may run at once: as many as associations.
+fn stow_requests(scp: &ScpConfig) -> usize {
+    scp.max_associations.max(1)
 }
 
 /// Opens the write-ahead journal of a flushed folder store when `enabled`, after

@@ -299,7 +299,27 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router_for(which, health, metrics))
+    serve_with(listener, which, health, metrics, None, shutdown).await
+}
+
+/// Routes a component adds to the HTTP port (so the binary needs no axum of its own).
+pub type Routes = Router;
+
+/// Like [`serve`], with `extra` routes of a component (e.g. the listener's STOW-RS)
+/// merged into every socket but the observation one.
+pub async fn serve_with(
+    listener: TcpListener,
+    which: Endpoints,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    extra: Option<Router>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut router = router_for(which, health, metrics);
+    if let Some(extra) = extra.filter(|_| which != Endpoints::Observation) {
+        router = router.merge(extra);
+    }
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

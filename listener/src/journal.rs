@@ -1181,7 +1181,7 @@ mod tests {
             record.commit(&key).unwrap();
             sent.push((key, data));
         }
-        // An aborted instance gives its slot back and leaves no record.
+        // An aborted instance gives its region back and leaves no record.
         let mut aborted = journal.begin().unwrap().unwrap();
         aborted.write(b"partial").unwrap();
         drop(aborted);
@@ -1203,7 +1203,7 @@ mod tests {
             assert_eq!(&fs::read(root.join(key)).unwrap(), data, "{key}");
         }
 
-        // Closing checkpoints: nothing is left to replay, and no slot is handed out.
+        // Closing checkpoints: nothing is left to replay, and no region is handed out.
         journal.close();
         assert_eq!(
             replay_folder(&root, journal.dir()).unwrap(),
@@ -1214,7 +1214,7 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_free_slots_and_large_instances_bypass_the_journal() {
+    fn checkpoints_free_regions_and_large_instances_bypass_the_journal() {
         let root = temp_root("slots");
         let (journal, _) = Journal::open_with(
             &root,
@@ -1226,7 +1226,7 @@ mod tests {
         )
         .unwrap();
         fs::create_dir_all(root.join("dicom/1/2")).unwrap();
-        // Sequential instances reuse the one slot once each is checkpointed.
+        // Sequential instances reuse the one region once each is checkpointed.
         for i in 0..20 {
             let key = format!("dicom/1/2/{i}.dcm");
             let mut record = journal.begin().unwrap().unwrap();

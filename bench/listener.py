@@ -5,10 +5,13 @@ DCMTK storescp (writing to disk).
 
 Every configuration runs in this one process, on this machine, with the same sender
 and the same files, interleaved round by round (median per configuration); radflow gets a fresh nats-server and a fresh store each run.
-TCP_NODELAY=1 is set for DCMTK on both sides. Reports instances/s, MB/s and the
-receiver's peak RSS (wait4 maximum resident set size, children included).
+TCP_NODELAY=1 is set for DCMTK on both sides. Reports instances/s, MB/s, the
+receiver's peak RSS (wait4 maximum resident set size, children included), radflow's
+flushes per instance (from its `radflow_listener_store_flushes_total` counters) and,
+for every ratio against storescp, its median and spread over the rounds.
 
 Usage: python3 bench/listener.py [--radflow target/release/radflow] [--runs 3] [--work DIR]
+                                 [--associations 1,4,8,16]
                                  [--s3]   (adds radflow on SeaweedFS, .venv/bin/weed)
 """
 
@@ -163,6 +166,18 @@ def s3_count(endpoint, prefix):
     return out.count("<Key>")
 
 
+def flushes(http):
+    """Flushes of the folder store and instances stored so far, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read().decode()
+    total, instances = 0, 0
+    for line in text.splitlines():
+        if line.startswith("radflow_listener_store_flushes_total{"):
+            total += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("radflow_dicom_instances_stored_total "):
+            instances = int(float(line.rsplit(" ", 1)[1]))
+    return total, instances
+
+
 def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=False,
                 s3=False):
     base = tempfile.mkdtemp(dir=work, prefix="radflow-")
@@ -189,6 +204,9 @@ def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(dicom, proc)
     seconds = send(dicom, split(files, associations), "RADFLOW")
+    # Flushes until now, and those of the checkpoint that closing makes are not
+    # counted: they are the same for every configuration that has them.
+    flushed, instances = flushes(http)
     rss = stop(proc)
     nats_rss = stop(nats)
     if s3:
@@ -197,9 +215,9 @@ def run_radflow(work, radflow, nats_server, files, associations, fsync, journal=
     else:
         stored = sum(len(fs) for _, _, fs in os.walk(os.path.join(store, "dicom")))
     shutil.rmtree(base)
-    if stored != len(files):
-        raise SystemExit(f"radflow stored {stored} of {len(files)}")
-    return seconds, rss, nats_rss
+    if stored != len(files) or instances != len(files):
+        raise SystemExit(f"radflow stored {stored} ({instances} counted) of {len(files)}")
+    return seconds, rss, nats_rss, flushed / instances
 
 
 def main():
@@ -209,6 +227,8 @@ def main():
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--work", default=None,
                     help="folder for the stores (its file system is what is measured)")
+    ap.add_argument("--associations", default="1,4",
+                    help="comma-separated association counts (storescp --fork above 1)")
     ap.add_argument("--s3", action="store_true",
                     help="also radflow on the compose stack's S3 server (SeaweedFS)")
     args = ap.parse_args()
@@ -224,26 +244,22 @@ def main():
         megabytes = sum(os.path.getsize(f) for f in files) / 1e6
         print(f"{len(files)} files, {megabytes:.1f} MB, median of {args.runs} runs",
               file=sys.stderr)
-        configs = [
-            ("storescp --ignore (receives, stores nothing)", 1,
-             lambda: run_storescp(work, files, 1, False, True)),
-            ("storescp (no flush)", 1, lambda: run_storescp(work, files, 1, False)),
-            ("radflow, fsync + JetStream", 1,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 1, True)),
-            ("radflow, journal + JetStream", 1,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 1, True, True)),
-            ("radflow, no fsync + JetStream", 1,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 1, False)),
-            ("storescp --fork --ignore (receives, stores nothing)", 4,
-             lambda: run_storescp(work, files, 4, True, True)),
-            ("storescp --fork (no flush)", 4, lambda: run_storescp(work, files, 4, True)),
-            ("radflow, fsync + JetStream", 4,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 4, True)),
-            ("radflow, journal + JetStream", 4,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 4, True, True)),
-            ("radflow, no fsync + JetStream", 4,
-             lambda: run_radflow(work, args.radflow, nats_server, files, 4, False)),
-        ]
+        counts = [int(a) for a in args.associations.split(",")]
+        configs = []
+        for a in counts:
+            fork = a > 1
+            tag = "storescp --fork" if fork else "storescp"
+            configs += [
+                (f"{tag} --ignore (receives, stores nothing)", a,
+                 lambda a=a, f=fork: run_storescp(work, files, a, f, True)),
+                (f"{tag} (no flush)", a, lambda a=a, f=fork: run_storescp(work, files, a, f)),
+                ("radflow, fsync + JetStream", a,
+                 lambda a=a: run_radflow(work, args.radflow, nats_server, files, a, True)),
+                ("radflow, journal + JetStream", a,
+                 lambda a=a: run_radflow(work, args.radflow, nats_server, files, a, True, True)),
+                ("radflow, no fsync + JetStream", a,
+                 lambda a=a: run_radflow(work, args.radflow, nats_server, files, a, False)),
+            ]
         if args.s3:
             for assocs in (1, 4):
                 configs.append((
@@ -261,13 +277,16 @@ def main():
             secs = statistics.median(r[0] for r in results)
             rss = max(r[1] for r in results)
             extra = f" (nats-server {max(r[2] for r in results):.0f})" if len(results[0]) > 2 else ""
-            rows.append((name, assocs, secs, rss, extra))
+            per = (f"{statistics.median(r[3] for r in results):.2f}"
+                   if len(results[0]) > 3 else "0")
+            rows.append((name, assocs, secs, rss, extra, per, [r[0] for r in results]))
             print(f"{name} x{assocs}: {secs:.2f} s", file=sys.stderr)
-        print("| receiver | associations | seconds | instances/s | MB/s | peak RSS MiB |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for name, assocs, secs, rss, extra in rows:
+        print("| receiver | associations | seconds | instances/s | MB/s | peak RSS MiB "
+              "| flushes/instance |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, assocs, secs, rss, extra, per, _ in rows:
             print(f"| {name} | {assocs} | {secs:.2f} | {len(files)/secs:.0f} | "
-                  f"{megabytes/secs:.0f} | {rss:.0f}{extra} |")
+                  f"{megabytes/secs:.0f} | {rss:.0f}{extra} | {per} |")
         # The disk's own floor for per-instance durability: the same number of writes
         # of the same size, each flushed before the next (no network, no parsing).
         size_kib = int(megabytes * 1e6 / len(files) / 1024)
@@ -280,13 +299,21 @@ def main():
         os.remove(target)
         print(f"| dd oflag=dsync, {len(files)} x {size_kib} KiB (disk floor, no network) | - | "
               f"{dd:.2f} | {len(files)/dd:.0f} | {megabytes/dd:.0f} | - |")
-        ref = {a: s for n, a, s, _, _ in rows
+        # Ratios round by round (each round ran every configuration once), so the
+        # spread is that of ratios taken under the same load.
+        ref = {a: t for n, a, _, _, _, _, t in rows
                if n.startswith("storescp") and "--ignore" not in n}
-        for name, assocs, secs, _, _ in rows:
+        floor = {a: t for n, a, _, _, _, _, t in rows if "--ignore" in n}
+        print("\n| radflow | associations | vs | median ratio | spread over rounds |"
+              " ceiling: storescp --ignore vs storescp |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        for name, assocs, _, _, _, _, times in rows:
             if name.startswith("radflow"):
-                print(f"\n{name}, {assocs} association(s): {ref[assocs]/secs:.2f}x storescp"
-                      + (" --fork" if assocs > 1 else ""), end="")
-        print()
+                ratios = [r / t for r, t in zip(ref[assocs], times)]
+                best = [r / t for r, t in zip(ref[assocs], floor[assocs])]
+                print(f"| {name} | {assocs} | storescp{' --fork' if assocs > 1 else ''} | "
+                      f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x | "
+                      f"{statistics.median(best):.2f}x |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -352,9 +352,9 @@ pub struct ListenerArgs {
     #[arg(long, env = "RADFLOW_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
     /// On a flushed folder store, make instances durable through a write-ahead
-    /// journal under `<store>/.journal` (one short flush of a reused slot per
-    /// instance, replayed at start after a crash) instead of flushing each new file
-    /// and its folder. Pays off on file systems that journal their metadata (ext4's
+    /// journal under `<store>/.journal` (a reused region of one segment per instance,
+    /// one flush of the segment shared by every instance completed meanwhile, replayed
+    /// at start after a crash) instead of flushing each new file and its folder. Pays off on file systems that journal their metadata (ext4's
     /// default, XFS); measure yours with the `durable_write` example.
     #[arg(long, env = "RADFLOW_STORE_JOURNAL", default_value_t = false, action = clap::ArgAction::Set)]
     pub store_journal: bool,

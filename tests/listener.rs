@@ -1,14 +1,17 @@
 //! The listener as a process, with real peers: SIGKILL in the middle of a 300-instance
-//! association, and SIGTERM while a sender is still sending.
+//! association and during the group-committed batches of four, and SIGTERM while a
+//! sender is still sending.
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use radflow_shared::bus::{Bus, NatsBus, NatsOptions, SERIES};
-use radflow_shared::events::{self, SeriesReady};
+use radflow_shared::bus::{Bus, INSTANCES, NatsBus, NatsOptions, SERIES};
+use radflow_shared::events::{self, InstanceStored, SeriesReady};
 use radflow_shared::testing::NatsServer;
 
 /// Sends files on one association, printing `OK <SOP Instance UID>` for each Success
@@ -43,16 +46,26 @@ fn spawn_sender(
     pause: f64,
     files: &[PathBuf],
 ) -> (std::process::Child, PathBuf) {
+    spawn_named_sender(dir, "sender", port, pause, files)
+}
+
+fn spawn_named_sender(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    pause: f64,
+    files: &[PathBuf],
+) -> (std::process::Child, PathBuf) {
     let script = dir.join("sender.py");
     std::fs::write(&script, SENDER).unwrap();
-    let out = dir.join("sender.out");
+    let out = dir.join(format!("{name}.out"));
     let child = std::process::Command::new(python())
         .arg(&script)
         .arg(port.to_string())
         .arg(pause.to_string())
         .args(files)
         .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(dir.join("sender.err")).unwrap())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
         .spawn()
         .expect("python with pynetdicom");
     (child, out)
@@ -188,8 +201,8 @@ fn sigkill_mid_association_loses_no_acknowledged_instance() {
     let killed = journal_folders();
     assert_eq!(killed.len(), 1, "{killed:?}");
     let uncovered = uncheckpointed_records(&killed[0]);
-    for (key, _) in &uncovered {
-        std::fs::remove_file(store.join(key)).unwrap();
+    for record in &uncovered {
+        std::fs::remove_file(store.join(&record.key)).unwrap();
     }
 
     // After a restart the series becomes ready exactly once, with every acknowledged
@@ -208,8 +221,12 @@ fn sigkill_mid_association_loses_no_acknowledged_instance() {
         "ready with {instances} instances; {} acknowledged, {stored} stored",
         acked.len()
     );
-    for (key, data) in &uncovered {
-        assert_eq!(&std::fs::read(store.join(key)).unwrap(), data, "{key}");
+    for record in &uncovered {
+        let key = &record.key;
+        assert!(
+            std::fs::read(store.join(key)).unwrap() == record.data,
+            "{key}"
+        );
     }
     assert!(
         !killed[0].exists(),
@@ -218,37 +235,193 @@ fn sigkill_mid_association_loses_no_acknowledged_instance() {
     assert_eq!(journal_folders().len(), 1, "the new listener's journal");
 }
 
-/// The records of a journal folder newer than its checkpoint: (store key, data). Reads
-/// the format documented in `listener/src/journal.rs`.
-fn uncheckpointed_records(dir: &Path) -> Vec<(String, Vec<u8>)> {
+/// A record of a journal folder newer than its checkpoint.
+struct JournalRecord {
+    key: String,
+    data: Vec<u8>,
+    /// The file that holds it and the offset of its header there.
+    file: PathBuf,
+    at: u64,
+}
+
+/// The records of a journal folder newer than its checkpoint. Reads the format
+/// documented in `listener/src/journal.rs`: regions of 4 KiB + 4 MiB in `segment`, a
+/// header at the start of each (magic, sequence, length, CRC, key) and the data 4 KiB
+/// after it.
+fn uncheckpointed_records(dir: &Path) -> Vec<JournalRecord> {
+    const HEADER: u64 = 4096;
+    const REGION: u64 = HEADER + (4 << 20);
     let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
     let checkpoint = std::fs::read(dir.join("checkpoint")).unwrap();
     assert_eq!(&checkpoint[..8], b"RFJCKPT1");
     let covered = le64(&checkpoint[8..]);
+    let path = dir.join("segment");
+    let segment = std::fs::File::open(&path).unwrap();
+    let regions = segment.metadata().unwrap().len().div_ceil(REGION);
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if !path
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("slot-")
-        {
+    for region in 0..regions {
+        let at = region * REGION;
+        let mut head = [0u8; HEADER as usize];
+        let n = segment.read_at(&mut head, at).unwrap();
+        if n < 34 || &head[..8] != b"RFJSLOT1" || le64(&head[8..]) <= covered {
             continue;
         }
-        let slot = std::fs::read(&path).unwrap();
-        if slot.len() < 4096 || &slot[..8] != b"RFJSLOT1" || le64(&slot[8..]) <= covered {
-            continue;
-        }
-        let len = le64(&slot[16..]) as usize;
-        let key_len = u16::from_le_bytes([slot[28], slot[29]]) as usize;
-        let key = std::str::from_utf8(&slot[30..30 + key_len])
+        let len = le64(&head[16..]) as usize;
+        let key_len = u16::from_le_bytes([head[28], head[29]]) as usize;
+        let key = std::str::from_utf8(&head[30..30 + key_len])
             .unwrap()
             .to_owned();
-        out.push((key, slot[4096..4096 + len].to_vec()));
+        let mut data = vec![0u8; len];
+        segment.read_exact_at(&mut data, at + HEADER).unwrap();
+        out.push(JournalRecord {
+            key,
+            data,
+            file: path.clone(),
+            at,
+        });
     }
     out
+}
+
+/// The SOP Instance UID of each file, read in one go with pydicom.
+fn sop_uids(files: &[PathBuf]) -> HashMap<String, PathBuf> {
+    let mut cmd = std::process::Command::new(python());
+    cmd.args([
+        "-c",
+        "import sys\nfrom pydicom import dcmread\nfor f in sys.argv[1:]: print(dcmread(f, stop_before_pixels=True).SOPInstanceUID, f)",
+    ])
+    .args(files);
+    let out = run_ok(cmd, "reading SOP Instance UIDs");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (uid, path) = l.split_once(' ').unwrap();
+            (uid.to_owned(), PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// The SOP Instance UIDs of every `InstanceStored` event on the bus.
+fn stored_events(nats: &NatsServer) -> HashSet<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let bus = NatsBus::connect(&NatsOptions {
+            url: nats.url(),
+            name: "e2e-reader".into(),
+            replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("NATS");
+        bus.read(INSTANCES, 1, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| events::decode::<InstanceStored>(&m.payload).ok())
+            .map(|e| e.sop_instance_uid)
+            .collect()
+    })
+}
+
+/// Four associations share the journal's flushes; a SIGKILL lands in the middle of
+/// their batches, some records written and not yet flushed, some flushed and not yet
+/// answered. Then a power cut is played on top: every store file newer than the last
+/// checkpoint is lost, and so is the data of every record whose sender heard no
+/// Success (the cut came before its flush). Every instance that was answered Success
+/// is still in the store after the restart, byte for byte, and has its event.
+#[test]
+fn sigkill_during_batches_of_four_associations_keeps_every_acknowledged_instance() {
+    let nats = NatsServer::start().expect("nats-server");
+    let work = TempDir::new("listener-kill-batch");
+    let store = work.path().join("store");
+    let series_dir = work.path().join("series");
+    let truth = synth(&series_dir, 64, 400, &["--seed", "17"]);
+    let files = dicom_files(&series_dir);
+    let by_uid = sop_uids(&files);
+    let (dicom, http) = (free_port(), free_port());
+    let mut first = listener(&nats, &store, dicom, http, work.path(), "listener-1");
+
+    let mut senders: Vec<_> = (0..4)
+        .map(|i| {
+            let group: Vec<PathBuf> = files.iter().skip(i).step_by(4).cloned().collect();
+            spawn_named_sender(work.path(), &format!("sender-{i}"), dicom, 0.0, &group)
+        })
+        .collect();
+    let all_acked = |senders: &[(std::process::Child, PathBuf)]| -> Vec<String> {
+        senders
+            .iter()
+            .flat_map(|(_, out)| acknowledged(out))
+            .collect()
+    };
+    wait_for(
+        "150 acknowledged instances",
+        Duration::from_secs(120),
+        || (all_acked(&senders).len() >= 150).then_some(()),
+    );
+    first.kill();
+    for (child, _) in &mut senders {
+        child.wait().unwrap();
+    }
+    let acked = all_acked(&senders);
+    assert!(
+        acked.len() < files.len(),
+        "the senders finished before the kill"
+    );
+
+    let series_key = format!("dicom/{}/{}", truth.study_uid, truth.series_uid);
+    let acked_keys: HashSet<String> = acked
+        .iter()
+        .map(|u| format!("{series_key}/{u}.dcm"))
+        .collect();
+    let killed: Vec<PathBuf> = std::fs::read_dir(store.join(".journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    let uncovered = uncheckpointed_records(&killed[0]);
+    assert!(
+        !uncovered.is_empty(),
+        "the kill came after a checkpoint of everything"
+    );
+    for record in &uncovered {
+        let _ = std::fs::remove_file(store.join(&record.key));
+        if !acked_keys.contains(&record.key) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&record.file)
+                .unwrap();
+            let garbage = vec![0xA5u8; record.data.len().clamp(1, 4096)];
+            file.write_all_at(&garbage, record.at + 4096).unwrap();
+        }
+    }
+
+    // The restart replays the journal (and removes it) before it takes associations;
+    // its port is bound, and accepts into the backlog, before that.
+    let _second = listener(&nats, &store, dicom, http, work.path(), "listener-2");
+    wait_for(
+        "the killed listener's journal to be replayed",
+        Duration::from_secs(60),
+        || (!killed[0].exists()).then_some(()),
+    );
+    let events = stored_events(&nats);
+    for uid in &acked {
+        let stored = std::fs::read(store.join(format!("{series_key}/{uid}.dcm")))
+            .unwrap_or_else(|e| panic!("acknowledged {uid} is not in the store: {e}"));
+        let sent = std::fs::read(&by_uid[uid]).unwrap();
+        assert!(
+            stored[dataset_offset(&stored)..] == sent[dataset_offset(&sent)..],
+            "stored {uid} differs from what was sent"
+        );
+        assert!(
+            events.contains(uid),
+            "acknowledged {uid} has no InstanceStored event"
+        );
+    }
 }
 
 #[test]

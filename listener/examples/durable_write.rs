@@ -40,7 +40,12 @@ async fn main() -> std::io::Result<()> {
             } else {
                 None
             };
-            let files = LocalFiles::new(root.clone(), *fsync, journal.clone());
+            let files = LocalFiles::new(
+                root.clone(),
+                *fsync,
+                journal.clone(),
+                radflow_shared::metrics::Metrics::new(),
+            );
             let started = Instant::now();
             let mut completing = Duration::ZERO;
             for i in 0..INSTANCES {

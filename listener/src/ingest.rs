@@ -219,7 +219,7 @@ impl Ingest {
     ) -> Self {
         let local = store
             .local_root()
-            .map(|root| LocalFiles::new(root.to_owned(), store.fsync(), journal));
+            .map(|root| LocalFiles::new(root.to_owned(), store.fsync(), journal, metrics.clone()));
         Self {
             store,
             local,

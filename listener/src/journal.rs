@@ -1,40 +1,54 @@
-//! A write-ahead journal that makes an instance durable with one short flush.
+//! A write-ahead journal that makes instances durable with one flush per batch.
 //!
 //! Flushing a new file costs more than writing its bytes: the file system has to commit
 //! the file's blocks, its size and its name to its own journal, and on most disks that
 //! is a second and third cache flush per instance (`fdatasync` of the file, `fsync` of
 //! its folder). Overwriting bytes a file already has needs none of that. So, on a
-//! folder store, each instance is also written into a *slot*: a file in
-//! `<store>/.journal/<process>/` that keeps its size from one instance to the next. When
-//! the instance is complete, the listener renames the store file into place (without
-//! flushing it), writes the slot's header (sequence number, store key, length, CRC-32
-//! of the data) and flushes the slot alone; then the instance is durable and the
-//! sender hears Success.
+//! folder store, each instance is also written into a *region* of one *segment* file,
+//! `<store>/.journal/<process>/segment`, which keeps its size from one instance to the
+//! next. When the instance is complete, the listener renames the store file into place
+//! (without flushing it), writes the region's header (sequence number, store key,
+//! length, CRC-32 of the data) and waits for the segment to be flushed; then the
+//! instance is durable and the sender hears Success.
+//!
+//! Flushes are group-committed, as databases do with their log: one flush of the
+//! segment covers every record written before it began, so the associations that
+//! finish an instance while a flush is in flight wait for the next one together
+//! instead of queueing one flush each. The first record to find no flush running
+//! starts one at once (no waiting to fill a batch, so a lone association pays one
+//! flush per instance and no more); a batch is whatever was written meanwhile, at most
+//! [`MAX_SLOTS`] records. When every region is taken, a new instance waits for the
+//! checkpoint to give one back (the sender waits with it), and is flushed directly
+//! only if none comes back within [`REGION_WAIT`]: memory and disk stay bounded.
 //!
 //! A background thread checkpoints: it flushes the store's file system once
 //! (`syncfs`) for many instances together, records the highest sequence number
-//! covered in the journal's `checkpoint` file, and gives those slots back for reuse.
+//! covered in the journal's `checkpoint` file, and gives those regions back for reuse.
 //! After a power cut or a crash, [`Journal::open`] replays every record newer than the
 //! checkpoint whose header and data check out (rewriting the store file unless it
 //! already holds exactly those bytes) before the listener takes associations again. A
-//! record is replayed only if its data CRC matches, so a slot torn by the cut (an
-//! instance that was never acknowledged) is ignored.
+//! record is replayed only if its data CRC matches, so a region torn by the cut (an
+//! instance that was never acknowledged) is ignored, and records of one key replay in
+//! sequence order, so the newest version wins and nothing is applied twice.
 //!
 //! Ordering makes the checkpoint sound: a record's sequence number is taken after its
 //! store file was renamed into place, and the checkpoint reads the counter before it
 //! flushes, so every record at or below the checkpoint has its file on disk.
 //!
-//! Instances larger than [`MAX_RECORD`] and instances that find no free slot (more in
-//! flight than [`MAX_SLOTS`]) are flushed directly instead. Each process has its own
-//! journal folder, locked while it runs; a listener that starts (and every minute after)
-//! replays and removes the journals of processes that are gone, its own previous run
-//! included, so replicas sharing one store folder recover each other's.
+//! Instances larger than [`MAX_RECORD`] are flushed directly instead. Each process has
+//! its own journal folder, locked while it runs; a listener that starts (and every
+//! minute after) replays and removes the journals of processes that are gone, its own
+//! previous run included, so replicas sharing one store folder recover each other's.
+//! Journals of earlier versions, one `slot-*` file per record, are replayed the same
+//! way.
 //!
-//! Slots are opened with `O_DIRECT` where the file system allows it: the data goes from
-//! an aligned buffer to the disk without a second copy in the page cache. The journal
-//! writes every byte twice (slot and store file), so it pays off only where a flush of
-//! a new file is dear, on file systems that journal their metadata; it is off unless
-//! `--store-journal` turns it on.
+//! The segment is opened with `O_DIRECT` where the file system allows it: the data
+//! goes from an aligned buffer to the disk without a second copy in the page cache.
+//! Regions are taken most recently freed first, so a busy listener keeps reusing the
+//! few it has already written (whose flush is then data only). The journal writes
+//! every byte twice (segment and store file), so it pays off where a flush of a new
+//! file is dear, on file systems that journal their metadata, or where many
+//! associations share a flush; it is off unless `--store-journal` turns it on.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -42,8 +56,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use radflow_shared::metrics::Metrics;
 
 /// The journal folder under the store root (not an object key: the store ignores it).
 pub const JOURNAL_FOLDER: &str = ".journal";
@@ -51,18 +67,24 @@ pub const JOURNAL_FOLDER: &str = ".journal";
 /// Instances up to this size go through the journal.
 pub const MAX_RECORD: u64 = 4 << 20;
 
-/// Slots per process: instances in flight plus those waiting for a checkpoint.
+/// Regions per process: instances in flight plus those waiting for a checkpoint.
 pub const MAX_SLOTS: usize = 64;
 
-/// Bytes before a slot's data: the record header.
+/// Longest a new instance waits for a free region before it is flushed directly.
+pub const REGION_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes before a region's data: the record header.
 const HEADER: u64 = 4096;
+/// Bytes of one region of the segment: header and the largest record.
+const REGION: u64 = HEADER + MAX_RECORD;
 /// Unit of direct writes (offsets and lengths), a multiple of any disk's sector.
 const BLOCK: usize = 4096;
-/// Write buffer of a record on a slot opened for direct I/O.
+/// Write buffer of a record on a segment opened for direct I/O.
 const BUFFER: usize = 256 * 1024;
 const SLOT_MAGIC: &[u8; 8] = b"RFJSLOT1";
 const CHECKPOINT_MAGIC: &[u8; 8] = b"RFJCKPT1";
 const CHECKPOINT_FILE: &str = "checkpoint";
+const SEGMENT_FILE: &str = "segment";
 const LOCK_FILE: &str = "lock";
 /// Held by whoever creates a journal folder or replays others: the two never overlap.
 const MANAGE_FILE: &str = "manage.lock";
@@ -72,8 +94,10 @@ const MANAGE_FILE: &str = "manage.lock";
 pub(crate) struct Policy {
     /// Once this many records wait for a checkpoint...
     pub records: usize,
-    /// ...or the oldest has waited this long (or no slot is free, or on close).
+    /// ...or the oldest has waited this long (or no region is free, or on close).
     pub age: Duration,
+    /// Longest a new instance waits for a free region before it is flushed directly.
+    pub region_wait: Duration,
 }
 
 impl Default for Policy {
@@ -81,6 +105,7 @@ impl Default for Policy {
         Self {
             records: 16,
             age: Duration::from_millis(500),
+            region_wait: REGION_WAIT,
         }
     }
 }
@@ -97,24 +122,54 @@ pub struct Journal {
     /// Held (locked) for the journal's life: the folder is in use.
     _lock: File,
     checkpoint: File,
+    /// Every record's region; flushed once per batch.
+    segment: File,
+    /// The segment was opened for direct I/O: records are written from an aligned
+    /// buffer straight to the disk, in whole blocks, without a copy in the page cache.
+    direct: bool,
     policy: Policy,
     /// The last sequence number handed out.
     seq: AtomicU64,
     state: Mutex<State>,
     wake: Condvar,
-    /// Signalled after each checkpoint.
+    /// Signalled after each checkpoint and whenever a region is given back.
     checkpointed: Condvar,
+    /// The group commit of segment flushes.
+    flush: Mutex<Flushes>,
+    /// Signalled after each segment flush.
+    flushed: Condvar,
+    /// Where flushes and records are counted, once the listener has its metrics.
+    metrics: OnceLock<Arc<Metrics>>,
     checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Segment flushes, numbered: flush `n` covers every record whose writes ended before
+/// it began, that is every record that saw `next == n`.
+#[derive(Debug)]
+struct Flushes {
+    /// The number of the next flush to begin.
+    next: u64,
+    /// The number of the last flush that ended well.
+    done: u64,
+    /// A flush is in flight (its number is `next - 1`).
+    running: bool,
+    /// Records waiting for flush `next`: the size of the next batch.
+    joined: usize,
+    /// The first flush that failed: after a failed `fdatasync` the kernel may have
+    /// dropped the pages, so neither it nor any later flush vouches for a record.
+    failed: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    free: Vec<Slot>,
+    /// Regions not in use, the most recently freed last.
+    free: Vec<usize>,
     /// Committed records whose files wait for a checkpoint.
-    placed: Vec<Slot>,
-    /// Write buffers of direct slots not in use.
+    placed: Vec<usize>,
+    /// Write buffers not in use (direct segment).
     buffers: Vec<Aligned>,
     oldest_placed: Option<Instant>,
+    /// Regions handed out so far (the segment's size in regions).
     created: usize,
     closing: bool,
     /// Store keys of committed records a checkpoint does not cover yet, with the
@@ -136,7 +191,7 @@ pub struct Replayed {
 }
 
 impl State {
-    /// Whether no slot is free and no more may be created.
+    /// Whether no region is free and no more may be created.
     fn exhausted(&self) -> bool {
         self.free.is_empty() && self.created >= MAX_SLOTS
     }
@@ -176,6 +231,7 @@ impl Journal {
             .open(dir.join(CHECKPOINT_FILE))?;
         checkpoint.write_all_at(&encode_checkpoint(0), 0)?;
         checkpoint.sync_all()?;
+        let (segment, direct) = open_segment(&dir.join(SEGMENT_FILE))?;
         File::open(&dir)?.sync_all()?;
         File::open(&base)?.sync_all()?;
         let journal = Arc::new(Self {
@@ -183,11 +239,22 @@ impl Journal {
             dir,
             _lock: lock,
             checkpoint,
+            segment,
+            direct,
             policy,
             seq: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             checkpointed: Condvar::new(),
+            flush: Mutex::new(Flushes {
+                next: 1,
+                done: 0,
+                running: false,
+                joined: 0,
+                failed: None,
+            }),
+            flushed: Condvar::new(),
+            metrics: OnceLock::new(),
             checkpointer: Mutex::new(None),
         });
         let worker = journal.clone();
@@ -196,6 +263,11 @@ impl Journal {
             .spawn(move || worker.run_checkpoints())?;
         *journal.checkpointer.lock().unwrap() = Some(handle);
         Ok((journal, replayed))
+    }
+
+    /// Counts the journal's flushes and records in `metrics` from now on.
+    pub fn report_to(&self, metrics: Arc<Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Replays and removes the journals of processes that are gone, without starting
@@ -210,48 +282,48 @@ impl Journal {
         &self.dir
     }
 
-    /// Starts a record, or `None` when every slot is in use (the instance is then
-    /// flushed directly). Blocking: may create a slot file.
+    /// Starts a record, or `None` when the instance must be flushed directly: the
+    /// journal is closing or broken, or no region came free within [`REGION_WAIT`].
+    /// Blocking: waits for the checkpoint while every region is in use.
     pub fn begin(self: &Arc<Self>) -> io::Result<Option<Record>> {
-        let index = {
-            let mut state = self.state.lock().unwrap();
+        if self.flush.lock().unwrap().failed.is_some() {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + self.policy.region_wait;
+        let mut state = self.state.lock().unwrap();
+        loop {
             if state.closing {
                 return Ok(None);
             }
-            if let Some(slot) = state.free.pop() {
-                let buffer = if slot.direct {
-                    state.buffers.pop()
-                } else {
-                    None
-                };
-                return Ok(Some(self.record(slot, buffer)));
+            if let Some(region) = state.free.pop() {
+                let buffer = state.buffers.pop();
+                drop(state);
+                return Ok(Some(self.record(region, buffer)));
             }
-            if state.created >= MAX_SLOTS {
-                self.wake.notify_all();
+            if state.created < MAX_SLOTS {
+                state.created += 1;
+                let region = state.created - 1;
+                drop(state);
+                return Ok(Some(self.record(region, None)));
+            }
+            // Every region is in use: push back on the sender until a checkpoint
+            // frees one.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Ok(None);
             }
-            state.created += 1;
-            state.created - 1
-        };
-        let created = Slot::create(&self.dir.join(format!("slot-{index:05}"))).and_then(|slot| {
-            File::open(&self.dir)?.sync_all()?;
-            Ok(slot)
-        });
-        match created {
-            Ok(slot) => Ok(Some(self.record(slot, None))),
-            Err(e) => {
-                self.state.lock().unwrap().created -= 1;
-                Err(e)
-            }
+            self.wake.notify_all();
+            state = self.checkpointed.wait_timeout(state, left).unwrap().0;
         }
     }
 
-    /// A record in `slot`, with `buffer` if the slot is direct (a new one if `None`).
-    fn record(self: &Arc<Self>, slot: Slot, buffer: Option<Aligned>) -> Record {
-        let buffer = slot.direct.then(|| buffer.unwrap_or_else(Aligned::new));
+    /// A record in `region`, with `buffer` if the segment is direct (a new one if
+    /// `None`).
+    fn record(self: &Arc<Self>, region: usize, buffer: Option<Aligned>) -> Record {
+        let buffer = self.direct.then(|| buffer.unwrap_or_else(Aligned::new));
         Record {
             journal: self.clone(),
-            slot: Some(slot),
+            region: Some(region),
             buffer,
             len: 0,
             pending: 0,
@@ -264,6 +336,7 @@ impl Journal {
     pub fn close(&self) {
         self.state.lock().unwrap().closing = true;
         self.wake.notify_all();
+        self.checkpointed.notify_all();
         if let Some(handle) = self.checkpointer.lock().unwrap().take() {
             let _ = handle.join();
         }
@@ -290,22 +363,66 @@ impl Journal {
         Ok(())
     }
 
-    fn placed(&self, slot: Slot, buffer: Option<Aligned>, key: &str, seq: u64) {
+    /// Returns once a flush of the segment that began after this call has ended: every
+    /// write to the segment finished before the call is then durable. One flush runs at
+    /// a time; the callers that arrive while it runs share the next one.
+    fn flush_segment(&self) -> io::Result<()> {
+        let mut flushes = self.flush.lock().unwrap();
+        let mine = flushes.next;
+        flushes.joined += 1;
+        loop {
+            if flushes.failed.is_some_and(|failed| mine >= failed) {
+                return Err(io::Error::other(
+                    "the journal segment could not be flushed earlier; the journal is off until restart",
+                ));
+            }
+            if flushes.done >= mine {
+                return Ok(());
+            }
+            if flushes.running {
+                flushes = self.flushed.wait(flushes).unwrap();
+                continue;
+            }
+            flushes.running = true;
+            let number = flushes.next;
+            flushes.next += 1;
+            let batch = std::mem::take(&mut flushes.joined);
+            drop(flushes);
+            tracing::trace!(batch, "flushing the journal segment");
+            let result = self.segment.sync_data();
+            if let Some(metrics) = self.metrics.get() {
+                metrics.store_flush("journal");
+            }
+            flushes = self.flush.lock().unwrap();
+            flushes.running = false;
+            match result {
+                Ok(()) => flushes.done = number,
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %self.dir.display(), "journal segment flush failed; instances are flushed directly from now on");
+                    flushes.failed.get_or_insert(number);
+                }
+            }
+            self.flushed.notify_all();
+        }
+    }
+
+    fn placed(&self, region: usize, buffer: Option<Aligned>, key: &str, seq: u64) {
         let mut state = self.state.lock().unwrap();
         let newest = state.uncovered.entry(key.to_owned()).or_default();
         *newest = (*newest).max(seq);
         state.buffers.extend(buffer);
-        state.placed.push(slot);
+        state.placed.push(region);
         state.oldest_placed.get_or_insert_with(Instant::now);
         if state.placed.len() >= self.policy.records || state.exhausted() {
             self.wake.notify_all();
         }
     }
 
-    fn give_back(&self, slot: Slot, buffer: Option<Aligned>) {
+    fn give_back(&self, region: usize, buffer: Option<Aligned>) {
         let mut state = self.state.lock().unwrap();
         state.buffers.extend(buffer);
-        state.free.push(slot);
+        state.free.push(region);
+        self.checkpointed.notify_all();
     }
 
     fn run_checkpoints(self: Arc<Self>) {
@@ -394,40 +511,31 @@ impl Journal {
     fn checkpoint_to(&self, upto: u64) -> io::Result<()> {
         sync_file_system(&File::open(&self.root)?)?;
         self.checkpoint.write_all_at(&encode_checkpoint(upto), 0)?;
-        self.checkpoint.sync_data()
-    }
-}
-
-/// A slot file of the journal.
-#[derive(Debug)]
-struct Slot {
-    file: File,
-    /// Opened for direct I/O: records are written from an aligned buffer straight to
-    /// the disk, in whole blocks, without a second copy in the page cache.
-    direct: bool,
-}
-
-impl Slot {
-    fn create(path: &Path) -> io::Result<Self> {
-        let mut options = OpenOptions::new();
-        options.read(true).write(true).create_new(true);
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut direct = options.clone();
-            direct.custom_flags(libc::O_DIRECT);
-            match direct.open(path) {
-                Ok(file) => return Ok(Self { file, direct: true }),
-                // The file system does not do direct I/O (tmpfs, some overlays).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
+        let flushed = self.checkpoint.sync_data();
+        if let Some(metrics) = self.metrics.get() {
+            metrics.store_flush("checkpoint");
         }
-        Ok(Self {
-            file: options.open(path)?,
-            direct: false,
-        })
+        flushed
     }
+}
+
+/// Opens (creates) the segment, for direct I/O where the file system allows it.
+fn open_segment(path: &Path) -> io::Result<(File, bool)> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut direct = options.clone();
+        direct.custom_flags(libc::O_DIRECT);
+        match direct.open(path) {
+            Ok(file) => return Ok((file, true)),
+            // The file system does not do direct I/O (tmpfs, some overlays).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((options.open(path)?, false))
 }
 
 /// [`BUFFER`] bytes aligned to [`BLOCK`], as direct I/O requires.
@@ -449,12 +557,12 @@ impl Aligned {
     }
 }
 
-/// One instance on its way into a slot.
+/// One instance on its way into a region of the segment.
 #[derive(Debug)]
 pub struct Record {
     journal: Arc<Journal>,
-    slot: Option<Slot>,
-    /// The write buffer of a direct slot.
+    region: Option<usize>,
+    /// The write buffer of a direct segment.
     buffer: Option<Aligned>,
     /// Data bytes received.
     len: u64,
@@ -464,20 +572,22 @@ pub struct Record {
 }
 
 impl Record {
-    /// Appends `part`. `Ok(false)` when the instance outgrew the journal: the slot is
+    /// Appends `part`. `Ok(false)` when the instance outgrew the journal: the region is
     /// given back and the instance must be flushed directly.
     pub fn write(&mut self, part: &[u8]) -> io::Result<bool> {
-        let Some(slot) = &self.slot else {
+        let Some(region) = self.region else {
             return Ok(false);
         };
         if self.len + part.len() as u64 > MAX_RECORD {
             self.abandon();
             return Ok(false);
         }
+        let segment = &self.journal.segment;
+        let data = region as u64 * REGION + HEADER;
         self.crc.update(part);
         let Some(buffer) = &mut self.buffer else {
-            slot.file.write_all_at(part, HEADER + self.len)?;
-            crate::local::start_writeback(&slot.file, HEADER + self.len, part.len() as u64);
+            segment.write_all_at(part, data + self.len)?;
+            crate::local::start_writeback(segment, data + self.len, part.len() as u64);
             self.len += part.len() as u64;
             return Ok(true);
         };
@@ -492,8 +602,8 @@ impl Record {
             if self.pending == BUFFER || rest.is_empty() {
                 let whole = self.pending / BLOCK * BLOCK;
                 if whole > 0 {
-                    let at = HEADER + self.len - self.pending as u64;
-                    slot.file.write_all_at(&buffer.bytes()[..whole], at)?;
+                    let at = data + self.len - self.pending as u64;
+                    segment.write_all_at(&buffer.bytes()[..whole], at)?;
                     buffer.bytes().copy_within(whole..self.pending, 0);
                     self.pending -= whole;
                 }
@@ -502,51 +612,57 @@ impl Record {
         Ok(true)
     }
 
-    /// Whether the record still holds a slot.
+    /// Whether the record still holds a region.
     pub fn active(&self) -> bool {
-        self.slot.is_some()
+        self.region.is_some()
     }
 
     /// Commits the record for store key `key`, whose file must already be in place:
-    /// writes the rest of the data and the header, and flushes the slot. Afterwards
-    /// the instance is durable.
+    /// writes the rest of the data and the header, and waits for a flush of the
+    /// segment that covers them (shared with every record committed meanwhile).
+    /// Afterwards the instance is durable.
     pub fn commit(mut self, key: &str) -> io::Result<()> {
-        let slot = self
-            .slot
+        let region = self
+            .region
             .take()
             .ok_or_else(|| io::Error::other("journal record already given back"))?;
+        let segment = &self.journal.segment;
+        let start = region as u64 * REGION;
         let mut buffer = self.buffer.take();
         let seq = self.journal.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let header = encode_header(seq, key, self.len, self.crc.clone().finalize());
         let written = match &mut buffer {
-            None => slot.file.write_all_at(&header, 0),
+            None => segment.write_all_at(&header, start),
             Some(buffer) => {
                 let bytes = buffer.bytes();
                 let tail = self.pending.div_ceil(BLOCK) * BLOCK;
                 bytes[self.pending..tail].fill(0);
-                let at = HEADER + self.len - self.pending as u64;
+                let at = start + HEADER + self.len - self.pending as u64;
                 let data = if tail > 0 {
-                    slot.file.write_all_at(&bytes[..tail], at)
+                    segment.write_all_at(&bytes[..tail], at)
                 } else {
                     Ok(())
                 };
                 data.and_then(|()| {
                     bytes[..BLOCK].fill(0);
                     bytes[..header.len()].copy_from_slice(&header);
-                    slot.file.write_all_at(&bytes[..BLOCK], 0)
+                    segment.write_all_at(&bytes[..BLOCK], start)
                 })
             }
         };
-        // Even on failure the header may be on disk: the slot waits for a checkpoint.
-        let result = written.and_then(|()| slot.file.sync_data());
-        self.journal.placed(slot, buffer, key, seq);
+        // Even on failure the header may be on disk: the region waits for a checkpoint.
+        let result = written.and_then(|()| self.journal.flush_segment());
+        if let Some(metrics) = self.journal.metrics.get() {
+            metrics.journal_records.inc();
+        }
+        self.journal.placed(region, buffer, key, seq);
         result
     }
 
-    /// Gives the slot back unused (an aborted instance).
+    /// Gives the region back unused (an aborted instance).
     pub fn abandon(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            self.journal.give_back(slot, self.buffer.take());
+        if let Some(region) = self.region.take() {
+            self.journal.give_back(region, self.buffer.take());
         }
     }
 }
@@ -681,39 +797,59 @@ fn replay_orphans(root: &Path, own: Option<&Path>) -> io::Result<Replayed> {
     Ok(total)
 }
 
-/// Replays one journal folder's records newer than its checkpoint, oldest first, and
-/// makes them durable.
+/// Replays one journal folder's records newer than its checkpoint (of each key the
+/// newest complete one) and makes them durable.
 pub(crate) fn replay_folder(root: &Path, dir: &Path) -> io::Result<Replayed> {
     let checkpoint = match fs::read(dir.join(CHECKPOINT_FILE)) {
         Ok(bytes) => decode_checkpoint(&bytes).unwrap_or(0),
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e),
     };
-    let mut records = Vec::new();
+    // (header, file, offset of the record's header): the regions of the segment and
+    // the slot files of journals written before there was a segment.
+    let mut records: Vec<(Header, usize, u64)> = Vec::new();
+    let mut files = Vec::new();
     let mut replayed = Replayed::default();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_slot = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("slot-"));
-        if !is_slot {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let (is_segment, is_slot) = (name == SEGMENT_FILE, name.starts_with("slot-"));
+        if !is_segment && !is_slot {
             continue;
         }
-        let slot = File::open(&path)?;
+        let file = File::open(&path)?;
+        let regions = if is_segment {
+            file.metadata()?.len().div_ceil(REGION)
+        } else {
+            1
+        };
+        let index = files.len();
         let mut head = vec![0u8; HEADER as usize];
-        let n = read_at_most(&slot, &mut head, 0)?;
-        match decode_header(&head[..n]) {
-            Some(h) if h.seq > checkpoint => records.push((h, slot)),
-            Some(_) => {}
-            None if head[..n].starts_with(SLOT_MAGIC) => replayed.torn += 1,
-            None => {}
+        for region in 0..regions {
+            let at = region * REGION;
+            let n = read_at_most(&file, &mut head, at)?;
+            match decode_header(&head[..n]) {
+                Some(h) if h.seq > checkpoint => records.push((h, index, at)),
+                Some(_) => {}
+                None if head[..n].starts_with(SLOT_MAGIC) => replayed.torn += 1,
+                None => {}
+            }
         }
+        files.push(file);
     }
-    records.sort_by_key(|(h, _)| h.seq);
-    for (header, slot) in records {
+    // Newest first: the newest complete record of a key is the one that counts, and
+    // the older ones it supersedes are not written at all (nothing is applied twice).
+    records.sort_by_key(|(h, _, _)| std::cmp::Reverse(h.seq));
+    let mut applied = std::collections::HashSet::new();
+    for (header, file, at) in records {
+        if applied.contains(&header.key) {
+            replayed.records += 1;
+            continue;
+        }
         let mut data = vec![0u8; header.len as usize];
-        let n = read_at_most(&slot, &mut data, HEADER)?;
+        let n = read_at_most(&files[file], &mut data, at + HEADER)?;
         if n as u64 != header.len
             || crc32fast::hash(&data) != header.crc
             || !is_instance_key(&header.key)
@@ -722,6 +858,7 @@ pub(crate) fn replay_folder(root: &Path, dir: &Path) -> io::Result<Replayed> {
             continue;
         }
         replayed.records += 1;
+        applied.insert(header.key.clone());
         let target = root.join(&header.key);
         if fs::read(&target).is_ok_and(|have| have == data) {
             File::open(&target)?.sync_all()?;
@@ -799,7 +936,183 @@ mod tests {
         Policy {
             records: usize::MAX,
             age: Duration::from_secs(age_secs),
+            region_wait: Duration::from_secs(3600),
         }
+    }
+
+    /// Writes a record into region `region` of a segment file.
+    fn write_region(segment: &File, region: u64, seq: u64, key: &str, data: &[u8], crc: u32) {
+        let at = region * REGION;
+        segment
+            .write_all_at(&encode_header(seq, key, data.len() as u64, crc), at)
+            .unwrap();
+        segment.write_all_at(data, at + HEADER).unwrap();
+    }
+
+    /// Commits `data` under `key` (its store file written first, as the listener does).
+    fn commit(root: &Path, journal: &Arc<Journal>, key: &str, data: &[u8]) {
+        let mut record = journal.begin().unwrap().expect("a free region");
+        assert!(record.write(data).unwrap());
+        let path = root.join(key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, data).unwrap();
+        record.commit(key).unwrap();
+    }
+
+    fn flushes(metrics: &Metrics, kind: &str) -> u64 {
+        let line = format!("radflow_listener_store_flushes_total{{kind=\"{kind}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    #[test]
+    fn records_committed_while_a_flush_runs_share_the_next_one() {
+        let root = temp_root("group");
+        let (journal, _) = Journal::open_with(&root, no_hold(3600)).unwrap();
+        let metrics = Metrics::new();
+        journal.report_to(metrics.clone());
+        // A lone record: one flush of its own.
+        commit(&root, &journal, "dicom/1/2/first.dcm", b"first");
+        assert_eq!(flushes(&metrics, "journal"), 1);
+
+        // Twelve records committed while a flush is in flight wait for the next one
+        // together.
+        journal.flush.lock().unwrap().running = true;
+        let committers: Vec<_> = (0..12usize)
+            .map(|i| {
+                let (root, journal) = (root.clone(), journal.clone());
+                std::thread::spawn(move || {
+                    let data: Vec<u8> = (0..50_000 + i).map(|b| (b * 13 + i) as u8).collect();
+                    let key = format!("dicom/1/2/{i}.dcm");
+                    commit(&root, &journal, &key, &data);
+                    (key, data)
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while journal.flush.lock().unwrap().joined < 12 {
+            assert!(Instant::now() < deadline, "the committers did not arrive");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(flushes(&metrics, "journal"), 1, "nobody answered early");
+        {
+            let mut flush = journal.flush.lock().unwrap();
+            flush.running = false;
+            journal.flushed.notify_all();
+        }
+        let sent: Vec<_> = committers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(flushes(&metrics, "journal"), 2, "one flush for the batch");
+        assert_eq!(metrics.journal_records.get(), 13);
+
+        // A crash now: the segment holds all thirteen, the store lost its files.
+        let image = root.join("crash-image");
+        fs::create_dir_all(&image).unwrap();
+        fs::copy(journal.dir().join(SEGMENT_FILE), image.join(SEGMENT_FILE)).unwrap();
+        fs::copy(
+            journal.dir().join(CHECKPOINT_FILE),
+            image.join(CHECKPOINT_FILE),
+        )
+        .unwrap();
+        fs::remove_dir_all(root.join("dicom")).unwrap();
+        let replayed = replay_folder(&root, &image).unwrap();
+        assert_eq!(
+            (replayed.records, replayed.rewritten, replayed.torn),
+            (13, 13, 0)
+        );
+        for (key, data) in &sent {
+            assert!(fs::read(root.join(key)).unwrap() == *data, "{key}");
+        }
+        assert_eq!(
+            fs::read(root.join("dicom/1/2/first.dcm")).unwrap(),
+            b"first"
+        );
+        journal.close();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_segment_replays_complete_records_once_newest_first_and_skips_torn_ones() {
+        let root = temp_root("segment");
+        let orphan = root.join(JOURNAL_FOLDER).join("gone");
+        fs::create_dir_all(&orphan).unwrap();
+        File::create(orphan.join(LOCK_FILE)).unwrap();
+        fs::write(orphan.join(CHECKPOINT_FILE), encode_checkpoint(1)).unwrap();
+        let segment = File::create(orphan.join(SEGMENT_FILE)).unwrap();
+        let h = crc32fast::hash;
+        // Covered by the checkpoint (a region about to be reused): left alone.
+        write_region(&segment, 0, 1, "dicom/1/2/old.dcm", b"old", h(b"old"));
+        // A newer version of a.dcm in a later region than the older one.
+        write_region(&segment, 3, 2, "dicom/1/2/a.dcm", b"a-v1", h(b"a-v1"));
+        write_region(&segment, 1, 6, "dicom/1/2/a.dcm", b"a-v2", h(b"a-v2"));
+        write_region(&segment, 2, 3, "dicom/1/2/b.dcm", b"bbbb", h(b"bbbb"));
+        // Torn by a cut before its flush: the header made it, the data did not.
+        write_region(&segment, 4, 4, "dicom/1/2/c.dcm", b"cc", h(b"cccc"));
+        // A header torn itself, in the last region (the file ends inside it).
+        let mut broken = encode_header(5, "dicom/1/2/d.dcm", 1, h(b"d"));
+        broken[9] ^= 1;
+        segment.write_all_at(&broken, 5 * REGION).unwrap();
+        drop(segment);
+        let image = root.join("copy");
+        fs::create_dir_all(&image).unwrap();
+        for name in [SEGMENT_FILE, CHECKPOINT_FILE] {
+            fs::copy(orphan.join(name), image.join(name)).unwrap();
+        }
+
+        let (journal, replayed) = Journal::open(&root).unwrap();
+        assert_eq!(
+            replayed,
+            Replayed {
+                records: 3,
+                rewritten: 2,
+                torn: 2
+            }
+        );
+        assert_eq!(fs::read(root.join("dicom/1/2/a.dcm")).unwrap(), b"a-v2");
+        assert_eq!(fs::read(root.join("dicom/1/2/b.dcm")).unwrap(), b"bbbb");
+        assert!(!root.join("dicom/1/2/old.dcm").exists());
+        assert!(!root.join("dicom/1/2/c.dcm").exists());
+        assert!(!orphan.exists(), "a replayed journal is removed");
+        // Replaying the same records again (a crash during replay) changes nothing:
+        // no file is rewritten, none is doubled.
+        let again = replay_folder(&root, &image).unwrap();
+        assert_eq!((again.records, again.rewritten), (3, 0));
+        let mut names: Vec<_> = fs::read_dir(root.join("dicom/1/2"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.dcm", "b.dcm"]);
+        assert_eq!(fs::read(root.join("dicom/1/2/a.dcm")).unwrap(), b"a-v2");
+        journal.close();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn with_every_region_taken_a_new_instance_waits_for_one() {
+        let root = temp_root("full");
+        let (journal, _) = Journal::open_with(&root, no_hold(3600)).unwrap();
+        let held: Vec<_> = (0..MAX_SLOTS)
+            .map(|_| journal.begin().unwrap().expect("a region"))
+            .collect();
+        let waiter = {
+            let journal = journal.clone();
+            std::thread::spawn(move || journal.begin().unwrap().and_then(|r| r.region))
+        };
+        // The waiter holds no region and takes none while all are in use.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "it must wait, not bypass the journal"
+        );
+        drop(held);
+        let region = waiter.join().unwrap();
+        assert!(region.is_some_and(|r| r < MAX_SLOTS), "{region:?}");
+        assert_eq!(journal.state.lock().unwrap().created, MAX_SLOTS);
+        journal.close();
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
@@ -832,7 +1145,7 @@ mod tests {
             replayed,
             Replayed {
                 records: 3,
-                rewritten: 2,
+                rewritten: 1,
                 torn: 3
             }
         );
@@ -868,7 +1181,7 @@ mod tests {
             record.commit(&key).unwrap();
             sent.push((key, data));
         }
-        // An aborted instance gives its slot back and leaves no record.
+        // An aborted instance gives its region back and leaves no record.
         let mut aborted = journal.begin().unwrap().unwrap();
         aborted.write(b"partial").unwrap();
         drop(aborted);
@@ -890,7 +1203,7 @@ mod tests {
             assert_eq!(&fs::read(root.join(key)).unwrap(), data, "{key}");
         }
 
-        // Closing checkpoints: nothing is left to replay, and no slot is handed out.
+        // Closing checkpoints: nothing is left to replay, and no region is handed out.
         journal.close();
         assert_eq!(
             replay_folder(&root, journal.dir()).unwrap(),
@@ -901,18 +1214,19 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_free_slots_and_large_instances_bypass_the_journal() {
+    fn checkpoints_free_regions_and_large_instances_bypass_the_journal() {
         let root = temp_root("slots");
         let (journal, _) = Journal::open_with(
             &root,
             Policy {
                 records: 1,
                 age: Duration::from_millis(1),
+                region_wait: Duration::from_secs(3600),
             },
         )
         .unwrap();
         fs::create_dir_all(root.join("dicom/1/2")).unwrap();
-        // Sequential instances reuse the one slot once each is checkpointed.
+        // Sequential instances reuse the one region once each is checkpointed.
         for i in 0..20 {
             let key = format!("dicom/1/2/{i}.dcm");
             let mut record = journal.begin().unwrap().unwrap();

@@ -11,8 +11,10 @@
 //! only a short `fdatasync` remains, then the rename and a sync of the folder; folder
 //! syncs are shared by associations finishing instances in the same series folder at
 //! the same time (group commit). With the journal ([`crate::journal`], when turned on),
-//! each part also goes into a journal slot as it arrives, and the end is the rename and
-//! one flush of the slot; the file system flushes many store files together later.
+//! each part also goes into a region of the journal's segment as it arrives, and the
+//! end is the rename and a flush of the segment shared with every association that
+//! finishes an instance at the same time; the file system flushes many store files
+//! together later.
 //!
 //! The layout is the store's (`dicom/<study>/<series>/<sop>.dcm` under its root) and
 //! the staging name is the final name plus `#<digits>`, which `object_store` ignores
@@ -29,6 +31,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use radflow_shared::metrics::Metrics;
+
 use crate::journal::{Journal, Record};
 
 /// Parts queued for the writing thread of one file before the association waits.
@@ -41,6 +45,8 @@ pub struct LocalFiles {
     fsync: bool,
     journal: Option<Arc<Journal>>,
     folders: Mutex<HashMap<PathBuf, Arc<FolderSync>>>,
+    /// Where flushes are counted (`radflow_listener_store_flushes_total`).
+    metrics: Arc<Metrics>,
 }
 
 /// Group commit of one folder's `fsync`.
@@ -71,13 +77,24 @@ enum Finished {
 }
 
 impl LocalFiles {
-    /// Writes under `root`; flushes to disk when `fsync`, through `journal` when given.
-    pub fn new(root: PathBuf, fsync: bool, journal: Option<Arc<Journal>>) -> Arc<Self> {
+    /// Writes under `root`; flushes to disk when `fsync`, through `journal` when given;
+    /// counts the flushes in `metrics`.
+    pub fn new(
+        root: PathBuf,
+        fsync: bool,
+        journal: Option<Arc<Journal>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let journal = journal.filter(|_| fsync);
+        if let Some(journal) = &journal {
+            journal.report_to(metrics.clone());
+        }
         Arc::new(Self {
             root,
             fsync,
-            journal: journal.filter(|_| fsync),
+            journal,
             folders: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -100,6 +117,7 @@ impl LocalFiles {
             root: self.root.clone(),
             fsync: self.fsync,
             journal: self.journal.clone(),
+            metrics: self.metrics.clone(),
             key: key.to_owned(),
             path: path.clone(),
             staging,
@@ -133,6 +151,7 @@ impl LocalFiles {
         tokio::task::spawn_blocking(move || File::open(&dir)?.sync_all())
             .await
             .map_err(std::io::Error::other)??;
+        self.metrics.store_flush("folder");
         *completed = covers;
         Ok(())
     }
@@ -143,6 +162,7 @@ struct Writer {
     root: PathBuf,
     fsync: bool,
     journal: Option<Arc<Journal>>,
+    metrics: Arc<Metrics>,
     key: String,
     path: PathBuf,
     staging: PathBuf,
@@ -161,7 +181,10 @@ impl Writer {
     fn write(&self, mut rx: mpsc::Receiver<Message>) -> std::io::Result<Finished> {
         let folder = self.path.parent().expect("keys have folders");
         if !folder.is_dir() {
-            create_folders(&self.root, folder, self.fsync)?;
+            let synced = create_folders(&self.root, folder, self.fsync)?;
+            for _ in 0..synced {
+                self.metrics.store_flush("folder");
+            }
         }
         let mut file = OpenOptions::new()
             .write(true)
@@ -202,6 +225,7 @@ impl Writer {
         }
         if self.fsync {
             file.sync_data()?;
+            self.metrics.store_flush("file");
         }
         drop(file);
         std::fs::rename(&self.staging, &self.path)?;
@@ -293,8 +317,9 @@ impl LocalFile {
 }
 
 /// Creates `folder` under `root`; when flushing, syncs each parent that gained an
-/// entry, so the new folders survive a power cut with the files in them.
-fn create_folders(root: &Path, folder: &Path, fsync: bool) -> std::io::Result<()> {
+/// entry, so the new folders survive a power cut with the files in them. Returns the
+/// number of folders synced.
+fn create_folders(root: &Path, folder: &Path, fsync: bool) -> std::io::Result<usize> {
     let mut missing = Vec::new();
     let mut at = folder;
     while !at.is_dir() && at != root {
@@ -302,14 +327,16 @@ fn create_folders(root: &Path, folder: &Path, fsync: bool) -> std::io::Result<()
         at = at.parent().unwrap_or(root);
     }
     std::fs::create_dir_all(folder)?;
+    let mut synced = 0;
     if fsync {
         for created in &missing {
             if let Some(parent) = created.parent() {
                 File::open(parent)?.sync_all()?;
+                synced += 1;
             }
         }
     }
-    Ok(())
+    Ok(synced)
 }
 
 /// Asks the kernel to start writing a just-written range to disk, without waiting.
@@ -351,7 +378,7 @@ mod tests {
         let journal = matches!(mode, Mode::Journaled)
             .then(|| crate::journal::Journal::open(&root).unwrap().0);
         let fsync = !matches!(mode, Mode::Unflushed);
-        let files = LocalFiles::new(root.clone(), fsync, journal.clone());
+        let files = LocalFiles::new(root.clone(), fsync, journal.clone(), Metrics::new());
         let mut a = files.begin("dicom/1/2/3.dcm").await.unwrap();
         a.write(Bytes::from_static(b"abc")).await.unwrap();
         a.write(Bytes::from_static(b"def")).await.unwrap();

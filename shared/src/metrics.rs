@@ -35,6 +35,11 @@ pub struct Metrics {
     pub instances_stored: Counter,
     pub instance_bytes: Counter,
     pub cstore_seconds: Histogram,
+    /// Flushes of a folder store, by kind: `journal` (one flush of the journal's
+    /// segment, shared by the instances of a batch), `checkpoint`, `file`, `folder`.
+    store_flushes: Family<Labels, Counter>,
+    /// Instances made durable through the store's write-ahead journal.
+    pub journal_records: Counter,
     cstore_failures: Family<Labels, Counter>,
     series_ready: Family<Labels, Counter>,
     pub series_assembling: Gauge,
@@ -54,6 +59,12 @@ pub struct Metrics {
     export_last_success: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Messages in hand and the time of the last one, for workers that exit when idle.
     pub activity: Activity,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// Whether a worker process is doing anything: messages in hand, and when the last
@@ -153,6 +164,18 @@ impl Metrics {
             "radflow_dicom_instance_bytes",
             "Bytes of instances stored",
             instance_bytes.clone(),
+        );
+        let store_flushes = Family::<Labels, Counter>::default();
+        registry.register(
+            "radflow_listener_store_flushes",
+            "Flushes of the folder store by kind (journal, checkpoint, file, folder)",
+            store_flushes.clone(),
+        );
+        let journal_records = Counter::default();
+        registry.register(
+            "radflow_listener_journal_records",
+            "Instances made durable through the store's write-ahead journal",
+            journal_records.clone(),
         );
         let cstore_seconds = latency_histogram();
         registry.register(
@@ -275,6 +298,8 @@ impl Metrics {
             instances_stored,
             instance_bytes,
             cstore_seconds,
+            store_flushes,
+            journal_records,
             cstore_failures,
             series_ready,
             series_assembling,
@@ -426,6 +451,13 @@ impl Metrics {
     pub fn model_load_failure(&self, model: &str) {
         self.model_load_failures
             .get_or_create(&vec![("model", model.to_owned())])
+            .inc();
+    }
+
+    /// One flush of a folder store (`journal`, `checkpoint`, `file` or `folder`).
+    pub fn store_flush(&self, kind: &str) {
+        self.store_flushes
+            .get_or_create(&vec![("kind", kind.to_owned())])
             .inc();
     }
 

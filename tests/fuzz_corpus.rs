@@ -161,3 +161,24 @@ fn a_panicking_entry_point_is_reported() {
         assert!(data.len() < 10, "long input");
     });
 }
+
+/// Files where a binary value (US, UL, FD…) has a length that is not a whole number of
+/// its values, found by libFuzzer making the preprocessor allocate up to 1.8 GB: the
+/// parser read whole values only and took its next header from inside a value, with a
+/// length from there. The scan before parsing refuses them now, with the element.
+#[test]
+fn binary_values_of_broken_length_are_refused_before_the_parser_runs() {
+    let dir = repo().join("fuzz/regressions/preprocessor_file");
+    let found: Vec<_> = inputs(&dir)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("binary-length-not-whole-"))
+        .collect();
+    assert!(found.len() >= 5, "{} inputs", found.len());
+    for (name, bytes) in found {
+        let err = radflow_preprocessor::decode::read_header(&bytes)
+            .err()
+            .unwrap_or_else(|| panic!("{name} was read"))
+            .to_string();
+        assert!(err.contains("whole number"), "{name}: {err}");
+    }
+}

@@ -408,11 +408,38 @@ fn walk_dataset(
         if is_sequence {
             walk_sequence(c, Some(c.pos + len), explicit, depth + 1)?;
         } else {
+            // The parser reads a binary value as whole numbers and moves on by what it
+            // read: a length that is not a multiple of the number's size would leave it
+            // a few bytes behind this scan, reading the next header out of the middle
+            // of a value (and trusting whatever length it finds there).
+            let binary = match vr {
+                Some(vr) => VR::from_binary(vr),
+                None => StandardDataDictionary.by_tag(tag).map(|e| e.vr().relaxed()),
+            };
+            if let Some(size) = binary.and_then(number_size)
+                && !is_pixel_tag
+                && len % size != 0
+            {
+                return Err(malformed(format!(
+                    "element ({:04X},{:04X}) has {len} bytes, not a whole number of its {size}-byte values",
+                    tag.0, tag.1
+                )));
+            }
             if depth == 0 && is_pixel_tag {
                 *pixel = Some(PixelSpan::Native { offset: c.pos, len });
             }
             c.pos += len;
         }
+    }
+}
+
+/// Bytes of one value of a binary VR (numbers and tags), `None` for the others.
+fn number_size(vr: VR) -> Option<usize> {
+    match vr {
+        VR::US | VR::SS | VR::OW => Some(2),
+        VR::UL | VR::SL | VR::FL | VR::OF | VR::OL | VR::AT => Some(4),
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => Some(8),
+        _ => None,
     }
 }
 

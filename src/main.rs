@@ -295,17 +295,7 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
     let registry = load_registry(&args.models)?;
     let inferer_ready = node.health.component("inferer");
     // Instances acknowledged before a crash are back in the store before it is read.
-    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
-    let listener = Listener::new(ListenerDeps {
-        scp: scp_config(&args.listener)?,
-        assembly: assembly_config(&args.listener),
-        admission: admission_config(&args.listener),
-        store: node.store.clone(),
-        journal,
-        bus: node.bus.clone(),
-        metrics: node.metrics.clone(),
-        health: Some(node.health.clone()),
-    });
+    let listener = listener_stage(&node, &args.listener).await?;
     let stow = dicomweb_routes(&listener, &args.listener, true)?;
     node.serve_http(&args.http, stow).await?;
     node.health.enable_admin(args.http.admin_token()?);
@@ -402,6 +392,23 @@ async fn run_embedded(args: RunArgs) -> Result<()> {
 }
 
 #[cfg(feature = "listener")]
+/// The listener stage on the node's store, bus, metrics and health, once its journal
+/// (if any) has been replayed into the store.
+async fn listener_stage(node: &Node, args: &ListenerArgs) -> Result<Listener> {
+    let journal = service::open_journal(&node.store, args.store_journal).await?;
+    Ok(Listener::new(ListenerDeps {
+        scp: scp_config(args)?,
+        assembly: assembly_config(args),
+        admission: admission_config(args),
+        store: node.store.clone(),
+        journal,
+        bus: node.bus.clone(),
+        metrics: node.metrics.clone(),
+        health: Some(node.health.clone()),
+    }))
+}
+
+#[cfg(feature = "listener")]
 /// The STOW-RS routes of `listener` when they are on (`default`: on unless turned off).
 fn dicomweb_routes(
     listener: &Listener,
@@ -430,17 +437,7 @@ async fn run_listener(args: cli::ListenerCmd) -> Result<()> {
         BusMode::Nats,
     )
     .await?;
-    let journal = service::open_journal(&node.store, args.listener.store_journal).await?;
-    let listener = Listener::new(ListenerDeps {
-        scp: scp_config(&args.listener)?,
-        assembly: assembly_config(&args.listener),
-        admission: admission_config(&args.listener),
-        store: node.store.clone(),
-        journal,
-        bus: node.bus.clone(),
-        metrics: node.metrics.clone(),
-        health: Some(node.health.clone()),
-    });
+    let listener = listener_stage(&node, &args.listener).await?;
     let stow = dicomweb_routes(&listener, &args.listener, false)?;
     node.serve_http(&args.http, stow).await?;
     node.report_lag(vec!["assembler".into()]);

@@ -303,7 +303,7 @@ fn is_known_vr(vr: [u8; 2]) -> bool {
 }
 
 /// VRs whose explicit encoding has two reserved bytes and a 32-bit length.
-fn has_long_length(vr: [u8; 2]) -> bool {
+pub(crate) fn has_long_length(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"OB"

@@ -7,7 +7,7 @@
 //! and Instance UIDs) and where the dataset starts. Like the dataset scanner it never
 //! trusts a claimed length beyond the bytes at hand and allocates nothing from one.
 
-use crate::dataset::is_valid_uid;
+use crate::dataset::{has_long_length, is_valid_uid};
 
 /// Largest File Meta group accepted; real ones are a few hundred bytes.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -77,22 +77,7 @@ pub fn read_header(bytes: &[u8]) -> Result<FileHeader, HeaderError> {
         if !vr.iter().all(u8::is_ascii_uppercase) {
             return Err(HeaderError::Malformed("an element has no explicit VR"));
         }
-        let (value_at, length) = if matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        ) {
+        let (value_at, length) = if has_long_length(vr) {
             if bytes.len() < pos + 12 {
                 return Err(HeaderError::Incomplete);
             }
